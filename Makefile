@@ -1,0 +1,36 @@
+# igdrec — make install | test | demo | bench-* (see README.md)
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; GPU users install their CUDA torch into .venv first (README) and set TORCH_SPEC=torch.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.igdrec-installed
+RUN_DIR ?= runs/demo
+
+.PHONY: install test demo bench-ig bench-sft bench-decode clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+demo: install
+	$(BIN)/igdrec run configs/demo.yaml --run-dir $(RUN_DIR)
+
+bench-ig: install
+	$(BIN)/python bench/bench_ig_index.py
+
+bench-sft: install
+	$(BIN)/python bench/bench_sft_step.py
+
+bench-decode: install
+	$(BIN)/python bench/bench_decode.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Run-directory inspection commands (`igdrec prompt`, `igdrec ig show`)."""

@@ -1,0 +1,98 @@
+"""The one prompt template and the one item-token-sequence function (SPEC §3).
+
+SFT labels, the IG trie and the decoding trie all go through `item_token_sequence`: if any of them
+tokenized titles differently, IG weights would silently land on the wrong tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+RESPONSE_HEADER = "### Response:\n"
+UNKNOWN_HISTORY = "Unknown"  # CFT's reference prompt replaces the history with this word
+
+TEMPLATE = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n"
+    "Given a list of {category} the user recently enjoyed, please write the title of one more that the user may enjoy.\n\n"
+    "### User Input:\n"
+    "The user has interacted with the following {category} before: {history}\n\n" + RESPONSE_HEADER
+)
+
+# Category word per dataset, as in the reference code ("musics" for CDs is theirs).
+CATEGORY_WORDS = {
+    "ml-100k": "movies",
+    "Books": "books",
+    "Video_Games": "video games",
+    "Toys_and_Games": "toys and games",
+    "CDs_and_Vinyl": "musics",
+    "Movies_and_TV": "movies",
+    "Sports_and_Outdoors": "sports products",
+    "Beauty": "beauty products",
+}
+DEFAULT_CATEGORY_WORD = "items"
+
+
+def category_word(source: str, category: str | None = None) -> str:
+    return CATEGORY_WORDS.get(category or source, DEFAULT_CATEGORY_WORD)
+
+
+def render_prompt(history_titles: Sequence[str], category: str) -> str:
+    history = ", ".join(f'"{t}"' for t in history_titles) if history_titles else UNKNOWN_HISTORY
+    return TEMPLATE.format(category=category, history=history)
+
+
+def reference_prompt(category: str) -> str:
+    """CFT's reference prompt: the same template with the history replaced by "Unknown"."""
+    return render_prompt([], category)
+
+
+def item_token_sequence(tokenizer, title: str) -> list[int]:
+    """Token ids the model writes for an item: tokenize(title + "\\n") + [eos], as at the prompt's end.
+
+    The title is tokenized after the response header and the header's ids removed, so that tokenizers
+    that treat the start of a text specially (SentencePiece's leading space) give the ids the model sees.
+    """
+    return item_token_sequences(tokenizer, [title])[0]
+
+
+def item_token_sequences(tokenizer, titles: Sequence[str]) -> list[list[int]]:
+    """Batched `item_token_sequence` (one fast-tokenizer call for the whole catalog)."""
+    header = tokenizer(RESPONSE_HEADER, add_special_tokens=False)["input_ids"]
+    encoded = tokenizer([RESPONSE_HEADER + t + "\n" for t in titles], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    out = []
+    n = len(header)
+    for title, ids in zip(titles, encoded):
+        if ids[:n] != header:
+            raise ValueError(f"tokenizer merges the response header with title {title!r}; cannot align labels")
+        out.append(list(ids[n:]) + [eos])
+    return out
+
+
+@dataclass
+class EncodedSample:
+    input_ids: list[int]  # prompt ids followed by the target ids
+    prompt_len: int  # labels are input_ids[prompt_len:]
+    history_used: int  # how many of the most recent history items fit into the cutoff
+
+
+def encode_prompt(tokenizer, history_titles: Sequence[str], category: str, max_tokens: int | None) -> tuple[list[int], int]:
+    """Prompt ids, dropping the oldest history titles until the prompt fits into `max_tokens`."""
+    titles = list(history_titles)
+    while True:
+        ids = tokenizer(render_prompt(titles, category), add_special_tokens=False)["input_ids"]
+        bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else []
+        ids = bos + ids
+        if max_tokens is None or len(ids) <= max_tokens or len(titles) <= 1:
+            return ids, len(titles)
+        titles = titles[1:]
+
+
+def encode_sample(tokenizer, history_titles: Sequence[str], category: str, target_ids: Sequence[int], cutoff_len: int | None) -> EncodedSample:
+    """Prompt + target for SFT; the prompt gets whatever of `cutoff_len` the target leaves over."""
+    budget = None if cutoff_len is None else max(cutoff_len - len(target_ids), 1)
+    prompt_ids, used = encode_prompt(tokenizer, history_titles, category, budget)
+    return EncodedSample(input_ids=prompt_ids + list(target_ids), prompt_len=len(prompt_ids), history_used=used)

@@ -1,0 +1,216 @@
+"""The run directory: where stages put their artifacts, and how they know whether they are cached.
+
+Layout: `<run>/<stage dir>/…` holds a stage's artifacts and, written last, its `stage.json` manifest
+(parameters, input fingerprints, output fingerprints, package versions, wall time, row counts, stats).
+
+A stage is *cached* when its manifest exists, was made with the same key (its parameters plus the
+fingerprints of its inputs) and every output listed there still has the recorded size and content hash;
+anything else reruns it. A stage writes into a partial directory `<run>/.partial/<stage>-<key>` and only
+when it has finished is the manifest written and the directory renamed into place, so a killed stage
+never leaves an artifact that a later stage would accept. Resumable stages (sft, decode) keep their
+partial directory after a failure and pick it up again on the next run with the same key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from igdrec.errors import IgdrecError
+
+MANIFEST = "stage.json"
+DEFAULT_RUN_DIR = "runs/default"
+_TRACKED_PACKAGES = ("igdrec", "torch", "transformers", "peft", "polars", "numpy", "typer", "rich", "gguf")
+
+
+def fingerprint_bytes(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def fingerprint_file(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint_obj(obj: Any) -> str:
+    return fingerprint_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def resolve_run_dir(run_dir: str | Path | None) -> Path:
+    return Path(run_dir or os.environ.get("IGDREC_RUN_DIR") or DEFAULT_RUN_DIR)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+class RunDir:
+    def __init__(self, root: str | Path | None):
+        self.root = resolve_run_dir(root)
+
+    def stage_dir(self, stage_path: str) -> Path:
+        return self.root / stage_path
+
+    def ensure_writable(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-probe-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise IgdrecError(f"run directory {self.root} is not writable: {exc.strerror or exc}") from exc
+
+    def manifest(self, stage_path: str) -> dict | None:
+        """The stage's manifest if the stage finished and its outputs are intact, else None."""
+        path = self.stage_dir(stage_path) / MANIFEST
+        if not path.exists():
+            return None
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return manifest if outputs_intact(self.stage_dir(stage_path), manifest) else None
+
+    def require(self, stage_path: str, hint: str) -> dict:
+        """The manifest of an upstream stage, or a one-line error telling the user what to run first."""
+        manifest = self.manifest(stage_path)
+        if manifest is None:
+            where = self.stage_dir(stage_path)
+            raise IgdrecError(f"{where} has no finished, intact artifacts; run `{hint}` first")
+        return manifest
+
+    def artifact(self, stage_path: str, name: str) -> Path:
+        return self.stage_dir(stage_path) / name
+
+
+def outputs_intact(directory: Path, manifest: dict) -> bool:
+    for rel, info in manifest.get("outputs", {}).items():
+        path = directory / rel
+        try:
+            if path.stat().st_size != info["bytes"]:
+                return False
+        except OSError:
+            return False
+        if fingerprint_file(path) != info["fingerprint"]:
+            return False
+    return True
+
+
+@dataclass
+class StageWriter:
+    """Writes one stage's artifacts; use as a context manager, check `cached` first.
+
+        with StageWriter(run, "data", stage="preprocess", params=..., inputs=...) as out:
+            if out.cached:
+                return out.manifest
+            df.write_parquet(out.path("items.parquet")); out.rows["items"] = df.height
+    """
+
+    run: RunDir
+    stage_path: str
+    stage: str
+    params: dict
+    inputs: dict[str, str] = field(default_factory=dict)
+    force: bool = False
+    resumable: bool = False
+    stats: dict = field(default_factory=dict)
+    rows: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.key = fingerprint_obj({"stage": self.stage, "params": self.params, "inputs": self.inputs})
+        self.final_dir = self.run.stage_dir(self.stage_path)
+        safe = self.stage_path.replace("/", "__")
+        self.partial_dir = self.run.root / ".partial" / f"{safe}-{self.key[:16]}"
+        self.manifest: dict | None = None
+        existing = None if self.force else self.run.manifest(self.stage_path)
+        self.cached = existing is not None and existing.get("key") == self.key
+        if self.cached:
+            self.manifest = existing
+
+    def __enter__(self) -> "StageWriter":
+        if self.cached:
+            return self
+        self.run.ensure_writable()
+        if self.partial_dir.exists() and not (self.resumable and not self.force):
+            shutil.rmtree(self.partial_dir)
+        self.partial_dir.mkdir(parents=True, exist_ok=True)
+        self._started = time.perf_counter()
+        return self
+
+    def path(self, name: str) -> Path:
+        """Where to write artifact `name` (relative to the stage directory) while the stage runs."""
+        target = self.partial_dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.cached:
+            return False
+        if exc_type is not None:
+            if not self.resumable:
+                shutil.rmtree(self.partial_dir, ignore_errors=True)
+            return False
+        self._commit()
+        return False
+
+    def _commit(self) -> None:
+        outputs = {}
+        for path in sorted(p for p in self.partial_dir.rglob("*") if p.is_file()):
+            rel = path.relative_to(self.partial_dir).as_posix()
+            if rel == MANIFEST:
+                continue
+            outputs[rel] = {"bytes": path.stat().st_size, "fingerprint": fingerprint_file(path)}
+        self.manifest = {
+            "stage": self.stage,
+            "stage_path": self.stage_path,
+            "key": self.key,
+            "fingerprint": fingerprint_obj(outputs),
+            "params": self.params,
+            "inputs": self.inputs,
+            "outputs": outputs,
+            "rows": self.rows,
+            "stats": self.stats,
+            "versions": package_versions(),
+            "wall_time_s": round(time.perf_counter() - self._started, 3),
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        # The manifest goes in last, then one rename publishes the whole directory.
+        write_json_atomic(self.partial_dir / MANIFEST, self.manifest)
+        self.final_dir.parent.mkdir(parents=True, exist_ok=True)
+        trash = None
+        if self.final_dir.exists():
+            (self.final_dir / MANIFEST).unlink(missing_ok=True)
+            trash = self.final_dir.with_name(f".{self.final_dir.name}.old-{os.getpid()}")
+            os.replace(self.final_dir, trash)
+        os.replace(self.partial_dir, self.final_dir)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)

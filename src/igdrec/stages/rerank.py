@@ -1,0 +1,7 @@
+"""Stage `rerank` (not built yet)."""
+
+from igdrec.errors import StageNotBuilt
+
+
+def run(config, run_dir, force: bool = False):
+    raise StageNotBuilt("stage rerank is not built yet")
