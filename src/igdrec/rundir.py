@@ -111,6 +111,23 @@ class RunDir:
     def artifact(self, stage_path: str, name: str) -> Path:
         return self.stage_dir(stage_path) / name
 
+    def finished_names(self, stage_root: str) -> list[str]:
+        """Names of the published stages under `<run>/<stage_root>/` (e.g. every decode)."""
+        root = self.stage_dir(stage_root)
+        if not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / MANIFEST).exists())
+
+    def resolve_name(self, stage_root: str, name: str | None, option: str) -> str:
+        """`name`, or the only finished stage under `stage_root` when the user left `option` out."""
+        if name is not None:
+            return name
+        names = self.finished_names(stage_root)
+        if len(names) != 1:
+            found = ", ".join(names) or "none"
+            raise IgdrecError(f"{self.stage_dir(stage_root)}: pass {option} NAME; finished: {found}")
+        return names[0]
+
 
 def outputs_intact(directory: Path, manifest: dict) -> bool:
     for rel, info in manifest.get("outputs", {}).items():
@@ -210,6 +227,7 @@ class StageWriter:
         if self.final_dir.exists():
             (self.final_dir / MANIFEST).unlink(missing_ok=True)
             trash = self.final_dir.with_name(f".{self.final_dir.name}.old-{os.getpid()}")
+            shutil.rmtree(trash, ignore_errors=True)  # left by a crashed process that had our pid
             os.replace(self.final_dir, trash)
         os.replace(self.partial_dir, self.final_dir)
         if trash is not None:

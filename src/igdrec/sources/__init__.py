@@ -1,0 +1,38 @@
+"""Data sources for `igdrec preprocess`: each turns one input format into the canonical tables (SPEC §2.1).
+
+A source module has three functions:
+  params(config) -> dict          the configuration that changes its output (part of the cache key)
+  input_files(config) -> dict     role -> fingerprint of the raw inputs (checked before any work)
+  load(config) -> Dataset         items with dense ids, plus interactions to window or ready-made splits
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import polars as pl
+
+from igdrec.errors import IgdrecError
+
+SOURCE_MODULES = {
+    "ml-100k": "igdrec.sources.ml100k",
+    "amazon2018": "igdrec.sources.amazon2018",
+    "d3-csv": "igdrec.sources.d3csv",
+    "interactions": "igdrec.sources.interactions",
+}
+
+
+@dataclass
+class Dataset:
+    items: pl.DataFrame  # item_id (dense 0..n-1), title
+    interactions: pl.DataFrame | None = None  # user_id, item_id, timestamp in input order; windowed later
+    splits: dict[str, pl.DataFrame] | None = None  # given splits (d3-csv), already in the samples schema
+    stats: dict = field(default_factory=dict)  # source-specific facts for the statistics table
+
+
+def get(name: str) -> ModuleType:
+    if name not in SOURCE_MODULES:
+        raise IgdrecError(f"unknown --source {name!r}; choose one of {', '.join(SOURCE_MODULES)}")
+    return importlib.import_module(SOURCE_MODULES[name])

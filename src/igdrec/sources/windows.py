@@ -1,0 +1,47 @@
+"""Sliding windows over user sequences and the global temporal 80/10/10 split (SPEC §2.1)."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from igdrec import schema
+
+SPLITS = ("train", "valid", "test")
+TRAIN_SHARE = 0.8
+TRAIN_VALID_SHARE = 0.9
+
+
+def build_windows(interactions: pl.DataFrame, history_len: int) -> pl.DataFrame:
+    """One window per interaction after a user's first: the ≤ `history_len` items before it, oldest first.
+
+    `interactions` has user_id, item_id, timestamp, in input order. Within a user, interactions are
+    ordered by timestamp with ties in input order. The result is sorted by target timestamp; windows
+    with equal timestamps keep the order users first appear in the input, then their position — i.e.
+    a stable sort of the per-user window lists, as the reference pipeline does.
+    """
+    ordered = (
+        interactions.select("user_id", "item_id", "timestamp")
+        .with_row_index("input_row")
+        .with_columns(pl.col("input_row").min().over("user_id").alias("user_rank"))
+        .sort("user_rank", "timestamp", "input_row")
+        .with_columns(pl.int_range(pl.len()).over("user_rank").alias("position"))
+    )
+    previous_items = [pl.col("item_id").shift(lag).over("user_rank") for lag in range(history_len, 0, -1)]
+    return (
+        ordered.with_columns(pl.concat_list(previous_items).list.drop_nulls().alias("history_item_ids"))
+        .filter(pl.col("position") >= 1)
+        .sort("timestamp", "user_rank", "position")
+        .select("user_id", "history_item_ids", "item_id", "timestamp")
+    )
+
+
+def temporal_split(windows: pl.DataFrame) -> dict[str, pl.DataFrame]:
+    """Train = the first int(0.8·N) windows in time order, valid = up to int(0.9·N), test = the rest."""
+    n = windows.height
+    bounds = [0, int(n * TRAIN_SHARE), int(n * TRAIN_VALID_SHARE), n]
+    return {split: number_samples(windows.slice(bounds[i], bounds[i + 1] - bounds[i])) for i, split in enumerate(SPLITS)}
+
+
+def number_samples(samples: pl.DataFrame) -> pl.DataFrame:
+    """Give a split its sample_id 0..len-1 in row order and the samples schema."""
+    return schema.conform(samples.with_row_index("sample_id").with_columns(pl.col("sample_id").cast(pl.Int64)), "samples")
