@@ -14,6 +14,7 @@ from integer counts of positive-mass items, so forced tokens are exactly zero, n
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -197,114 +198,158 @@ def build_catalog_trie(
     reference_counts: Sequence[float] | np.ndarray,
 ) -> CatalogTrie:
     """Build the trie and its entropy/IG arrays from item token sequences and reference counts."""
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+    flat = np.fromiter(itertools.chain.from_iterable(sequences), dtype=np.int64, count=int(lengths.sum()))
+    return build_catalog_trie_flat(item_ids, flat, lengths, reference_counts)
+
+
+def build_catalog_trie_flat(
+    item_ids: Sequence[int] | np.ndarray,
+    flat_tokens: np.ndarray,
+    lengths: np.ndarray,
+    reference_counts: Sequence[float] | np.ndarray,
+) -> CatalogTrie:
+    """`build_catalog_trie` for sequences given as one flat token array plus per-item lengths.
+
+    Cost is a lexicographic sort of the items plus O(items) array work per depth, so a million titles
+    take seconds and memory stays a few times the token array.
+    """
     item_ids = np.asarray(item_ids, dtype=np.int64)
-    order = np.argsort(item_ids, kind="stable")
-    item_ids = item_ids[order]
-    counts = np.asarray(reference_counts, dtype=np.float64)[order]
+    lengths = np.asarray(lengths, dtype=np.int64)
+    flat_tokens = np.asarray(flat_tokens, dtype=np.int64)
+    counts = np.asarray(reference_counts, dtype=np.float64)
     n = len(item_ids)
-    lengths = np.fromiter((len(sequences[i]) for i in order), dtype=np.int64, count=n)
-    if n and lengths.min() == 0:
-        raise ValueError("empty item token sequence")
-    width = int(lengths.max()) if n else 0
-    # Padded matrix; -1 pads sort before every real token.
-    matrix = np.full((n, width), -1, dtype=np.int64)
-    flat = np.fromiter((t for i in order for t in sequences[i]), dtype=np.int64, count=int(lengths.sum()))
-    rows_of_flat = np.repeat(np.arange(n), lengths)
-    cols_of_flat = np.arange(len(flat)) - np.repeat(np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-    matrix[rows_of_flat, cols_of_flat] = flat
-    return _build_from_matrix(item_ids, matrix, lengths, counts)
+    if n == 0:
+        raise ValueError("empty catalog")
+    if len(lengths) != n or len(counts) != n:
+        raise ValueError("item_ids, lengths and reference_counts differ in length")
+    if lengths.min() < 1 or int(lengths.sum()) != len(flat_tokens):
+        raise ValueError("every item needs a non-empty token sequence, and lengths must cover flat_tokens")
+    if (counts < 0).any() or not np.isfinite(counts).all():
+        raise ValueError("reference counts must be finite and non-negative")
+    if flat_tokens.min() < 0:
+        raise ValueError("token ids must be non-negative")
 
+    order = np.argsort(item_ids, kind="stable")
+    if n > 1 and (np.diff(item_ids[order]) == 0).any():
+        raise ValueError("duplicate item ids")
+    starts = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    # Per-item rows, in item_id order from here on.
+    item_ids, counts, lengths = item_ids[order], counts[order], lengths[order]
+    path_ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=path_ptr[1:])
+    gather = np.repeat(starts[order] - path_ptr[:-1], lengths) + np.arange(path_ptr[-1])
+    flat_tokens = flat_tokens[gather]
+    del gather
 
-def _build_from_matrix(item_ids: np.ndarray, matrix: np.ndarray, lengths: np.ndarray, counts: np.ndarray) -> CatalogTrie:
-    n, width = matrix.shape
+    width = int(lengths.max())
+    # Padded matrix (int32 halves its memory); the -1 pad sorts before every real token, so a
+    # sequence sorts right before its extensions.
+    token_dtype = np.int32 if flat_tokens.max() < np.iinfo(np.int32).max else np.int64
+    matrix = np.full((n, width), -1, dtype=token_dtype)
+    rows = np.repeat(np.arange(n), lengths)
+    matrix[rows, np.arange(len(flat_tokens)) - path_ptr[rows]] = flat_tokens
+    del rows
+    sorted_rows = np.lexsort(matrix.T[::-1])
+    matrix = matrix[sorted_rows]
+    len_sorted = lengths[sorted_rows]
+    ptr_sorted = path_ptr[:-1][sorted_rows]
+
+    # first_diff[r]: first depth where sorted row r differs from row r-1 (width if equal). The rows
+    # under a node at depth d+1 are a contiguous block, and blocks at that depth start exactly where
+    # first_diff <= d.
+    first_diff = np.full(n, width, dtype=np.int64)
+    first_diff[0] = 0
+    equal_so_far = np.ones(n - 1, dtype=bool)
+    for d in range(width):
+        equal_so_far &= matrix[1:, d] == matrix[:-1, d]
+        first_diff[1:][(first_diff[1:] == width) & ~equal_so_far] = d
+
     total = counts.sum()
     p = counts / total if total > 0 else np.zeros(n)
-    plogp = np.zeros(n)
     positive = p > 0
+    plogp = np.zeros(n)
     plogp[positive] = -p[positive] * np.log(p[positive])
+    p_sorted, plogp_sorted = p[sorted_rows], plogp[sorted_rows]
+    positive_sorted = positive[sorted_rows].astype(np.int64)
 
-    # Lexicographic row order (last key is primary for lexsort).
-    sorted_rows = np.lexsort(matrix.T[::-1]) if n else np.zeros(0, dtype=np.int64)
-    m = matrix[sorted_rows]
-    len_sorted = lengths[sorted_rows]
-    # First position where each row differs from the previous one (width if identical).
-    first_diff = np.zeros(n, dtype=np.int64)
-    if n > 1:
-        differs = m[1:] != m[:-1]
-        any_diff = differs.any(axis=1)
-        first_diff[1:] = np.where(any_diff, differs.argmax(axis=1), width)
-
-    path_nodes = np.zeros((n, width), dtype=np.int64)  # node after token d of each sorted row
-    parent_chunks, token_chunks, depth_chunks = [np.array([-1])], [np.array([-1])], [np.array([0])]
-    next_id = 1
-    prev_level = np.zeros(n, dtype=np.int64)  # node at depth d of each row (root for d = 0)
+    # Row r opens one new node at each depth in [first_diff[r], length[r]); nodes are numbered level
+    # by level and, within a level, in sorted-row order, so the node arrays can be allocated up front.
+    opens = first_diff < len_sorted
+    level_size = np.cumsum(
+        np.bincount(first_diff[opens], minlength=width + 1) - np.bincount(len_sorted[opens], minlength=width + 1)
+    )[:width]
+    level_offset = 1 + np.concatenate([[0], np.cumsum(level_size)])
+    num_nodes = int(level_offset[-1])
+    parent = np.full(num_nodes, -1, dtype=np.int64)
+    token = np.full(num_nodes, -1, dtype=np.int64)
+    depth = np.zeros(num_nodes, dtype=np.int32)
+    mass = np.zeros(num_nodes)
+    entropy = np.zeros(num_nodes)
+    n_positive = np.zeros(num_nodes, dtype=np.int64)
+    # Root sums are plain sums over all items; below, a node's sums are reduceat over its block of rows.
+    mass[0], entropy[0], n_positive[0] = p.sum(), plogp.sum(), positive.sum()
+    path_flat = np.zeros(len(flat_tokens), dtype=np.int64)
+    node_of_row = np.zeros(n, dtype=np.int64)  # node at the current depth of each sorted row
     for d in range(width):
-        live = len_sorted > d
-        new_node = live & (first_diff <= d)
-        new_node[0] = live[0] if n else False
-        level_index = np.cumsum(new_node) - 1
-        ids = next_id + level_index
-        starts = np.nonzero(new_node)[0]
-        parent_chunks.append(prev_level[starts])
-        token_chunks.append(m[starts, d])
-        depth_chunks.append(np.full(len(starts), d + 1))
-        next_id += len(starts)
-        path_nodes[:, d] = np.where(live, ids, -1)
-        prev_level = np.where(live, ids, prev_level)
-
-    parent = np.concatenate(parent_chunks).astype(np.int64)
-    token = np.concatenate(token_chunks).astype(np.int64)
-    depth = np.concatenate(depth_chunks).astype(np.int32)
-    num_nodes = len(parent)
-
-    valid = path_nodes >= 0
-    node_of_cell = path_nodes[valid]
-    row_of_cell = np.broadcast_to(np.arange(n)[:, None], (n, width))[valid]
-    sorted_p = p[sorted_rows]
-    mass = np.bincount(node_of_cell, weights=sorted_p[row_of_cell], minlength=num_nodes)
-    entropy = np.bincount(node_of_cell, weights=plogp[sorted_rows][row_of_cell], minlength=num_nodes)
-    n_positive = np.bincount(node_of_cell, weights=positive[sorted_rows][row_of_cell].astype(np.float64), minlength=num_nodes)
-    mass[0], entropy[0], n_positive[0] = sorted_p.sum(), plogp.sum(), positive.sum()
+        level = slice(level_offset[d], level_offset[d + 1])
+        is_block_start = first_diff <= d
+        block_starts = np.nonzero(is_block_start)[0]
+        live = len_sorted[block_starts] > d
+        new_rows = block_starts[live]
+        parent[level] = node_of_row[new_rows]
+        token[level] = matrix[new_rows, d]
+        depth[level] = d + 1
+        mass[level] = np.add.reduceat(p_sorted, block_starts)[live]
+        entropy[level] = np.add.reduceat(plogp_sorted, block_starts)[live]
+        n_positive[level] = np.add.reduceat(positive_sorted, block_starts)[live]
+        # Every row takes the node of the block it lies in; rows too short for this depth drop out.
+        block_node = np.full(len(block_starts), -1, dtype=np.int64)
+        block_node[live] = np.arange(level.start, level.stop)
+        live_rows = np.nonzero(len_sorted > d)[0]
+        node_of_row[live_rows] = block_node[np.cumsum(is_block_start)[live_rows] - 1]
+        path_flat[ptr_sorted[live_rows] + d] = node_of_row[live_rows]
+    del matrix, node_of_row, p_sorted, plogp_sorted, positive_sorted
 
     child_count = np.bincount(parent[1:], minlength=num_nodes).astype(np.int32)
-    child_start = np.searchsorted(parent[1:], np.arange(num_nodes), side="left").astype(np.int64) + 1
+    child_start = np.ones(num_nodes, dtype=np.int64)
+    np.cumsum(child_count[:-1], out=child_start[1:])
+    child_start[1:] += 1
 
     zero_ig = np.zeros(num_nodes, dtype=bool)
     zero_ig[1:] = n_positive[1:] == n_positive[parent[1:]]
+    del n_positive
     ig = np.zeros(num_nodes)
-    ig[1:] = np.where(zero_ig[1:], 0.0, np.maximum(entropy[parent[1:]] - entropy[1:], 0.0))
+    np.subtract(entropy[parent[1:]], entropy[1:], out=ig[1:])
+    # Forced tokens are exactly zero; elsewhere clip the rounding of near-equal float sums.
+    ig[zero_ig] = 0.0
+    np.maximum(ig, 0.0, out=ig)
     ig_norm = _normalise_among_siblings(ig, child_start, child_count)
 
-    # Per item (back in item_id order): its node path and leaf.
-    unsort = np.empty(n, dtype=np.int64)
-    unsort[sorted_rows] = np.arange(n)
-    item_paths = path_nodes[unsort]
-    path_ptr = np.zeros(n + 1, dtype=np.int64)
-    path_ptr[1:] = np.cumsum(lengths)
-    path_flat = item_paths[item_paths >= 0]  # row-major keeps each item's nodes in order
-    leaf = item_paths[np.arange(n), lengths - 1] if n else np.zeros(0, dtype=np.int64)
-    title_group = _title_groups(item_ids, leaf)
+    leaf = path_flat[path_ptr[1:] - 1]
     return CatalogTrie(
         parent=parent, token=token, depth=depth, child_start=child_start, child_count=child_count,
         mass=mass, entropy=entropy, ig=ig, ig_norm=ig_norm, zero_ig=zero_ig,
         item_ids=item_ids, item_leaf=leaf, item_path_ptr=path_ptr, item_path_nodes=path_flat,
-        item_title_group=title_group, item_reference_count=counts,
+        item_title_group=_title_groups(item_ids, leaf), item_reference_count=counts,
     )
 
 
 def _normalise_among_siblings(ig: np.ndarray, child_start: np.ndarray, child_count: np.ndarray) -> np.ndarray:
     """Min-max of IG within each sibling group (the allowed next tokens at a node); all equal -> 0."""
     out = np.zeros_like(ig)
-    parents = np.nonzero(child_count > 0)[0]
-    if len(parents) == 0:
+    counts = child_count[child_count > 0]
+    if len(counts) == 0:
         return out
     # Nodes 1.. are exactly all children, grouped by parent in increasing parent order.
-    group_starts = child_start[parents] - 1
+    group_starts = child_start[child_count > 0] - 1
     lo = np.minimum.reduceat(ig[1:], group_starts)
     span = np.maximum.reduceat(ig[1:], group_starts) - lo
-    group_of_child = np.repeat(np.arange(len(parents)), child_count[parents])
-    g_lo, g_span = lo[group_of_child], span[group_of_child]
-    out[1:] = np.where(g_span > 0, (ig[1:] - g_lo) / np.where(g_span > 0, g_span, 1.0), 0.0)
+    np.subtract(ig[1:], np.repeat(lo, counts), out=out[1:])
+    child_span = np.repeat(span, counts)
+    np.divide(out[1:], child_span, out=out[1:], where=child_span > 0)
+    out[1:][child_span <= 0] = 0.0
     return out
 
 
@@ -315,3 +360,51 @@ def _title_groups(item_ids: np.ndarray, leaf: np.ndarray) -> np.ndarray:
     smallest = np.full(int(leaf.max()) + 1, np.iinfo(np.int64).max)
     np.minimum.at(smallest, leaf, item_ids)
     return smallest[leaf]
+
+
+# -- what training sees --------------------------------------------------------------------------------
+def item_token_values(trie: CatalogTrie) -> pl.DataFrame:
+    """Per catalog item, the IG and zero-IG flag of each of its tokens, in token order."""
+    lengths = np.diff(trie.item_path_ptr)
+    cells = pl.DataFrame(
+        {
+            "item_id": np.repeat(trie.item_ids, lengths),
+            "ig": trie.ig[trie.item_path_nodes],
+            "zero_ig": trie.zero_ig[trie.item_path_nodes],
+        }
+    )
+    return cells.group_by("item_id", maintain_order=True).agg("ig", "zero_ig")
+
+
+def sample_ig(item_values: pl.DataFrame, samples: pl.DataFrame) -> pl.DataFrame:
+    """Each sample's target-token IG lists (null for targets outside the catalog), in sample order.
+
+    A join instead of a per-sample loop: the lists are the target item's, and the target's tokens are
+    exactly the SFT labels (both come from `prompt.item_token_sequence`).
+    """
+    joined = samples.select("sample_id", "item_id").join(item_values, on="item_id", how="left", maintain_order="left")
+    return schema.conform(joined, "sample_ig")
+
+
+def token_stats(trie: CatalogTrie, train_item_ids: np.ndarray) -> dict:
+    """Paper Table 4's token columns over the training targets (SPEC §4), plus the share by position."""
+    rows = trie.item_index(train_item_ids)
+    frequency = np.bincount(rows[rows >= 0], minlength=len(trie.item_ids))
+    lengths = np.diff(trie.item_path_ptr)
+    zero = trie.zero_ig[trie.item_path_nodes]
+    position = np.arange(len(zero)) - np.repeat(trie.item_path_ptr[:-1], lengths)
+    weight = np.repeat(frequency, lengths)
+    tokens_at = np.bincount(position, weights=weight)
+    zero_at = np.bincount(position, weights=weight * zero)
+    tokens, zero_tokens = int(tokens_at.sum()), int(zero_at.sum())
+    used = int(np.nonzero(tokens_at)[0].max()) + 1 if tokens else 0
+    tokens_at, zero_at = tokens_at[:used], zero_at[:used]
+    return {
+        "tokens": tokens,
+        "zero_ig_tokens": zero_tokens,
+        "zero_ig_share": zero_tokens / tokens if tokens else 0.0,
+        "zero_ig_share_by_position": [
+            round(z / t, 6) if t else None for z, t in zip(zero_at.tolist(), tokens_at.tolist())
+        ],
+        "train_outside_catalog": int((rows < 0).sum()),
+    }

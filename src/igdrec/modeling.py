@@ -17,6 +17,7 @@ import torch
 from igdrec import assets
 from igdrec.config import EMBEDDED_MODEL
 from igdrec.errors import IgdrecError
+from igdrec.rundir import fingerprint_file, fingerprint_obj
 
 EMBEDDED_MODELS = {EMBEDDED_MODEL: assets.SMOLLM2_135M_GGUF}
 _CONVERTED_MARKER = "igdrec-converted.json"
@@ -62,6 +63,39 @@ def setup_tokenizer(tokenizer):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def tokenizer_identity(tokenizer) -> dict:
+    """What makes two tokenizers produce the same item tokens; stages record it and compare it.
+
+    The fingerprint covers the tokenizer's full definition (vocabulary, merges, normalisation, special
+    tokens) but not its padding/truncation state, which calls to it change.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        definition = json.loads(backend.to_str())
+        definition.pop("padding", None)
+        definition.pop("truncation", None)
+    else:  # slow tokenizer: its vocabulary and special tokens are what we can see
+        definition = {"vocab": sorted(tokenizer.get_vocab().items())}
+    definition["eos"] = tokenizer.eos_token_id
+    return {
+        "name_or_path": str(tokenizer.name_or_path),
+        "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "fingerprint": fingerprint_obj(definition),
+    }
+
+
+def require_same_tokenizer(expected: dict, tokenizer, where: str) -> None:
+    """Fail with one line when `tokenizer` is not the one an artifact (e.g. the IG index) was built with."""
+    actual = tokenizer_identity(tokenizer)
+    if actual["fingerprint"] != expected.get("fingerprint"):
+        raise IgdrecError(
+            f"{where}: built with tokenizer {expected.get('name_or_path')!r} (vocab {expected.get('vocab_size')}), "
+            f"but this model's tokenizer {actual['name_or_path']!r} (vocab {actual['vocab_size']}) differs; "
+            "rebuild the IG index with the same --model"
+        )
 
 
 def load_tokenizer(spec: str):
@@ -115,15 +149,51 @@ def _adapter_base(path: str) -> str | None:
 def _embedded_checkpoint(spec: str) -> Path:
     """De-quantise the embedded GGUF once into plain safetensors; reuse (and verify) the cache after."""
     target = assets.cache_root() / "models" / spec
+    if cache_intact(target):
+        return target
+    # Missing, half-written or corrupt: rebuilt from the GGUF in a staging directory, then swapped in.
+    _convert_gguf(spec, target)
+    if not cache_intact(target):
+        raise IgdrecError(f"{target}: converted checkpoint of {spec} fails its own integrity check")
+    return target
+
+
+# Small files (configs, tokenizer) are hashed; the weights are size-checked, which catches truncation
+# without re-reading hundreds of MB on every load.
+_HASHED_MAX_BYTES = 64 << 20
+
+
+def cache_intact(target: Path) -> bool:
+    """Whether a converted checkpoint is complete: every recorded file present with its size (and hash)."""
     marker = target / _CONVERTED_MARKER
-    if marker.exists():
-        try:
-            record = json.loads(marker.read_text())
-            if all((target / f).stat().st_size == size for f, size in record["files"].items()):
-                return target
-        except (OSError, KeyError, json.JSONDecodeError):
-            pass
-        shutil.rmtree(target, ignore_errors=True)  # corrupt cache: rebuilt below
+    try:
+        record = json.loads(marker.read_text())
+        files = record["files"]
+        if not files or not any(name.endswith(".safetensors") for name in files):
+            return False
+        for name, info in files.items():
+            path = target / name
+            info = info if isinstance(info, dict) else {"bytes": info}  # early caches recorded sizes only
+            if path.stat().st_size != info["bytes"]:
+                return False
+            if "blake2b" in info and fingerprint_file(path) != info["blake2b"]:
+                return False
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        return False
+    return True
+
+
+def _record_files(directory: Path) -> dict:
+    files = {}
+    for path in sorted(p for p in directory.iterdir() if p.is_file()):
+        info = {"bytes": path.stat().st_size}
+        if info["bytes"] <= _HASHED_MAX_BYTES:
+            info["blake2b"] = fingerprint_file(path)
+        files[path.name] = info
+    return files
+
+
+def _convert_gguf(spec: str, target: Path) -> None:
     asset = EMBEDDED_MODELS[spec]
     (gguf_path,) = assets.fetch(asset).values()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -146,9 +216,8 @@ def _embedded_checkpoint(spec: str) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    files = {p.name: p.stat().st_size for p in staging.iterdir() if p.is_file()}
-    (staging / _CONVERTED_MARKER).write_text(json.dumps({"source": gguf_path.name, "files": files}, indent=2))
+    record = {"source": gguf_path.name, "files": _record_files(staging)}
+    (staging / _CONVERTED_MARKER).write_text(json.dumps(record, indent=2))
     shutil.rmtree(target, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staging, target)
-    return target

