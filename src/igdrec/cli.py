@@ -164,6 +164,8 @@ def decode(
     batch_size: Annotated[Optional[int], typer.Option(help="Samples per batch" + _default("decode", "batch_size"))] = None,
     shard_size: Annotated[Optional[int], typer.Option(help="Samples per resumable shard" + _default("decode", "shard_size"))] = None,
     jump_forward: Annotated[Optional[bool], typer.Option("--jump-forward/--no-jump-forward", help="Feed forced token chains in one forward pass (same results).")] = None,
+    constrained: Annotated[Optional[bool], typer.Option("--constrained/--unconstrained", help="Constrain beams to catalog titles (default) or generate freely (then rerank --grounding).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Unconstrained: most tokens generated (default: longest catalog title).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda" + _default("decode", "device"))] = None,
     run_dir: RunDirOpt = None,
     config: ConfigOpt = None,

@@ -77,6 +77,7 @@ class SFTConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # gradient clipping, as the reference (HF Trainer default); 0 = off
     seed: int = 42
     lora: bool = True
     lora_r: int = 8
@@ -107,6 +108,9 @@ class DecodeConfig:
     jump_forward: bool = True
     cutoff_len: int = 512
     device: str = "auto"
+    constrained: bool = True  # False: free generation (BIGRec's grounding then maps text to items)
+    max_new_tokens: int | None = None  # default: the longest catalog sequence
+    jump_fill: float = 1.0  # least share of real (not pad) tokens in a jump-forward pass; lower suits GPUs
 
 
 @dataclass
@@ -126,6 +130,7 @@ class MetricsConfig:
     ks: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 20])
     bootstrap: int = 1000
     seed: int = 0
+    diversity_k: int = 10  # list length the diversity and entropy statistics look at
 
 
 STAGE_ORDER = ("preprocess", "build-ig-index", "sft", "decode", "rerank", "metrics")

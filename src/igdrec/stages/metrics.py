@@ -1,7 +1,140 @@
-"""Stage `metrics` (not built yet)."""
+"""Stage `metrics`: NDCG@K / HR@K, diversity and per-step entropy of a rerank (SPEC §7).
 
-from igdrec.errors import StageNotBuilt
+Writes `<run>/metrics/<name>/` (stage.json, per_sample.parquet, metrics.json) and publishes a copy of the
+summary as `<run>/metrics/<name>.json`. `compare` puts two results side by side with paired-bootstrap
+95% intervals of the differences.
+"""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+from rich.table import Table
+
+from igdrec import metrics as M
+from igdrec import schema
+from igdrec.config import MetricsConfig
+from igdrec.console import console, format_value
+from igdrec.errors import IgdrecError
+from igdrec.ig import CatalogTrie
+from igdrec.rundir import RunDir, StageWriter, write_json_atomic
+
+PER_SAMPLE = "per_sample.parquet"
 
 
-def run(config, run_dir, force: bool = False):
-    raise StageNotBuilt("stage metrics is not built yet")
+def run(config: MetricsConfig, run_dir: RunDir, force: bool = False) -> dict:
+    run = run_dir
+    if not config.ks or min(config.ks) < 1:
+        raise IgdrecError(f"--ks {config.ks}: cut-offs must be positive integers")
+    rerank_name = run.resolve_name("rerank", config.rerank, "--rerank")
+    rerank = run.require(f"rerank/{rerank_name}", hint=f"igdrec rerank --name {rerank_name}")
+    decode_name = rerank["params"]["decode"]
+    decode = run.require(f"decode/{decode_name}", hint=f"igdrec decode --name {decode_name}")
+    data = run.require("data", hint="igdrec preprocess")
+    ig = run.require("ig", hint="igdrec build-ig-index")
+    name = config.name or rerank_name
+    params = {"rerank": rerank_name, "ks": list(config.ks), "diversity_k": config.diversity_k}
+    inputs = {"rerank": rerank["fingerprint"], "decode": decode["fingerprint"], "data": data["fingerprint"], "ig": ig["fingerprint"]}
+    with StageWriter(run, f"metrics/{name}", stage="metrics", params=params, inputs=inputs, force=force) as out:
+        if out.cached:
+            summary = json.loads(run.artifact(f"metrics/{name}", "metrics.json").read_text())
+        else:
+            summary, per_sample = evaluate(run, decode, rerank_name, config)
+            schema.conform(per_sample, "per_sample_metrics").write_parquet(out.path(PER_SAMPLE))
+            write_json_atomic(out.path("metrics.json"), summary)
+            out.rows["per_sample"] = per_sample.height
+            out.stats = {k: summary[k] for k in summary if k.startswith(("NDCG", "HR"))}
+    write_json_atomic(run.stage_dir("metrics") / f"{name}.json", summary)
+    _print_summary(name, summary, config.ks)
+    return out.manifest
+
+
+def evaluate(run: RunDir, decode: dict, rerank_name: str, config: MetricsConfig) -> tuple[dict, pl.DataFrame]:
+    split = decode["params"]["split"]
+    items = schema.read(run.artifact("data", "items.parquet"), "items")
+    samples = schema.read(run.artifact("data", f"{split}.parquet"), "samples").sort("sample_id")
+    n_split = samples.height
+    limit = decode["params"]["limit"]
+    if limit is not None:
+        samples = samples.head(limit)  # the decode covered exactly these: every one of them counts
+    topk = schema.read(run.artifact(f"rerank/{rerank_name}", "topk.parquet"), "topk").sort(["sample_id", "rank"])
+    unknown = topk.filter(~pl.col("sample_id").is_in(samples["sample_id"].implode()))
+    if unknown.height:
+        raise IgdrecError(f"{run.artifact(f'rerank/{rerank_name}', 'topk.parquet')}: sample {unknown['sample_id'][0]} is not among the {samples.height} decoded {split} samples")
+    titles = dict(zip(items["item_id"].to_list(), items["title"].to_list()))
+    lists = dict(topk.group_by("sample_id", maintain_order=True).agg("item_id").iter_rows())
+    sample_ids = samples["sample_id"].to_list()
+    predicted = [lists.get(s, []) for s in sample_ids]
+    targets = samples["item_id"].to_list()
+    ranks = M.match_ranks([[titles.get(i) for i in p] for p in predicted], [titles.get(t, "") for t in targets])
+    per_sample_values = M.ranking_metrics(ranks, config.ks)
+
+    trie = CatalogTrie.load(run.artifact("ig", "trie_nodes.parquet"), run.artifact("ig", "item_paths.parquet"))
+    first_token = dict(zip(trie.item_ids.tolist(), trie.token[trie.item_path_nodes[trie.item_path_ptr[:-1]]].tolist()))
+    head = [p[: config.diversity_k] for p in predicted]
+    summary: dict = {k: float(v.mean()) if len(v) else 0.0 for k, v in per_sample_values.items()}
+    summary |= {
+        "rerank": rerank_name,
+        "decode": decode["stage_path"].split("/", 1)[1],
+        "split": split,
+        "n_samples": len(sample_ids),
+        "n_split_samples": n_split,
+        "limited": len(sample_ids) < n_split,
+        "diversity_k": config.diversity_k,
+        "diversity": M.diversity(head, first_token, catalog_size=items.height),
+        "entropy_per_step": M.entropy_per_step(trie, head, targets),
+    }
+    per_sample = pl.DataFrame(
+        {"sample_id": sample_ids, "match_rank": [int(r) if r >= 0 else None for r in ranks]}
+        | {k: v for k, v in per_sample_values.items()},
+        schema_overrides={"match_rank": pl.Int32},
+    )
+    return summary, per_sample
+
+
+def _print_summary(name: str, summary: dict, ks) -> None:
+    scope = f"{summary['n_samples']:,} of {summary['n_split_samples']:,} {summary['split']} samples"
+    if summary["limited"]:
+        scope += " (a --limit'ed decode: only the decoded samples count)"
+    table = Table(title=f"metrics {name}: {scope}")
+    table.add_column("K", justify="right")
+    table.add_column("NDCG@K", justify="right")
+    table.add_column("HR@K", justify="right")
+    for k in ks:
+        table.add_row(str(k), f"{summary[f'NDCG@{k}']:.4f}", f"{summary[f'HR@{k}']:.4f}")
+    console.print(table)
+    div = summary["diversity"]
+    console.print(
+        f"diversity of the top-{summary['diversity_k']} lists: coverage {div['item_coverage']:.4f}, "
+        f"same-first-token lists {div['same_first_token_share']:.4f}, item entropy {div['recommended_item_entropy']:.4f}"
+    )
+
+
+def compare(names: list[str], run_dir: RunDir, bootstrap: int | None = None, seed: int = 0) -> dict:
+    """Two metrics results side by side: values, B − A and a paired-bootstrap 95% interval."""
+    run = run_dir
+    names = [part for n in names for part in n.replace(",", " ").split()]
+    if len(names) != 2:
+        raise IgdrecError(f"--compare needs exactly two metrics names, got {len(names)}: {' '.join(names)}")
+    resamples = MetricsConfig.bootstrap if bootstrap is None else bootstrap
+    frames = []
+    for n in names:
+        run.require(f"metrics/{n}", hint=f"igdrec metrics --name {n}")
+        frames.append(schema.read(run.artifact(f"metrics/{n}", PER_SAMPLE), "per_sample_metrics").sort("sample_id"))
+    a, b = frames
+    if a["sample_id"].to_list() != b["sample_id"].to_list():
+        raise IgdrecError(f"{run.artifact(f'metrics/{names[1]}', PER_SAMPLE)}: evaluates other samples than {names[0]}; paired comparison needs the same ones")
+    columns = [c for c in a.columns if c.startswith(("NDCG@", "HR@")) and c in b.columns]
+    table = Table(title=f"{names[0]} (A) vs {names[1]} (B): {a.height:,} paired samples, {resamples} bootstrap resamples")
+    for header in ("metric", "A", "B", "B − A", "95% CI"):
+        table.add_column(header, justify="right" if header != "metric" else "left")
+    result = {}
+    for c in columns:
+        diff, lo, hi = M.paired_bootstrap(a[c].to_numpy(), b[c].to_numpy(), resamples, seed)
+        va, vb = float(a[c].mean()), float(b[c].mean())
+        result[c] = {"A": va, "B": vb, "diff": diff, "ci_low": lo, "ci_high": hi}
+        table.add_row(c, format_value(va), format_value(vb), f"{diff:+.4f}", f"[{lo:+.4f}, {hi:+.4f}]")
+    console.print(table)
+    return result
+

@@ -1,0 +1,88 @@
+"""Shared pieces of the decode/rerank/metrics tests: a peaked tiny model, the fixture catalog's trie,
+an `ig` stage published by hand, and the brute-force scorer every beam result is checked against."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from igdrec import prompt, schema
+from igdrec.ig import CatalogTrie, build_catalog_trie
+from igdrec.rundir import RunDir, StageWriter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+
+@contextmanager
+def one_torch_thread():
+    """The tiny model's matmuls are far too small to share between threads; on a loaded machine the
+    threads' synchronisation alone costs ~50x the compute."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def save_peaked_model(directory: Path, seed: int = 0, scale: float = 60.0) -> Path:
+    """The tiny random Llama with scaled-up embeddings: a random model at init is nearly uniform, so
+    beams would be separated by float noise; peaked distributions make every ranking well defined."""
+    from tiny_model import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    model = build_model(len(tokenizer), seed=seed)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(scale)
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.bos_token_id = tokenizer.bos_token_id
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def fixture_trie(tokenizer, items: pl.DataFrame, train: pl.DataFrame | None = None) -> CatalogTrie:
+    counts = np.ones(items.height)
+    if train is not None:
+        freq = train["item_id"].value_counts()
+        counts = np.zeros(items.height)
+        counts[freq["item_id"].to_numpy()] = freq["count"].to_numpy()
+    sequences = prompt.item_token_sequences(tokenizer, items["title"].to_list())
+    return build_catalog_trie(items["item_id"].to_numpy(), sequences, counts)
+
+
+def publish_ig(run: RunDir, tokenizer, model_spec: str) -> CatalogTrie:
+    """Publish `<run>/ig` as build-ig-index would (trie from training-target frequencies)."""
+    data = run.require("data", hint="fixture")
+    items = schema.read(run.artifact("data", "items.parquet"), "items")
+    train = schema.read(run.artifact("data", "train.parquet"), "samples")
+    trie = fixture_trie(tokenizer, items, train)
+    with StageWriter(run, "ig", stage="build-ig-index", params={"model": str(model_spec)},
+                     inputs={"data": data["fingerprint"]}, force=True) as out:
+        trie.save(out.path("trie_nodes.parquet"), out.path("item_paths.parquet"))
+    return trie
+
+
+@torch.no_grad()
+def exhaustive_ranking(model, prompt_ids: list[int], trie: CatalogTrie, alpha: float, length_penalty: float):
+    """Teacher-force every distinct catalog sequence: (Σ w_d log p) / L^lp, best first, as (title_group, score)."""
+    scored = {}
+    for row in range(len(trie.item_ids)):
+        group = int(trie.item_title_group[row])
+        if group in scored:
+            continue
+        nodes = trie.item_path_nodes[trie.item_path_ptr[row]:trie.item_path_ptr[row + 1]]
+        tokens = trie.token[nodes].tolist()
+        ids = torch.tensor([prompt_ids + tokens])
+        log_probs = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+        positions = torch.arange(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(tokens))
+        lp = log_probs[positions, torch.tensor(tokens)]
+        weights = torch.tensor(1.0 - alpha * trie.ig_norm[nodes], dtype=torch.float32)
+        scored[group] = float((lp * weights).sum()) / len(tokens) ** length_penalty
+    return sorted(scored.items(), key=lambda kv: -kv[1])

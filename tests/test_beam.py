@@ -1,0 +1,114 @@
+"""Beam search: exhaustive scoring, transformers' generate, and jump-forward must all agree with it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from decode_helpers import one_torch_thread, exhaustive_ranking, fixture_trie, save_peaked_model
+from fixtures import TITLES, synthetic_dataset
+from reference_decoder import dict_trie, reference_generate
+
+from igdrec import prompt
+from igdrec.beam import BeamSearch, TrieTensors
+from igdrec.modeling import load_model, load_tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    directory = save_peaked_model(tmp_path_factory.mktemp("peaked"))
+    tokenizer = load_tokenizer(str(directory))
+    model = load_model(str(directory))
+    items, splits = synthetic_dataset()
+    trie = fixture_trie(tokenizer, items, splits["train"])
+    histories = splits["test"]["history_item_ids"].to_list()[:3]
+    prompts = [prompt.encode_prompt(tokenizer, [TITLES[i] for i in h], "movies", 512)[0] for h in histories]
+    return tokenizer, model, trie, prompts
+
+
+def search(setup, **kwargs) -> tuple[list, BeamSearch]:
+    tokenizer, model, trie, prompts = setup
+    kwargs.setdefault("trie", TrieTensors.from_trie(trie))
+    beam = BeamSearch(model, tokenizer.eos_token_id, tokenizer.pad_token_id, **kwargs)
+    return beam.search(prompts), beam
+
+
+def leaf_groups(trie) -> dict[int, int]:
+    return dict(zip(trie.item_leaf.tolist(), trie.item_title_group.tolist()))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2])
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_enough_beams_rank_like_exhaustive_scoring(setup, alpha, length_penalty):
+    _, model, trie, prompts = setup
+    distinct = len(set(trie.item_title_group.tolist()))
+    results, _ = search(setup, num_beams=distinct, alpha=alpha, length_penalty=length_penalty)
+    groups = leaf_groups(trie)
+    for prompt_ids, hyps in zip(prompts, results):
+        expected = exhaustive_ranking(model, prompt_ids, trie, alpha, length_penalty)
+        assert [groups[h.nodes[-1]] for h in hyps] == [g for g, _ in expected]
+        np.testing.assert_allclose([h.score for h in hyps], [s for _, s in expected], rtol=1e-5)
+
+
+def test_more_beams_than_items_returns_every_item_once(setup):
+    _, model, trie, prompts = setup
+    distinct = len(set(trie.item_title_group.tolist()))
+    results, _ = search(setup, num_beams=distinct + 6, alpha=0.2, length_penalty=1.0)
+    expected = exhaustive_ranking(model, prompts[0], trie, 0.2, 1.0)
+    assert [leaf_groups(trie)[h.nodes[-1]] for h in results[0]] == [g for g, _ in expected]
+
+
+def test_hypotheses_carry_model_logprobs_and_trie_nodes(setup):
+    _, model, trie, prompts = setup
+    results, _ = search(setup, num_beams=4, alpha=0.2, length_penalty=1.0)
+    hyp = results[0][0]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompts[0] + hyp.tokens])).logits[0]
+    lp = torch.log_softmax(logits.float(), -1)[len(prompts[0]) - 1:-1].gather(1, torch.tensor(hyp.tokens)[:, None])[:, 0]
+    np.testing.assert_allclose(hyp.step_logprobs, lp.numpy(), rtol=1e-5, atol=1e-4)
+    assert trie.token[hyp.nodes].tolist() == hyp.tokens
+    weights = 1 - 0.2 * trie.ig_norm[hyp.nodes]
+    assert hyp.score == pytest.approx(float(np.dot(weights, hyp.step_logprobs)) / len(hyp.tokens), rel=1e-5)
+
+
+@pytest.mark.parametrize("jump_fill", [0.0, 1.0])
+def test_jump_forward_changes_nothing_but_forward_calls(setup, jump_fill):
+    on, with_jump = search(setup, num_beams=5, alpha=0.2, length_penalty=1.0, jump_forward=True, jump_fill=jump_fill)
+    off, without = search(setup, num_beams=5, alpha=0.2, length_penalty=1.0, jump_forward=False)
+    for a, b in zip(on, off):
+        assert [h.tokens for h in a] == [h.tokens for h in b]
+        np.testing.assert_allclose([h.score for h in a], [h.score for h in b], rtol=1e-5)
+        for ha, hb in zip(a, b):
+            np.testing.assert_allclose(ha.step_logprobs, hb.step_logprobs, rtol=1e-5, atol=1e-5)
+    assert without.stats.forward_calls_saved == 0
+    assert with_jump.stats.forward_calls + with_jump.stats.forward_calls_saved == without.stats.forward_calls
+    assert with_jump.stats.forward_calls_saved > 0
+
+
+@pytest.mark.parametrize("alpha,length_penalty", [(0.0, 1.0), (0.2, 0.0), (0.2, 1.0)])
+def test_constrained_search_equals_generate_with_trie_processor(setup, alpha, length_penalty):
+    tokenizer, model, trie, prompts = setup
+    results, _ = search(setup, num_beams=5, alpha=alpha, length_penalty=length_penalty)
+    reference = reference_generate(model, prompts, num_beams=5, length_penalty=length_penalty, alpha=alpha,
+                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                   max_new_tokens=trie.max_depth, root=dict_trie(trie))
+    for hyps, ref in zip(results, reference):
+        assert [h.tokens for h in hyps] == [tokens for tokens, _ in ref]
+        np.testing.assert_allclose([h.score for h in hyps], [s for _, s in ref], rtol=1e-5)
+
+
+def test_unconstrained_search_equals_generate(setup):
+    tokenizer, model, _, prompts = setup
+    results, _ = search(setup, trie=None, num_beams=4, length_penalty=1.0, max_new_tokens=6)
+    reference = reference_generate(model, prompts, num_beams=4, length_penalty=1.0, max_new_tokens=6,
+                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    for hyps, ref in zip(results, reference):
+        assert [h.tokens for h in hyps] == [tokens for tokens, _ in ref]
+        np.testing.assert_allclose([h.score for h in hyps], [s for _, s in ref], rtol=1e-5)
+        assert all(h.nodes == [-1] * len(h.tokens) for h in hyps)
