@@ -112,3 +112,23 @@ def test_metrics_stage_counts_every_decoded_sample_and_compares(tmp_path, tiny_t
         metrics_stage.compare(["a", "c"], run, bootstrap=10)
     with pytest.raises(IgdrecError, match="exactly two"):
         metrics_stage.compare(["a"], run)
+
+
+def test_cli_compare_takes_two_names_after_the_flag(tmp_path, tiny_tokenizer):
+    from typer.testing import CliRunner
+
+    from igdrec.cli import app
+
+    run = synthetic_run(tmp_path / "run")
+    publish_ig(run, tiny_tokenizer, "tiny")
+    test = schema.read(run.artifact("data", "test.parquet"), "samples").sort("sample_id").head(3)
+    publish_rerank(run, "a", {s: [t] for s, t in zip(test["sample_id"], test["item_id"])}, limit=3)
+    publish_rerank(run, "b", {s: [] for s in test["sample_id"]}, limit=3)
+    for name in ("a", "b"):
+        metrics_stage.run(MetricsConfig(rerank=name, ks=[1]), run)
+    runner = CliRunner()
+    ok = runner.invoke(app, ["metrics", "--compare", "a", "b", "--bootstrap", "50", "--run-dir", str(run.root)])
+    assert ok.exit_code == 0, ok.output
+    assert "HR@1" in ok.output
+    stray = runner.invoke(app, ["metrics", "a", "b", "--run-dir", str(run.root)])
+    assert stray.exit_code != 0 and "--compare" in stray.output

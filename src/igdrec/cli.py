@@ -196,7 +196,8 @@ def metrics(
     rerank: Annotated[Optional[str], typer.Option(help="Name of a rerank in this run directory.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Name of the metrics file (default: the rerank's name).")] = None,
     ks: Annotated[Optional[str], typer.Option(help="Comma-separated cut-offs" + _default("metrics", "ks"))] = None,
-    compare: Annotated[Optional[list[str]], typer.Option(help="Compare two metrics results: --compare A --compare B, or `--compare A B`.")] = None,
+    compare: Annotated[bool, typer.Option("--compare", help="Compare the two metrics results named as arguments: `igdrec metrics --compare A B`.")] = False,
+    names: Annotated[Optional[list[str]], typer.Argument(help="With --compare: the two metrics names A B.", show_default=False)] = None,
     bootstrap: Annotated[Optional[int], typer.Option(help="Paired bootstrap resamples for --compare" + _default("metrics", "bootstrap"))] = None,
     run_dir: RunDirOpt = None,
     config: ConfigOpt = None,
@@ -206,12 +207,14 @@ def metrics(
     options = dict(locals())
     if options["ks"] is not None:
         options["ks"] = [int(k) for k in options["ks"].split(",")]
-    compare_names = options.pop("compare")
-    if compare_names:
+    comparing, names = options.pop("compare"), options.pop("names")
+    if comparing or names:
         try:
             from igdrec.stages import metrics as metrics_stage
 
-            metrics_stage.compare(compare_names, RunDir(run_dir), bootstrap=bootstrap)
+            if not comparing:
+                raise IgdrecError(f"unexpected arguments {' '.join(names)}; to compare two results: igdrec metrics --compare A B")
+            metrics_stage.compare(names or [], RunDir(run_dir), bootstrap=bootstrap)
         except IgdrecError as exc:
             _fail(exc)
         return

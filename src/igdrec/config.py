@@ -103,7 +103,7 @@ class DecodeConfig:
     num_beams: int = 10
     length_penalty: float = 1.0  # 1.0 = BIGRec, 0.0 = D3
     alpha: float = 0.0  # IGD decoding calibration; 0 = off
-    batch_size: int = 4  # samples per batch (each with num_beams beams)
+    batch_size: int = 8  # samples per batch (each with num_beams beams); 8 measured fastest on 2 CPU cores
     shard_size: int = 64  # samples per resumable shard
     jump_forward: bool = True
     cutoff_len: int = 512
