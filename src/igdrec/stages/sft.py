@@ -1,7 +1,296 @@
-"""Stage `sft` (not built yet)."""
+"""Stage `sft`: fine-tune the LLM to write the next item's title, with plain, Pos, CFT or IGD token weights.
 
-from igdrec.errors import StageNotBuilt
+Reads <run>/data (items, train, valid) and, when present, <run>/ig (per-sample zero-IG flags: required by
+IGD, used by every scheme to log the CE of zero-IG vs positive-IG tokens). Writes <run>/sft/<name>/:
+`model/` (Hugging Face format: full weights, or the LoRA adapter naming its base model, plus the tokenizer),
+`train_log.parquet` and `stage.json`. Under `torchrun --nproc_per_node=N` it trains data-parallel; only rank
+0 writes.
+
+Early stopping validates on the weighted objective of the scheme (for CFT including the causal term), the
+loss the model is trained on. The cache key holds the IG index's fingerprint whenever the index is used,
+for the logs of plain/Pos/CFT runs too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from rich.progress import TextColumn
+
+from igdrec import schema, training, weighting
+from igdrec.config import SFTConfig
+from igdrec.console import console, err_console, print_table, progress_bar
+from igdrec.errors import IgdrecError
+from igdrec.modeling import load_model, load_tokenizer, require_same_tokenizer, resolve_model_path
+from igdrec.prompt import item_token_sequences
+from igdrec.rundir import RunDir, StageWriter
+
+# Settings that change how the run is carried out, not what it computes: kept out of the cache key.
+_RUN_SETTINGS = ("name", "resume", "device", "log_every", "save_every")
 
 
-def run(config, run_dir, force: bool = False):
-    raise StageNotBuilt("stage sft is not built yet")
+def default_name(config: SFTConfig) -> str:
+    if config.weighting == "plain":
+        name = "plain"
+    elif config.weighting == "cft":
+        name = f"cft-b{config.beta:g}-a{config.alpha:g}"
+    else:
+        name = f"{config.weighting}-b{config.beta:g}"
+    if config.sample is not None:
+        name += f"-s{config.sample}"
+    return name
+
+
+def check_config(config: SFTConfig) -> None:
+    if config.weighting not in weighting.SCHEMES:
+        raise IgdrecError(f"--weighting {config.weighting!r}: expected one of {', '.join(weighting.SCHEMES)}")
+    if not 0.0 <= config.beta <= 1.0:
+        raise IgdrecError(f"--beta {config.beta}: must lie in [0, 1]")
+    if config.alpha != 0.0 and config.weighting != "cft":
+        raise IgdrecError(f"--alpha {config.alpha}: only the cft weighting has a causal loss (use --weighting cft)")
+    if config.alpha < 0:
+        raise IgdrecError(f"--alpha {config.alpha}: must be ≥ 0")
+    for option in ("batch_size", "micro_batch_size", "epochs", "cutoff_len"):
+        if getattr(config, option) < 1:
+            raise IgdrecError(f"--{option.replace('_', '-')} {getattr(config, option)}: must be ≥ 1")
+    if config.sample is not None and config.sample < 1:
+        raise IgdrecError(f"--sample {config.sample}: must be ≥ 1")
+
+
+def key_params(config: SFTConfig) -> dict:
+    """The parameters that determine the result; Pos/CFT/IGD-only ones are dropped where they are inert."""
+    params = {k: v for k, v in dataclasses.asdict(config).items() if k not in _RUN_SETTINGS}
+    if config.weighting == "plain":
+        params.pop("beta")
+    if config.weighting != "cft":
+        params.pop("alpha")
+    if not config.lora:
+        for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"):
+            params.pop(k)
+    return params
+
+
+def select_rows(n: int, size: int | None, seed: int) -> np.ndarray:
+    """A seeded random subset (kept in sample_id order), or everything."""
+    if size is None or size >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
+def ig_index_usable(run: RunDir, config: SFTConfig, tokenizer) -> dict | None:
+    """The IG manifest if it was built with our tokenizer; IGD refuses a mismatch, other schemes skip the IG logs."""
+    manifest = run.require("ig", hint="igdrec build-ig-index") if config.weighting == "igd" else run.manifest("ig")
+    if manifest is None:
+        return None
+    try:
+        require_same_tokenizer(manifest.get("params", {}).get("tokenizer", {}), tokenizer, str(run.stage_dir("ig") / "stage.json"))
+    except IgdrecError as exc:
+        if config.weighting == "igd":
+            raise
+        err_console.print(f"[yellow]note:[/] {exc}; zero-IG/positive-IG losses will not be logged")
+        return None
+    return manifest
+
+
+def load_zero_ig(path: Path, sample_ids: np.ndarray, item_ids: np.ndarray, lengths: np.ndarray, allow_outside: bool) -> list[np.ndarray | None]:
+    """Zero-IG flags of the given samples, checked against their target item and its token count.
+
+    The index has null lists for targets outside its catalog (`--catalog train`); with `allow_outside`
+    (validation) such a sample gets None (unknown flags), otherwise it is an error.
+    """
+    if not path.exists():
+        raise IgdrecError(f"{path}: missing from the IG index; rebuild it with `igdrec build-ig-index --force`")
+    ig = schema.read(path, "sample_ig").select("sample_id", pl.col("item_id").alias("ig_item_id"), "zero_ig")
+    wanted = pl.DataFrame({"sample_id": sample_ids, "item_id": item_ids, "n": lengths[item_ids]})
+    joined = wanted.join(ig, on="sample_id", how="left", maintain_order="left")
+    missing = joined.filter(pl.col("ig_item_id").is_null())
+    if missing.height:
+        raise IgdrecError(f"{path}: sample_id {missing['sample_id'][0]}: no IG entry ({missing.height} samples lack one)")
+    wrong_item = joined.filter(pl.col("ig_item_id") != pl.col("item_id"))
+    if wrong_item.height:
+        r = wrong_item.row(0, named=True)
+        raise IgdrecError(f"{path}: sample_id {r['sample_id']}: IG entry is for item {r['ig_item_id']}, the sample's target is {r['item_id']}")
+    outside = joined.filter(pl.col("zero_ig").is_null())
+    if outside.height and not allow_outside:
+        raise IgdrecError(
+            f"{path}: sample_id {outside['sample_id'][0]}: target item {outside['item_id'][0]} is outside the IG catalog "
+            f"({outside.height} samples); rebuild the index with `--catalog all`"
+        )
+    wrong_len = joined.filter(pl.col("zero_ig").list.len() != pl.col("n"))
+    if wrong_len.height:
+        r = wrong_len.row(0, named=True)
+        raise IgdrecError(
+            f"{path}: sample_id {r['sample_id']}: {len(r['zero_ig'])} IG values for a target of {r['n']} tokens; "
+            "the index was built with another tokenization"
+        )
+    return [None if flags is None else np.asarray(flags, dtype=bool) for flags in joined["zero_ig"].to_list()]
+
+
+def split_examples(run: RunDir, split: str, size: int | None, config: SFTConfig, tokenizer, titles, item_seqs, category, ig_manifest) -> training.SFTExamples:
+    """A seeded subset of `size` samples of the split (all if None), ready for collation."""
+    samples = schema.read(run.artifact("data", f"{split}.parquet"), "samples").sort("sample_id")
+    samples = samples[select_rows(samples.height, size, config.seed)]
+    bad = samples.filter((pl.col("item_id") < 0) | (pl.col("item_id") >= len(titles)))
+    if bad.height:
+        raise IgdrecError(f"{run.artifact('data', f'{split}.parquet')}: sample_id {bad['sample_id'][0]}: target item {bad['item_id'][0]} is not in items.parquet")
+    zero_ig = None
+    if ig_manifest is not None:
+        lengths = np.array([len(s) for s in item_seqs])
+        zero_ig = load_zero_ig(
+            run.artifact("ig", f"sample_ig_{split}.parquet"), samples["sample_id"].to_numpy(), samples["item_id"].to_numpy(),
+            lengths, allow_outside=split != "train",
+        )
+    return training.SFTExamples(
+        tokenizer,
+        histories=samples["history_item_ids"].to_list(),
+        targets=samples["item_id"].to_list(),
+        titles=titles,
+        item_sequences=item_seqs,
+        category=category,
+        scheme=config.weighting,
+        beta=config.beta,
+        cutoff_len=config.cutoff_len,
+        zero_ig=zero_ig,
+        with_reference=config.weighting == "cft" and config.alpha != 0.0,
+    )
+
+
+def prepare_model(config: SFTConfig, device):
+    base_path = resolve_model_path(config.model)
+    if (Path(base_path) / "adapter_config.json").exists():
+        raise IgdrecError(f"{base_path}: is a LoRA adapter; merge it into its base model before fine-tuning it again")
+    model = load_model(config.model, device)
+    if config.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM",
+        )
+        torch.manual_seed(config.seed)  # LoRA's initial A matrices are random
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as exc:
+            raise IgdrecError(f"--lora-target-modules {','.join(config.lora_target_modules)}: {exc}") from exc
+        # The adapter must name the checkpoint it was trained on, so `load_model(<sft>/model)` finds it.
+        model.peft_config["default"].base_model_name_or_path = base_path
+    return model
+
+
+def run(config: SFTConfig, run_dir: RunDir, force: bool = False) -> dict:
+    check_config(config)
+    world, device = training.init_distributed(config.device)
+    data_manifest = run_dir.require("data", hint="igdrec preprocess")
+    category = data_manifest["stats"]["category_word"]
+    tokenizer = load_tokenizer(config.model)
+    ig_manifest = ig_index_usable(run_dir, config, tokenizer)
+
+    name = config.name or default_name(config)
+    inputs = {"data": data_manifest["fingerprint"]}
+    if ig_manifest is not None:
+        inputs["ig"] = ig_manifest["fingerprint"]
+    writer = StageWriter(run_dir, f"sft/{name}", stage="sft", params=key_params(config), inputs=inputs, force=force, resumable=True)
+    if writer.cached:
+        if world.is_main:
+            console.print(f"sft/{name}: cached ({writer.final_dir})")
+        return writer.manifest
+    checkpoint_dir = writer.partial_dir / "checkpoint"
+    found = training.checkpoint_step(checkpoint_dir) if not force else None
+    if found is not None and not config.resume:
+        raise IgdrecError(
+            f"{checkpoint_dir}: an interrupted run of sft/{name} left a checkpoint at step {found}; "
+            "pass --resume to continue it or --force to start over"
+        )
+    if config.resume and world.is_main:
+        console.print(f"sft/{name}: " + (f"resuming from the checkpoint at step {found}" if found is not None else "no checkpoint of these settings to resume; starting from step 0"))
+
+    items = schema.read(run_dir.artifact("data", "items.parquet"), "items").sort("item_id")
+    if items["item_id"].to_list() != list(range(items.height)):
+        raise IgdrecError(f"{run_dir.artifact('data', 'items.parquet')}: item ids must be dense 0..n-1")
+    titles = items["title"].to_list()
+    item_seqs = item_token_sequences(tokenizer, titles)
+    train_data = split_examples(run_dir, "train", config.sample, config, tokenizer, titles, item_seqs, category, ig_manifest)
+    if len(train_data) == 0:
+        raise IgdrecError(f"{run_dir.artifact('data', 'train.parquet')}: no training samples")
+    valid_data = None
+    if config.valid_sample != 0 and run_dir.artifact("data", "valid.parquet").exists():
+        valid_data = split_examples(run_dir, "valid", config.valid_sample, config, tokenizer, titles, item_seqs, category, ig_manifest)
+
+    model = prepare_model(config, device)
+    settings = training.TrainSettings(
+        batch_size=config.batch_size, micro_batch_size=config.micro_batch_size, epochs=config.epochs,
+        max_steps=config.max_steps, lr=config.lr, warmup_steps=config.warmup_steps, min_lr_ratio=config.min_lr_ratio,
+        weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, seed=config.seed,
+        log_every=config.log_every, save_every=config.save_every, patience=config.patience,
+    )
+    publish = writer if world.is_main else contextlib.nullcontext(writer)
+    with publish as out:
+        world.barrier()
+        with progress_bar(TextColumn("{task.fields[info]}")) as progress:
+            task = progress.add_task(f"sft {name}", total=None, info="", visible=world.is_main)
+
+            def on_step(step: int, total: int, row: dict | None) -> None:
+                info = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}" if row else progress.tasks[task].fields["info"]
+                progress.update(task, completed=step, total=total, info=info)
+
+            result = training.train(
+                model, train_data, valid_data, settings, config.weighting, config.alpha, device, world,
+                checkpoint_dir, config.resume, on_step=on_step,
+            )
+        if world.is_main:
+            save_final_model(model, tokenizer, out.path("model"))
+            log = pl.DataFrame(result.log, schema_overrides={k: v for k, v in schema.TRAIN_LOG.items()}, strict=False)
+            schema.conform(log, "train_log").write_parquet(out.path("train_log.parquet"))
+            out.rows["train_log"] = len(result.log)
+            out.stats = summary(config, result, len(train_data), 0 if valid_data is None else len(valid_data), world, device)
+            out.stats["zero_ig_logged"] = ig_manifest is not None
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    world.barrier()
+    manifest = writer.manifest if world.is_main else run_dir.manifest(f"sft/{name}")
+    if world.is_main:
+        print_table(f"sft/{name}", {k: v for k, v in manifest["stats"].items() if v is not None})
+    return manifest
+
+
+def save_final_model(model, tokenizer, directory: Path) -> None:
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def _mean(rows: list[dict], split: str, key: str) -> float | None:
+    values = [r[key] for r in rows if r["split"] == split and r.get(key) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def summary(config: SFTConfig, result: training.TrainResult, n_train: int, n_valid: int, world, device) -> dict:
+    train_rows = [r for r in result.log if r["split"] == "train"]
+    valid_rows = [r for r in result.log if r["split"] == "valid"]
+    last_valid = valid_rows[-1] if valid_rows else {}
+    seconds = sum(r["seconds"] for r in train_rows)
+    return {
+        "train_samples": n_train,
+        "valid_samples": n_valid,
+        "steps": result.steps,
+        "planned_steps": result.total_steps,
+        "stopped_early": result.stopped_early,
+        "train_tokens": result.train_tokens,
+        "train_seconds": round(seconds, 2),
+        "target_tokens_per_second": round(result.train_tokens / seconds, 1) if seconds > 0 else None,
+        "final_train_loss": train_rows[-1]["loss"] if train_rows else None,
+        "train_ce_zero_ig": _mean(train_rows[-max(1, len(train_rows) // 10):], "train", "ce_zero_ig"),
+        "train_ce_positive_ig": _mean(train_rows[-max(1, len(train_rows) // 10):], "train", "ce_positive_ig"),
+        "best_valid_loss": result.best_valid_loss,
+        "best_step": result.best_step,
+        "valid_ce_zero_ig": last_valid.get("ce_zero_ig"),
+        "valid_ce_positive_ig": last_valid.get("ce_positive_ig"),
+        "world_size": world.size,
+        "device": str(device),
+        "save_every": config.save_every,
+        "log_every": config.log_every,
+    }
