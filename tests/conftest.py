@@ -19,3 +19,15 @@ def tiny_tokenizer():
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama + tokenizer saved in HF format: pass it as `--model DIR`."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models run fastest on one thread: their matmuls are too small to split, and on a busy 2-core
+    machine two OpenMP threads that keep losing their core make a step 20x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -4,7 +4,6 @@ an `ig` stage published by hand, and the brute-force scorer every beam result is
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,18 +15,6 @@ from igdrec.ig import CatalogTrie, build_catalog_trie
 from igdrec.rundir import RunDir, StageWriter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-
-@contextmanager
-def one_torch_thread():
-    """The tiny model's matmuls are far too small to share between threads; on a loaded machine the
-    threads' synchronisation alone costs ~50x the compute."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def save_peaked_model(directory: Path, seed: int = 0, scale: float = 60.0) -> Path:

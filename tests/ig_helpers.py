@@ -12,8 +12,6 @@ import math
 from collections import Counter
 
 import polars as pl
-import pytest
-import torch
 
 from igdrec import schema
 from igdrec.modeling import tokenizer_identity
@@ -59,13 +57,3 @@ def publish_ig_stage(run: RunDir, tokenizer, model_spec: str, corrupt=None) -> d
                 table = corrupt[split](table)
             table.write_parquet(out.path(f"sample_ig_{split}.parquet"))
     return out.manifest
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and on a shared 2-core machine two OpenMP threads that keep
-    losing their core make a step 20x slower. Import this fixture into a test module to apply it there."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -5,19 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from decode_helpers import one_torch_thread, exhaustive_ranking, fixture_trie, save_peaked_model
+from decode_helpers import exhaustive_ranking, fixture_trie, save_peaked_model
 from fixtures import TITLES, synthetic_dataset
 from reference_decoder import dict_trie, reference_generate
 
 from igdrec import prompt
 from igdrec.beam import BeamSearch, TrieTensors
 from igdrec.modeling import load_model, load_tokenizer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_torch_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

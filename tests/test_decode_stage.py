@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
-from decode_helpers import one_torch_thread, publish_ig, save_peaked_model
+from decode_helpers import publish_ig, save_peaked_model
 from fixtures import synthetic_run
 from tiny_model import build_tokenizer
 from typer.testing import CliRunner
@@ -17,12 +17,6 @@ from igdrec.errors import IgdrecError
 from igdrec.ig import CatalogTrie
 from igdrec.modeling import load_tokenizer
 from igdrec.stages import decode
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_torch_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from decode_helpers import one_torch_thread, publish_ig
+from decode_helpers import publish_ig
 
 from fixtures import TITLES, synthetic_run
 from igdrec import reranking, schema
@@ -34,12 +34,6 @@ def test_dedup_keeps_best_entry_per_item_and_title_and_breaks_ties_by_item_id():
     assert top["rank"].to_list() == [0, 1, 2, 0]
     tie = pl.DataFrame({"sample_id": [0, 0, 0], "item_id": [8, 3, 5], "title": ["a", "b", "c"], "score": [-1.0, -1.0, -1.0]})
     assert reranking.dedup_topk(tie, 10)["item_id"].to_list() == [3, 5, 8]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    with one_torch_thread():
-        yield
 
 
 @pytest.fixture()

@@ -7,7 +7,7 @@ import sys
 import polars as pl
 import pytest
 import torch
-from ig_helpers import publish_ig_stage, one_torch_thread  # noqa: F401 (autouse fixture)
+from ig_helpers import publish_ig_stage
 from safetensors.torch import load_file
 
 from fixtures import synthetic_run

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from ig_helpers import brute_force_sample_ig, one_torch_thread  # noqa: F401 (autouse fixture)
+from ig_helpers import brute_force_sample_ig
 
 from fixtures import synthetic_dataset
 from igdrec import prompt, training

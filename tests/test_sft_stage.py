@@ -3,7 +3,7 @@ import json
 import polars as pl
 import pytest
 import torch
-from ig_helpers import publish_ig_stage, one_torch_thread  # noqa: F401 (autouse fixture)
+from ig_helpers import publish_ig_stage
 from tiny_model import build_tokenizer
 from typer.testing import CliRunner
 
