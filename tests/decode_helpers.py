@@ -20,18 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 def save_peaked_model(directory: Path, seed: int = 0, scale: float = 60.0) -> Path:
     """The tiny random Llama with scaled-up embeddings: a random model at init is nearly uniform, so
     beams would be separated by float noise; peaked distributions make every ranking well defined."""
-    from tiny_model import build_model, build_tokenizer
+    from tiny_model import save_tiny_model
 
-    tokenizer = build_tokenizer()
-    model = build_model(len(tokenizer), seed=seed)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(scale)
-    model.config.eos_token_id = tokenizer.eos_token_id
-    model.config.bos_token_id = tokenizer.bos_token_id
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_tiny_model(directory, seed=seed, embedding_scale=scale)
 
 
 def fixture_trie(tokenizer, items: pl.DataFrame, train: pl.DataFrame | None = None) -> CatalogTrie:

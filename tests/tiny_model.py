@@ -60,9 +60,14 @@ def build_model(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 
     return LlamaForCausalLM(config).eval()
 
 
-def save_tiny_model(directory: Path, seed: int = 0) -> Path:
+def save_tiny_model(directory: Path, seed: int = 0, embedding_scale: float = 1.0) -> Path:
+    """Save the tiny model and tokenizer; `embedding_scale` > 1 makes its next-token distributions peaked."""
+    import torch
+
     tokenizer = build_tokenizer()
     model = build_model(len(tokenizer), seed=seed)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(embedding_scale)
     model.config.eos_token_id = tokenizer.eos_token_id
     model.config.bos_token_id = tokenizer.bos_token_id
     directory.mkdir(parents=True, exist_ok=True)

@@ -98,6 +98,17 @@ def require_same_tokenizer(expected: dict, tokenizer, where: str) -> None:
         )
 
 
+def quiet_transformers() -> None:
+    """igdrec draws its own progress bars; transformers' per-load weight bars and a deprecation warning
+    that peft triggers on every LoRA model would only bury them."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
@@ -110,10 +121,12 @@ def load_tokenizer(spec: str):
     return setup_tokenizer(tokenizer)
 
 
-def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """The causal LM named by `spec`; a directory holding a LoRA adapter loads its base and merges nothing."""
+def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, merge_adapter: bool = False):
+    """The causal LM named by `spec`. A directory holding a LoRA adapter loads its base under the adapter;
+    `merge_adapter` folds the adapter into the base weights (inference: no extra LoRA matmuls per step)."""
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     path = resolve_model_path(spec)
     device = pick_device(device) if isinstance(device, str) else device
     base = _adapter_base(path)
@@ -124,6 +137,8 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
 
             model = AutoModelForCausalLM.from_pretrained(resolve_model_path(base), **kwargs)
             model = PeftModel.from_pretrained(model, path)
+            if merge_adapter:
+                model = model.merge_and_unload()
         else:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:

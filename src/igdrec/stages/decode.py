@@ -112,7 +112,7 @@ def _decode(config: DecodeConfig, run: RunDir, data: dict, model_spec: str, out:
     tokenizer = load_tokenizer(model_spec)
     check_same_tokens(tokenizer, trie, items, run.artifact("ig", "item_paths.parquet"))
     device = pick_device(config.device)
-    model = load_model(model_spec, device=device)
+    model = load_model(model_spec, device=device, merge_adapter=True)
     search = BeamSearch(
         model=model,
         eos_token_id=tokenizer.eos_token_id,

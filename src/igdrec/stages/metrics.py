@@ -97,7 +97,8 @@ def _print_summary(name: str, summary: dict, ks) -> None:
     scope = f"{summary['n_samples']:,} of {summary['n_split_samples']:,} {summary['split']} samples"
     if summary["limited"]:
         scope += " (a --limit'ed decode: only the decoded samples count)"
-    table = Table(title=f"metrics {name}: {scope}")
+    console.print(f"[bold]metrics {name}[/]: {scope}")
+    table = Table()
     table.add_column("K", justify="right")
     table.add_column("NDCG@K", justify="right")
     table.add_column("HR@K", justify="right")

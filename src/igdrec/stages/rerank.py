@@ -87,7 +87,7 @@ def _ground(beams: pl.DataFrame, run: RunDir, decode: dict) -> pl.DataFrame:
     items = schema.read(run.artifact("data", "items.parquet"), "items").sort("item_id")
     groups = items.with_columns(pl.col("title").str.strip_chars()).group_by("title", maintain_order=True).agg(pl.col("item_id").min())
     tokenizer = load_tokenizer(decode["params"]["model"])
-    model = load_model(decode["params"]["model"], device=pick_device("auto"))
+    model = load_model(decode["params"]["model"], device=pick_device("auto"), merge_adapter=True)
     catalog = reranking.last_token_embeddings(model, tokenizer, groups["title"].to_list())
     generated = reranking.last_token_embeddings(model, tokenizer, beams["title"].fill_null("").to_list())
     nearest = reranking.l2_grounding(generated, catalog)
