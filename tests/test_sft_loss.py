@@ -93,3 +93,19 @@ def test_accumulated_gradient_normalises_by_the_whole_effective_batch(setup):
     for name, param in model.named_parameters():
         torch.testing.assert_close(accumulated[name], param.grad, rtol=1e-4, atol=1e-7, msg=name)
     model.zero_grad()
+
+
+def test_warmup_is_capped_at_a_tenth_of_a_short_run():
+    import torch
+
+    from igdrec.training import effective_warmup, make_scheduler
+
+    assert effective_warmup(20, 2000) == 20
+    assert effective_warmup(20, 32) == 3
+    assert effective_warmup(20, 2) == 1
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=1.0)
+    scheduler = make_scheduler(optimizer, effective_warmup(20, 2), 2, 0.1)
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == 1.0  # the second of two steps runs at the peak, not at 1/20 of it

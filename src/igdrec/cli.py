@@ -130,7 +130,7 @@ def sft(
     batch_size: Annotated[Optional[int], typer.Option(help="Effective batch size (samples per step)" + _default("sft", "batch_size"))] = None,
     micro_batch_size: Annotated[Optional[int], typer.Option(help="Samples per forward pass" + _default("sft", "micro_batch_size"))] = None,
     cutoff_len: Annotated[Optional[int], typer.Option(help="Max tokens of prompt + target" + _default("sft", "cutoff_len"))] = None,
-    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warm-up steps" + _default("sft", "warmup_steps"))] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warm-up steps, at most a tenth of the run" + _default("sft", "warmup_steps"))] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed" + _default("sft", "seed"))] = None,
     lora: Annotated[Optional[bool], typer.Option("--lora/--full", help="LoRA adapters (default) or full fine-tuning.")] = None,
     lora_r: Annotated[Optional[int], typer.Option(help="LoRA rank" + _default("sft", "lora_r"))] = None,

@@ -74,7 +74,7 @@ class SFTConfig:
     batch_size: int = 128  # effective batch (samples per optimiser step)
     micro_batch_size: int = 4
     cutoff_len: int = 512
-    warmup_steps: int = 20
+    warmup_steps: int = 20  # linear warm-up, capped at a tenth of the planned steps
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # gradient clipping, as the reference (HF Trainer default); 0 = off

@@ -227,6 +227,12 @@ def steps_per_epoch(n: int, batch_size: int, world_size: int) -> int:
     return full + (1 if rest >= world_size else 0)
 
 
+def effective_warmup(warmup_steps: int, total_steps: int) -> int:
+    """The reference's fixed warm-up (20 steps), but at most a tenth of a short run: a 2-step run with
+    20 warm-up steps would train at lr 0 and 1/20 of the peak and learn nothing."""
+    return min(warmup_steps, max(1, total_steps // 10))
+
+
 def make_scheduler(optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float):
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -355,7 +361,7 @@ def train(
     loss_module = WeightedLoss(model, scheme, alpha)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = make_scheduler(optimizer, settings.warmup_steps, total_steps, settings.min_lr_ratio)
+    scheduler = make_scheduler(optimizer, effective_warmup(settings.warmup_steps, total_steps), total_steps, settings.min_lr_ratio)
     dtype = autocast_dtype(device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
