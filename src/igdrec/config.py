@@ -233,6 +233,3 @@ def load_stage_config(stage: str, path: str | Path | None):
         return STAGE_CONFIGS[stage]()
     return load_pipeline(path).stage_config(stage)
 
-
-def to_dict(config) -> dict:
-    return dataclasses.asdict(config)

@@ -73,12 +73,6 @@ class CatalogTrie:
     def tokens(self, item_id: int) -> np.ndarray:
         return self.token[self.path(item_id)]
 
-    def leaf_items(self) -> dict[int, list[int]]:
-        out: dict[int, list[int]] = {}
-        for leaf, item in zip(self.item_leaf.tolist(), self.item_ids.tolist()):
-            out.setdefault(leaf, []).append(item)
-        return out
-
     # -- persistence -------------------------------------------------------------------------------
     def node_frame(self) -> pl.DataFrame:
         return schema.conform(
