@@ -1,7 +1,7 @@
 """A brute-force stand-in for the `ig` stage, for SFT tests (the real stage replaces it in integration tests).
 
 Reference distribution: training-target frequencies. A target token is zero-IG iff every reference item
-whose token sequence starts with the prefix before it also continues with that token (SPEC §4); IG is
+whose token sequence starts with the prefix before it also continues with that token (docs/method.md §4); IG is
 H(prefix) - H(prefix + token) with H summed over the reference items under a prefix. Both are computed
 here by scanning the whole catalog for every token, with no trie.
 """

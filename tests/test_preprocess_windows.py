@@ -1,4 +1,4 @@
-"""Windowing and the temporal split (SPEC §2.1) on hand-built data and against a brute-force reference."""
+"""Windowing and the temporal split (docs/method.md §2.1) on hand-built data and against a brute-force reference."""
 
 import random
 

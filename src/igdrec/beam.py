@@ -1,4 +1,4 @@
-"""Batched beam search over the catalog trie with IG-calibrated step scores (SPEC §6).
+"""Batched beam search over the catalog trie with IG-calibrated step scores (docs/method.md §6).
 
 The bookkeeping replicates transformers' `_beam_search` (v4.5x/5.x) exactly, so that on the same
 prompts it returns the same hypotheses as `generate(num_beams=K)` with a catalog constraint:

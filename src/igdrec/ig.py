@@ -1,4 +1,4 @@
-"""The catalog trie and the information gain of every token (SPEC §4), built with array operations.
+"""The catalog trie and the information gain of every token (docs/method.md §4), built with array operations.
 
 Every catalog item is a path of token ids (`prompt.item_token_sequence`) ending in EOS, so no item ends
 inside another's path. Nodes are numbered level by level, and within a level in lexicographic order of
@@ -381,7 +381,7 @@ def sample_ig(item_values: pl.DataFrame, samples: pl.DataFrame) -> pl.DataFrame:
 
 
 def token_stats(trie: CatalogTrie, train_item_ids: np.ndarray) -> dict:
-    """Paper Table 4's token columns over the training targets (SPEC §4), plus the share by position."""
+    """Paper Table 4's token columns over the training targets (docs/method.md §4), plus the share by position."""
     rows = trie.item_index(train_item_ids)
     frequency = np.bincount(rows[rows >= 0], minlength=len(trie.item_ids))
     lengths = np.diff(trie.item_path_ptr)

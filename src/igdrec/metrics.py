@@ -1,4 +1,4 @@
-"""The one implementation of every evaluation number (SPEC §7).
+"""The one implementation of every evaluation number (docs/method.md §7).
 
 Ranking: r = 0-based rank of the first predicted title equal to the target's title (both stripped; a
 title shared by several ids matches any of them); HR@K = 1[r < K], NDCG@K = 1/log2(r + 2) if r < K,

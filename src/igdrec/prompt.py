@@ -1,4 +1,4 @@
-"""The one prompt template and the one item-token-sequence function (SPEC §3).
+"""The one prompt template and the one item-token-sequence function (docs/method.md §3).
 
 SFT labels, the IG trie and the decoding trie all go through `item_token_sequence`: if any of them
 tokenized titles differently, IG weights would silently land on the wrong tokens.

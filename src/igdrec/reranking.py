@@ -1,7 +1,7 @@
 """From beams to final ranked lists: deduplication, D3's text-free assistant, BIGRec's L2 grounding.
 
 - `dedup_topk`: one entry per item and per title, ties broken by (score desc, item_id asc).
-- `tfa_rescore` (D3, SPEC §6): a traditional recommender's item distribution q guides each step:
+- `tfa_rescore` (D3, docs/method.md §6): a traditional recommender's item distribution q guides each step:
   tfa_d = log(Q(node_d) / Q(parent)), Q(v) = Σ q(i) over items under trie node v (the child mass of q
   renormalised over the allowed children), and the beam is rescored by Σ_d g·(llm_d − tfa_d) + tfa_d.
 - `l2_grounding` (BIGRec): embed texts with the LLM's last-layer hidden state of the last token and

@@ -1,4 +1,4 @@
-"""Token weights of the fine-tuning objectives and the weighted loss (SPEC §5).
+"""Token weights of the fine-tuning objectives and the weighted loss (docs/method.md §5).
 
 Weights are computed per sample when a batch is collated and shipped with it as a tensor, so the training
 step is the plain step plus one elementwise multiply. The batch loss is Σ w·CE / Σ w with Σ w taken over the

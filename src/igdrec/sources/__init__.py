@@ -1,4 +1,4 @@
-"""Data sources for `igdrec preprocess`: each turns one input format into the canonical tables (SPEC §2.1).
+"""Data sources for `igdrec preprocess`: each turns one input format into the canonical tables (docs/method.md §2.1).
 
 A source module has three functions:
   params(config) -> dict          the configuration that changes its output (part of the cache key)

@@ -1,4 +1,4 @@
-"""Source `amazon2018`: Amazon Review Data 2018 with the reference filter (SPEC §2.2 steps 1-6).
+"""Source `amazon2018`: Amazon Review Data 2018 with the reference filter (docs/method.md §2.2 steps 1-6).
 
 1. titles: drop items without a title or with "<span id" in it; unescape &quot; and &amp;; strip
    spaces then surrounding quotes; keep titles of >1 character and ≤20 space-separated words. An

@@ -1,4 +1,4 @@
-"""Source `ml-100k`: MovieLens-100K from the pinned recbole wheel (SPEC §2.2), as RecBole atomic files.
+"""Source `ml-100k`: MovieLens-100K from the pinned recbole wheel (docs/method.md §2.2), as RecBole atomic files.
 
 Item text is "{movie_title} ({release_year})". RecBole's file has a few non-years in release_year
 ("unkonwn" for item 267, "V" for a video release); those count as missing and the year is left out.

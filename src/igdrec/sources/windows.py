@@ -1,4 +1,4 @@
-"""Sliding windows over user sequences and the global temporal 80/10/10 split (SPEC §2.1)."""
+"""Sliding windows over user sequences and the global temporal 80/10/10 split (docs/method.md §2.1)."""
 
 from __future__ import annotations
 

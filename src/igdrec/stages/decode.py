@@ -1,4 +1,4 @@
-"""Stage `decode`: constrained, IG-calibrated beam search of every test (or valid) prompt (SPEC §6).
+"""Stage `decode`: constrained, IG-calibrated beam search of every test (or valid) prompt (docs/method.md §6).
 
 Writes `<run>/decode/<name>/beams.parquet` (schema `beams`). Samples are decoded in shards of
 `shard_size`; each finished shard is a file in the stage's partial directory, so a killed decode picks

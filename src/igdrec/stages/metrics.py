@@ -1,4 +1,4 @@
-"""Stage `metrics`: NDCG@K / HR@K, diversity and per-step entropy of a rerank (SPEC §7).
+"""Stage `metrics`: NDCG@K / HR@K, diversity and per-step entropy of a rerank (docs/method.md §7).
 
 Writes `<run>/metrics/<name>/` (stage.json, per_sample.parquet, metrics.json) and publishes a copy of the
 summary as `<run>/metrics/<name>.json`. `compare` puts two results side by side with paired-bootstrap

@@ -1,4 +1,4 @@
-"""Stage `preprocess`: a dataset -> <run>/data/items.parquet and {train,valid,test}.parquet (SPEC §2).
+"""Stage `preprocess`: a dataset -> <run>/data/items.parquet and {train,valid,test}.parquet (docs/method.md §2).
 
 The source (ml-100k, amazon2018, d3-csv, interactions) yields items with dense ids and either raw
 interactions, which are windowed and split temporally here, or ready-made splits (d3-csv).
