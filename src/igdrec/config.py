@@ -21,6 +21,19 @@ from igdrec.errors import IgdrecError
 EMBEDDED_MODEL = "smollm2-135m"
 
 
+def option(default: Any = dataclasses.MISSING, help: str = "", *, key: bool = True, factory: Any = None):
+    """A stage-config field with its help text and its cache-key role, written once.
+
+    `key=True`: the value changes what the stage computes, so it belongs to the stage's cache key;
+    `key=False`: a run setting (name, device, batch size, logging...) that leaves the result unchanged.
+    The CLI options, the YAML loader and the cache keys are all derived from these fields.
+    """
+    metadata = {"help": help, "key": key}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class PreprocessConfig:
     source: str = "ml-100k"  # ml-100k | amazon2018 | d3-csv | interactions
