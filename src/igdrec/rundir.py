@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from igdrec.console import console
 from igdrec.errors import IgdrecError
 
 MANIFEST = "stage.json"
@@ -62,15 +63,31 @@ def resolve_run_dir(run_dir: str | Path | None) -> Path:
     return Path(run_dir or os.environ.get("IGDREC_RUN_DIR") or DEFAULT_RUN_DIR)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
+    """Write a file through `write(temporary_path)`, then rename it onto `path` in one step.
 
-
-def write_json_atomic(path: Path, obj: Any) -> None:
+    The temporary file is a hidden sibling (same directory, so the rename is atomic), so a reader, or
+    a process killed mid-write, sees the old file or the new one, never half of one. A failed write
+    removes the temporary file and leaves `path` as it was.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json_atomic(path: Path, obj: Any) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 class RunDir:
@@ -172,6 +189,10 @@ class StageWriter:
         self.cached = existing is not None and existing.get("key") == self.key
         if self.cached:
             self.manifest = existing
+
+    def report_cached(self) -> None:
+        """The one message every stage prints when it finds its result cached."""
+        console.print(f"{self.stage_path}: cached in {self.final_dir} (same parameters and inputs; --force reruns it)", soft_wrap=True)
 
     def __enter__(self) -> "StageWriter":
         if self.cached:

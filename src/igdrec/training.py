@@ -32,6 +32,7 @@ from torch import nn
 from igdrec import weighting
 from igdrec.modeling import autocast_dtype, pick_device
 from igdrec.prompt import encode_prompt, encode_sample
+from igdrec.rundir import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -439,10 +440,7 @@ def train(
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write-then-rename, so a kill during the write leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def checkpoint_step(checkpoint_dir: Path) -> int | None:

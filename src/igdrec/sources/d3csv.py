@@ -33,10 +33,6 @@ INT_LIST = rf"^\s*\[({LIST_ELEMENT}(,{LIST_ELEMENT})*,?\s*)?\]\s*$"
 REQUIRED_COLUMNS = ["user_id", "history_item_id", "item_id"]
 
 
-def params(config) -> dict:
-    return {}
-
-
 def input_files(config) -> dict[str, str]:
     paths = {split: require_file(getattr(config, split), f"--{split}") for split in SPLITS}
     paths["info"] = require_file(config.info, "--info")

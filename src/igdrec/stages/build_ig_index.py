@@ -12,9 +12,10 @@ import json
 import numpy as np
 import polars as pl
 
+from igdrec import config as cfg
 from igdrec import ig, schema
 from igdrec.config import IGIndexConfig
-from igdrec.console import console, print_table, progress_bar
+from igdrec.console import print_table, progress_bar
 from igdrec.errors import IgdrecError
 from igdrec.modeling import load_tokenizer, tokenizer_identity
 from igdrec.prompt import item_token_sequences
@@ -22,25 +23,18 @@ from igdrec.rundir import RunDir, StageWriter
 
 STAGE_DIR = "ig"
 SPLITS = ("train", "valid", "test")
-REFERENCES = ("train", "uniform")
-CATALOGS = ("all", "train")
 TOKENIZE_CHUNK = 20_000  # titles per tokenizer call: big enough to batch, small enough to show progress
 
 
 def run(config: IGIndexConfig, run_dir: RunDir, force: bool = False) -> dict:
-    _check_config(config)
+    cfg.check(config)
     data = run_dir.require("data", hint="igdrec preprocess")
     tokenizer = load_tokenizer(config.model)
-    params = {
-        "model": config.model,
-        "tokenizer": tokenizer_identity(tokenizer),
-        "reference": config.reference,
-        "smoothing": config.smoothing,
-        "catalog": config.catalog,
-    }
+    # The tokenizer's identity, not only the model's name: a changed tokenizer changes every item token.
+    params = cfg.key_params(config) | {"tokenizer": tokenizer_identity(tokenizer)}
     with StageWriter(run_dir, STAGE_DIR, stage="build-ig-index", params=params, inputs={"data": data["fingerprint"]}, force=force) as out:
         if out.cached:
-            console.print(f"[dim]build-ig-index: cached in {out.final_dir}[/]")
+            out.report_cached()
             print_stats(out.manifest["stats"])
             return out.manifest
         items_path = run_dir.artifact("data", "items.parquet")
@@ -94,15 +88,6 @@ def run(config: IGIndexConfig, run_dir: RunDir, force: bool = False) -> dict:
         out.stats = stats
     print_stats(out.manifest["stats"])
     return out.manifest
-
-
-def _check_config(config: IGIndexConfig) -> None:
-    if config.reference not in REFERENCES:
-        raise IgdrecError(f"--reference {config.reference!r}: expected one of {', '.join(REFERENCES)}")
-    if config.catalog not in CATALOGS:
-        raise IgdrecError(f"--catalog {config.catalog!r}: expected one of {', '.join(CATALOGS)}")
-    if not np.isfinite(config.smoothing) or config.smoothing < 0:
-        raise IgdrecError(f"--smoothing {config.smoothing}: must be a finite number >= 0")
 
 
 def _read_items(path) -> pl.DataFrame:

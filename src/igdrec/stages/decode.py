@@ -17,6 +17,7 @@ import numpy as np
 import polars as pl
 from rich.progress import TextColumn
 
+from igdrec import config as cfg
 from igdrec import prompt, schema
 from igdrec.beam import BeamSearch, SearchStats, TrieTensors
 from igdrec.config import DecodeConfig
@@ -31,38 +32,28 @@ SHARD_DIR = "shards"
 
 def run(config: DecodeConfig, run_dir: RunDir, force: bool = False) -> dict:
     run = run_dir
-    if config.split not in ("test", "valid"):
-        raise IgdrecError(f"--split {config.split!r}: expected test or valid")
-    if config.num_beams < 1 or config.batch_size < 1 or config.shard_size < 1:
-        raise IgdrecError("--num-beams, --batch-size and --shard-size must be positive")
-    if config.limit is not None and config.limit < 1:
-        raise IgdrecError(f"--limit {config.limit}: must be positive")
+    cfg.check(config)
     data = run.require("data", hint="igdrec preprocess")
     ig = run.require("ig", hint="igdrec build-ig-index")
     label, model_spec, inputs = _resolve_source(config, run)
     inputs |= {"data": data["fingerprint"], "ig": ig["fingerprint"]}
     name = config.name or default_name(label, config)
-    params = {
-        "source": label,
-        "model": model_spec,
-        "split": config.split,
-        "limit": config.limit,
-        "num_beams": config.num_beams,
-        "length_penalty": config.length_penalty,
-        "alpha": config.alpha,
-        "constrained": config.constrained,
-        "max_new_tokens": config.max_new_tokens,
-        "cutoff_len": config.cutoff_len,
-        "shard_size": config.shard_size,
-    }
+    params = key_params(config, label, model_spec)
     with StageWriter(run, f"decode/{name}", stage="decode", params=params, inputs=inputs, force=force, resumable=True) as out:
         if out.cached:
-            console.print(f"decode [bold]{name}[/] is cached ({run.stage_dir(f'decode/{name}')})")
+            out.report_cached()
             return out.manifest
         _decode(config, run, data, model_spec, out)
     console.print(f"decode wrote [bold]{name}[/] → {run.stage_dir(f'decode/{name}')}/beams.parquet "
                   f"(next: igdrec rerank --decode {name})")
     return out.manifest
+
+
+def key_params(config: DecodeConfig, label: str, model_spec: str) -> dict:
+    """The config's key fields, with --sft/--model replaced by the resolved source and model."""
+    params = cfg.key_params(config)
+    del params["sft"]
+    return params | {"source": label, "model": model_spec}
 
 
 def default_name(label: str, config: DecodeConfig) -> str:

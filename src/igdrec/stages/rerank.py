@@ -11,6 +11,7 @@ from pathlib import Path
 
 import polars as pl
 
+from igdrec import config as cfg
 from igdrec import reranking, schema
 from igdrec.config import RerankConfig
 from igdrec.console import console
@@ -32,10 +33,9 @@ def default_name(decode_name: str, config: RerankConfig) -> str:
 
 def run(config: RerankConfig, run_dir: RunDir, force: bool = False) -> dict:
     run = run_dir
-    if config.top_k < 1:
-        raise IgdrecError(f"--top-k {config.top_k}: must be positive")
+    cfg.check(config)
     decode_name = run.resolve_name("decode", config.decode, "--decode")
-    decode = run.require(f"decode/{decode_name}", hint=f"igdrec decode --name {decode_name}")
+    decode = run.require(f"decode/{decode_name}", hint=f"igdrec decode --sft SFT --name {decode_name}")
     name = config.name or default_name(decode_name, config)
     inputs = {"decode": decode["fingerprint"]}
     tfa_path = Path(config.tfa_scores) if config.tfa_scores else None
@@ -44,16 +44,11 @@ def run(config: RerankConfig, run_dir: RunDir, force: bool = False) -> dict:
             raise IgdrecError(f"{tfa_path}: --tfa-scores file not found")
         inputs["tfa_scores"] = fingerprint_file(tfa_path)
         inputs["ig"] = run.require("ig", hint="igdrec build-ig-index")["fingerprint"]
-    params = {
-        "decode": decode_name,
-        "top_k": config.top_k,
-        "tfa_scores": str(tfa_path) if tfa_path else None,
-        "tfa_guidance": config.tfa_guidance if tfa_path else None,
-        "grounding": config.grounding,
-    }
+    # --tfa-scores enters by its content fingerprint (inputs), not by the spelling of its path.
+    params = cfg.key_params(config) | {"decode": decode_name}
     with StageWriter(run, f"rerank/{name}", stage="rerank", params=params, inputs=inputs, force=force) as out:
         if out.cached:
-            console.print(f"rerank [bold]{name}[/] is cached ({run.stage_dir(f'rerank/{name}')})")
+            out.report_cached()
             return out.manifest
         beams = schema.read(run.artifact(f"decode/{decode_name}", "beams.parquet"), "beams")
         if config.grounding:

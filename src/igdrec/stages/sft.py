@@ -14,7 +14,6 @@ for the logs of plain/Pos/CFT runs too.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import shutil
 from pathlib import Path
 
@@ -23,17 +22,14 @@ import polars as pl
 import torch
 from rich.progress import TextColumn
 
-from igdrec import schema, training, weighting
+from igdrec import schema, training
+from igdrec import config as cfg
 from igdrec.config import SFTConfig
 from igdrec.console import console, err_console, print_table, progress_bar
 from igdrec.errors import IgdrecError
 from igdrec.modeling import load_model, load_tokenizer, require_same_tokenizer, resolve_model_path
 from igdrec.prompt import item_token_sequences
 from igdrec.rundir import RunDir, StageWriter
-
-# Settings that change how the run is carried out, not what it computes: kept out of the cache key.
-_RUN_SETTINGS = ("name", "resume", "device", "log_every", "save_every")
-
 
 def default_name(config: SFTConfig) -> str:
     if config.weighting == "plain":
@@ -45,35 +41,6 @@ def default_name(config: SFTConfig) -> str:
     if config.sample is not None:
         name += f"-s{config.sample}"
     return name
-
-
-def check_config(config: SFTConfig) -> None:
-    if config.weighting not in weighting.SCHEMES:
-        raise IgdrecError(f"--weighting {config.weighting!r}: expected one of {', '.join(weighting.SCHEMES)}")
-    if not 0.0 <= config.beta <= 1.0:
-        raise IgdrecError(f"--beta {config.beta}: must lie in [0, 1]")
-    if config.alpha != 0.0 and config.weighting != "cft":
-        raise IgdrecError(f"--alpha {config.alpha}: only the cft weighting has a causal loss (use --weighting cft)")
-    if config.alpha < 0:
-        raise IgdrecError(f"--alpha {config.alpha}: must be ≥ 0")
-    for option in ("batch_size", "micro_batch_size", "epochs", "cutoff_len"):
-        if getattr(config, option) < 1:
-            raise IgdrecError(f"--{option.replace('_', '-')} {getattr(config, option)}: must be ≥ 1")
-    if config.sample is not None and config.sample < 1:
-        raise IgdrecError(f"--sample {config.sample}: must be ≥ 1")
-
-
-def key_params(config: SFTConfig) -> dict:
-    """The parameters that determine the result; Pos/CFT/IGD-only ones are dropped where they are inert."""
-    params = {k: v for k, v in dataclasses.asdict(config).items() if k not in _RUN_SETTINGS}
-    if config.weighting == "plain":
-        params.pop("beta")
-    if config.weighting != "cft":
-        params.pop("alpha")
-    if not config.lora:
-        for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"):
-            params.pop(k)
-    return params
 
 
 def select_rows(n: int, size: int | None, seed: int) -> np.ndarray:
@@ -184,7 +151,7 @@ def prepare_model(config: SFTConfig, device):
 
 
 def run(config: SFTConfig, run_dir: RunDir, force: bool = False) -> dict:
-    check_config(config)
+    cfg.check(config)
     world, device = training.init_distributed(config.device)
     data_manifest = run_dir.require("data", hint="igdrec preprocess")
     category = data_manifest["stats"]["category_word"]
@@ -195,10 +162,10 @@ def run(config: SFTConfig, run_dir: RunDir, force: bool = False) -> dict:
     inputs = {"data": data_manifest["fingerprint"]}
     if ig_manifest is not None:
         inputs["ig"] = ig_manifest["fingerprint"]
-    writer = StageWriter(run_dir, f"sft/{name}", stage="sft", params=key_params(config), inputs=inputs, force=force, resumable=True)
+    writer = StageWriter(run_dir, f"sft/{name}", stage="sft", params=cfg.key_params(config), inputs=inputs, force=force, resumable=True)
     if writer.cached:
         if world.is_main:
-            console.print(f"sft/{name}: cached ({writer.final_dir})")
+            writer.report_cached()
         return writer.manifest
     checkpoint_dir = writer.partial_dir / "checkpoint"
     found = training.checkpoint_step(checkpoint_dir) if not force else None
