@@ -107,7 +107,7 @@ def test_cli_chains_default_names(run, model_dir):
     assert result.exit_code == 0, result.output
     assert "NDCG@K" in result.output and "4 of" in result.output
     summary = (run.root / "metrics" / f"{name}.json").read_text()
-    assert '"NDCG@10"' in summary and '"limited": true' in summary
+    assert '"NDCG@3"' in summary and '"NDCG@10"' not in summary and '"limited": true' in summary  # 3 beams: @10 dropped
     result = runner.invoke(app, ["decode", "--split", "train", *common])
     assert result.exit_code != 0 and "--split" in result.output
 

@@ -120,6 +120,20 @@ def _parameter(opt: cfg.Option) -> inspect.Parameter:
     return inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, default=_default_text(opt), annotation=Annotated[Optional[str], info])
 
 
+def field_option(config_cls: type, name: str, panel: str | None = None):
+    """A stage-config field as an option of a hand-written command (same name, help and metavar):
+
+        alpha: cli.field_option(cfg.DecodeConfig, "alpha") = None
+
+    The value arrives raw (None = not given); `cfg.apply_cli(cfg.DecodeConfig(), {"alpha": alpha})` parses
+    and checks it with the stage's own rules and one-line errors."""
+    opt = cfg.option_named(config_cls, name)
+    if opt.kind is bool:
+        flags = opt.flags or f"{opt.cli_name}/--no-{opt.cli_name[2:]}"
+        return Annotated[Optional[bool], typer.Option(flags, help=opt.help, show_default=False, rich_help_panel=panel)]
+    return Annotated[Optional[str], typer.Option(opt.cli_name, help=opt.help, metavar=_metavar(opt), show_default=False, rich_help_panel=panel)]
+
+
 def stage_command(
     stage: str, *, extra: tuple[inspect.Parameter, ...] = (), handler: Callable | None = None, target: typer.Typer = app
 ) -> None:

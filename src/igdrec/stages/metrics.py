@@ -35,7 +35,7 @@ def run(config: MetricsConfig, run_dir: RunDir, force: bool = False) -> dict:
     data = run.require("data", hint="igdrec preprocess")
     ig = run.require("ig", hint="igdrec build-ig-index")
     name = config.name or rerank_name
-    config = dataclasses.replace(config, ks=cutoffs_within_lists(config.ks, rerank, decode))
+    config = dataclasses.replace(config, ks=cutoffs_within_lists(config.ks, list_length_bounds(rerank, decode)))
     params = cfg.key_params(config) | {"rerank": rerank_name}
     inputs = {"rerank": rerank["fingerprint"], "decode": decode["fingerprint"], "data": data["fingerprint"], "ig": ig["fingerprint"]}
     with StageWriter(run, f"metrics/{name}", stage="metrics", params=params, inputs=inputs, force=force) as out:
@@ -53,24 +53,27 @@ def run(config: MetricsConfig, run_dir: RunDir, force: bool = False) -> dict:
     return out.manifest
 
 
-def cutoffs_within_lists(ks: list[int], rerank: dict, decode: dict) -> list[int]:
-    """The cut-offs K that the lists can tell apart: a list holds at most min(num_beams, top_k) items, so
-    HR@K and NDCG@K for a larger K would silently repeat the values at that length. Those are dropped,
-    with a note naming them."""
-    bounds = {"num_beams": decode.get("params", {}).get("num_beams"), "top_k": rerank.get("params", {}).get("top_k")}
-    bounds = {option: value for option, value in bounds.items() if isinstance(value, int)}
+def list_length_bounds(rerank: dict, decode: dict) -> dict[str, int]:
+    """What caps the length of a rerank's lists: the decode's beams and the rerank's top_k."""
+    bounds = {"decode num_beams": decode.get("params", {}).get("num_beams"), "rerank top_k": rerank.get("params", {}).get("top_k")}
+    return {what: value for what, value in bounds.items() if isinstance(value, int)}
+
+
+def cutoffs_within_lists(ks: list[int], bounds: dict[str, int]) -> list[int]:
+    """The cut-offs K that the lists can tell apart. A list holds at most min(bounds) items, so HR@K and
+    NDCG@K for a larger K would silently repeat the values at that length: such K are dropped, with a
+    note that names them and the bound (e.g. {"decode num_beams": 10})."""
     if not bounds:
         return list(ks)
-    option, longest = min(bounds.items(), key=lambda item: item[1])
+    what, longest = min(bounds.items(), key=lambda item: item[1])
     kept = [k for k in ks if k <= longest]
     dropped = [k for k in ks if k > longest]
-    where = f"decode {option} {longest}" if option == "num_beams" else f"rerank top_k {longest}"
     if not kept:
-        raise IgdrecError(f"--ks {','.join(map(str, ks))}: every cut-off exceeds the {longest} items a list holds ({where})")
+        raise IgdrecError(f"--ks {','.join(map(str, ks))}: every cut-off exceeds the {longest} items a list holds ({what} {longest})")
     if dropped:
         console.print(
             f"[yellow]note:[/] dropped cut-off(s) {', '.join(map(str, dropped))}: lists hold at most {longest} items "
-            f"({where}), so @{dropped[0]} would repeat @{longest}"
+            f"({what} {longest}), so @{dropped[0]} would repeat @{longest}"
         )
     return kept
 
