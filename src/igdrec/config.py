@@ -128,12 +128,19 @@ class DecodeConfig:
 
 @dataclass
 class RerankConfig:
-    decode: str | None = None
-    name: str | None = None
-    top_k: int = 20
-    tfa_scores: str | None = None  # Parquet of a traditional model's item scores (D3 text-free assistant)
-    tfa_guidance: float = 1.0
-    grounding: bool = False  # BIGRec L2 grounding of unconstrained generations
+    decode: str | None = option(None, "Name of a decode in this run directory.")
+    name: str | None = option(None, "Name of this rerank (default: the decode's name + options).", key=False)
+    top_k: int = option(20, "Items kept per sample.")
+    grounding: bool = option(
+        False,
+        "BIGRec grounding: embed each sample's top-1 generation and rank every catalog title by L2 distance "
+        "(for unconstrained decodes; docs/method.md §6.5).",
+    )
+    grounding_model: str | None = option(
+        None, "Model that embeds texts for --grounding (default: the fine-tune's base model, or the decode's --model)."
+    )
+    grounding_batch_size: int = option(32, "Texts per forward pass when embedding for --grounding.", key=False)
+    device: str = option("auto", "auto | cpu | cuda (the grounding model's device).", key=False)
 
 
 @dataclass
