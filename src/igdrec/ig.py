@@ -40,7 +40,7 @@ class CatalogTrie:
     mass: np.ndarray  # float64, reference mass under the node
     entropy: np.ndarray  # float64, H(node)
     ig: np.ndarray  # float64, IG of the incoming edge (0 for the root)
-    ig_norm: np.ndarray  # float64, ig min-max normalised among siblings
+    ig_norm: np.ndarray  # float64, IG~: ig min-max normalised among siblings (zero-mass branches: 0)
     zero_ig: np.ndarray  # bool
     # per catalog item, in item_id order
     item_ids: np.ndarray  # int64

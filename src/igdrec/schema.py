@@ -28,7 +28,7 @@ TRIE_NODES = {
     "mass": pl.Float64,  # reference probability mass of the items under the node
     "entropy": pl.Float64,  # H(node) = -sum p log p over items under it (not renormalised)
     "ig": pl.Float64,  # IG of the incoming edge: H(parent) - H(node)
-    "ig_norm": pl.Float64,  # ig min-max normalised among siblings (all equal -> 0)
+    "ig_norm": pl.Float64,  # IG~: ig min-max normalised among siblings (all equal -> 0; zero-mass branches 0)
     "zero_ig": pl.Boolean,  # the incoming token is forced for every reference item under the parent
 }
 ITEM_PATHS = {
