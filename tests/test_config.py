@@ -230,8 +230,8 @@ def test_inert_fields_stay_out_of_the_key():
     assert set(cfg.key_params(cfg.PreprocessConfig())) == {"source", "history_len", "category_word"}
     d3 = cfg.key_params(cfg.PreprocessConfig(source="d3-csv", train="a.csv"))
     assert set(d3) == {"source", "category_word"}  # d3-csv keeps its histories; files enter by content
-    assert "tfa_guidance" not in cfg.key_params(cfg.RerankConfig())
-    assert cfg.key_params(cfg.RerankConfig(tfa_scores="x.parquet"))["tfa_guidance"] == 1.0
+    assert "grounding_model" not in cfg.key_params(cfg.RerankConfig())
+    assert cfg.key_params(cfg.RerankConfig(grounding=True, grounding_model="m"))["grounding_model"] == "m"
 
 
 def test_a_new_stage_gets_its_command_from_its_config(monkeypatch):

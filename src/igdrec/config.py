@@ -203,9 +203,21 @@ class RerankConfig:
     decode: str | None = option(None, "Name of a decode in this run directory.")
     name: str | None = option(None, "Name of this rerank (default: the decode's name + options).", key=False)
     top_k: int = option(20, "Items kept per sample.", min=1)
-    tfa_scores: str | None = option(None, "D3 text-free assistant: Parquet of sample_id, item_id, score from a traditional model.", input=True)
-    tfa_guidance: float = option(1.0, "D3 guidance g in g * (llm - tfa) + tfa.", only=lambda c: c.tfa_scores is not None)
-    grounding: bool = option(False, "BIGRec L2 grounding of unconstrained generations.")
+    grounding: bool = option(
+        False,
+        "BIGRec grounding: embed each sample's top-1 generation and rank every catalog title by L2 distance "
+        "(for unconstrained decodes; docs/method.md §6.5).",
+    )
+    grounding_model: str | None = option(
+        None, "Model that embeds texts for --grounding (default: the fine-tune's base model, or the decode's --model).",
+        only={"grounding": True},
+    )
+    grounding_batch_size: int = option(32, "Texts per forward pass when embedding for --grounding.", key=False, min=1)
+    device: str = option("auto", "auto | cpu | cuda (the grounding model's device).", key=False)
+
+    def cross_check(self) -> None:
+        if self.grounding_model and not self.grounding:
+            raise IgdrecError(f"--grounding-model {self.grounding_model}: only used with --grounding")
 
 
 @dataclass
