@@ -64,3 +64,17 @@ def exhaustive_ranking(model, prompt_ids: list[int], trie: CatalogTrie, alpha: f
         weights = torch.tensor(1.0 - alpha * trie.ig_norm[nodes], dtype=torch.float32)
         scored[group] = float((lp * weights).sum()) / len(tokens) ** length_penalty
     return sorted(scored.items(), key=lambda kv: -kv[1])
+
+
+class CacheIgnoringModel(torch.nn.Module):
+    """A causal LM whose forward drops the KV-cache argument, like a transformers version that silently
+    ignores the keyword: every cached step then runs without the context before its new tokens."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, **kwargs):
+        kwargs.pop("cache", None)
+        kwargs.pop("past_key_values", None)
+        return self.model(**kwargs)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from decode_helpers import exhaustive_ranking, fixture_trie, save_peaked_model
+from decode_helpers import CacheIgnoringModel, exhaustive_ranking, fixture_trie, save_peaked_model
 from fixtures import TITLES, synthetic_dataset
 from reference_decoder import dict_trie, reference_generate
 
 from igdrec import prompt
-from igdrec.beam import BeamSearch, TrieTensors
+from igdrec.beam import BeamSearch, CacheMismatchError, TrieTensors
 from igdrec.modeling import load_model, load_tokenizer
 
 
@@ -106,3 +106,32 @@ def test_unconstrained_search_equals_generate(setup):
         assert [h.tokens for h in hyps] == [tokens for tokens, _ in ref]
         np.testing.assert_allclose([h.score for h in hyps], [s for _, s in ref], rtol=1e-5)
         assert all(h.nodes == [-1] * len(h.tokens) for h in hyps)
+
+
+def test_self_check_raises_when_the_model_ignores_the_cache(setup):
+    tokenizer, model, trie, prompts = setup
+    beam = BeamSearch(CacheIgnoringModel(model), tokenizer.eos_token_id, tokenizer.pad_token_id, num_beams=4,
+                      trie=TrieTensors.from_trie(trie), self_check=True)
+    with pytest.raises(CacheMismatchError) as caught:
+        beam.search(prompts)
+    message = str(caught.value)
+    assert "\n" not in message and str(model.config._name_or_path) in message
+    assert f"torch {torch.__version__}" in message and "transformers " in message
+
+
+def test_self_check_passes_once_and_changes_nothing(setup):
+    tokenizer, model, trie, prompts = setup
+    plain_passes = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: plain_passes.append(kwargs.get("cache") is None), with_kwargs=True)
+    try:
+        checked, beam = search(setup, num_beams=4, alpha=0.2, self_check=True)
+        assert plain_passes.count(True) == 1 and beam.cache_check_gap is not None
+        assert beam.cache_check_gap < 1e-3
+        beam.search(prompts)  # a second search does not check again
+        assert plain_passes.count(True) == 1
+    finally:
+        hook.remove()
+    unchecked, plain = search(setup, num_beams=4, alpha=0.2)
+    assert plain.cache_check_gap is None
+    assert [[(h.tokens, h.score) for h in hyps] for hyps in checked] == [[(h.tokens, h.score) for h in hyps] for hyps in unchecked]
+    assert beam.stats.forward_calls == 2 * plain.stats.forward_calls  # the check's pass is not decoding work

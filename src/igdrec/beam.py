@@ -25,9 +25,23 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
+from igdrec.errors import IgdrecError
 from igdrec.ig import CatalogTrie
 
 NEG_INF = float("-inf")
+
+# Cache self-check tolerance on next-token logits, relative to the logit scale max(1, max |logit|).
+# Between a pass through the KV cache and a plain pass the logits differ only by float noise of a few
+# units in the last place of that scale (measured on SmolLM2-135M, CPU, logit scale 28: fp32 4e-5,
+# fp16 autocast 0.027, bf16 autocast 0.25), while a cache the model ignored moves them by most of the
+# scale (22 of 28 there, 0.24 of 47 on the tests' tiny model). fp32 allows ~1e-3 at a typical scale of
+# 30; half types 16 units in the last place (fp16 2^-11, bf16 2^-8): ~10x margin on either side.
+CACHE_CHECK_TOLERANCE = {torch.float32: 3e-5, torch.float64: 3e-5, torch.float16: 16 * 2.0**-11, torch.bfloat16: 16 * 2.0**-8}
+
+
+class CacheMismatchError(IgdrecError):
+    """The model's logits through the shared KV cache differ from a plain forward pass: every decoded
+    token would be conditioned on the wrong context (e.g. a transformers version ignoring the cache keyword)."""
 
 
 @dataclass
@@ -186,7 +200,11 @@ class BeamSearch:
     # lower values trade padding for fewer passes where a pass costs more than its tokens (GPU).
     jump_fill: float = 1.0
     autocast_dtype: torch.dtype | None = None
+    # Once per BeamSearch (first forward pass at step >= 2): compare one beam's next-token logits through
+    # the cache with a plain forward pass over its prompt and tokens; CacheMismatchError if they differ.
+    self_check: bool = False
     stats: SearchStats = field(default_factory=SearchStats)
+    cache_check_gap: float | None = field(default=None, init=False)  # max |logit difference| the check saw
 
     @torch.no_grad()
     def search(self, prompts: list[list[int]]) -> list[list[Hypothesis]]:
@@ -201,8 +219,12 @@ class BeamSearch:
         rows = self._prefill(prompts, device)
         beams = _Beams.start(len(prompts), self.num_beams, T, self.pad_token_id, device)
         for t in range(T):
-            if self._feed(rows, beams, t, T) is None and t > 0:
-                self.stats.forward_calls_saved += 1  # every live beam's next log p was already computed
+            fed = self._feed(rows, beams, t, T)
+            if fed is None:
+                if t > 0:
+                    self.stats.forward_calls_saved += 1  # every live beam's next log p was already computed
+            elif self.self_check and self.cache_check_gap is None and t >= 2:
+                self._check_cache(prompts, rows, beams, fed, t)
             self.stats.steps += 1
             candidates = self._candidates(rows, beams)
             top = self._best_continuations(beams, candidates, t, T)
@@ -383,8 +405,34 @@ class BeamSearch:
         )
 
     # --- helpers ----------------------------------------------------------------------------------------
+    def _check_cache(self, prompts: list[list[int]], rows: _ModelRows, beams: _Beams, fed, t: int) -> None:
+        """Raise CacheMismatchError unless the logits the last pass computed through the cache for the first
+        fed beam match a plain forward pass over its prompt and every token it has fed."""
+        needs, feed, fed_mask = fed
+        r = int(torch.nonzero(needs)[0])
+        a, k = divmod(r, beams.running.shape[1])
+        sequence = prompts[int(beams.sample_of[a])] + beams.tokens[a, k, : t - 1].tolist() + feed[r][fed_mask[r]].tolist()
+        ids = torch.tensor([sequence], dtype=torch.long, device=needs.device)
+        plain = self._forward(ids, torch.ones_like(ids), torch.arange(len(sequence), device=ids.device)[None, :], None, keep=1)
+        plain, cached = plain[0, -1].float(), rows.last_logits[r].float()
+        gap = float((cached - plain).abs().max())
+        dtype = self.autocast_dtype or next(self.model.parameters()).dtype
+        tolerance = CACHE_CHECK_TOLERANCE.get(dtype, CACHE_CHECK_TOLERANCE[torch.bfloat16]) * max(1.0, float(plain.abs().max()))
+        if not gap <= tolerance:  # NaN fails too
+            import transformers
+
+            raise CacheMismatchError(
+                f"KV-cache self-check failed for model {_model_name(self.model)!r} (torch {torch.__version__}, "
+                f"transformers {transformers.__version__}): next-token logits through the cache differ from a plain "
+                f"forward pass by {gap:.3g} (tolerance {tolerance:.2g} for {str(dtype).removeprefix('torch.')}); "
+                "this transformers version likely ignores the cache keyword, so every decoded token would be wrong"
+            )
+        self.cache_check_gap = gap
+
     def _forward(self, input_ids, attention, positions, cache, keep: int) -> torch.Tensor:
-        self.stats.forward_calls += 1
+        """The one place the model is called; `cache` None is a plain pass (the self-check's), not counted."""
+        if cache is not None:
+            self.stats.forward_calls += 1
         autocast = (
             torch.autocast(device_type=input_ids.device.type, dtype=self.autocast_dtype)
             if self.autocast_dtype is not None
@@ -396,7 +444,7 @@ class BeamSearch:
                 attention_mask=attention,
                 position_ids=positions,
                 cache=cache,
-                use_cache=True,
+                use_cache=cache is not None,
                 logits_to_keep=keep,
             )
         return out.logits[:, -keep:]
@@ -447,3 +495,12 @@ class BeamSearch:
                 )
             )
         return out
+
+
+def _model_name(model: torch.nn.Module) -> str:
+    """The checkpoint a model (or a wrapper around one) was loaded from."""
+    for module in model.modules():
+        name = getattr(module, "name_or_path", None) or getattr(getattr(module, "config", None), "_name_or_path", None)
+        if name:
+            return str(name)
+    return type(model).__name__
