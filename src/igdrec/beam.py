@@ -15,6 +15,10 @@ starts a forced (single-child) chain feeds the whole chain in the same forward p
 (rows with shorter chains are padded and masked), so later steps of that chain read their log-probs from
 that pass and need no forward call while every live beam is still on its chain. A forced token has
 IG~ = 0, so w_d = 1. None of this changes a score (beyond float noise of other batch shapes).
+
+With a text-free assistant (`search(prompts, assistant_probs=q)`) every step score, forced ones included,
+is D3's g·(llm − tfa) + tfa (igdrec.assistant); hypotheses still carry the model's own log p per token.
+`self_check` verifies once that the model really uses the shared cache (CacheMismatchError otherwise).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
+from igdrec.assistant import MassTree, guided_step, node_mass, tfa_log_share
 from igdrec.errors import IgdrecError
 from igdrec.ig import CatalogTrie
 
@@ -73,6 +78,8 @@ class TrieTensors:
     token: torch.Tensor
     ig_norm: torch.Tensor
     max_depth: int
+    mass_tree: MassTree | None = None  # for a text-free assistant's item probabilities
+
 
     @classmethod
     def from_trie(cls, trie: CatalogTrie, device: torch.device | str = "cpu") -> "TrieTensors":
@@ -85,6 +92,7 @@ class TrieTensors:
             token=as_long(trie.token),
             ig_norm=torch.tensor(np.asarray(trie.ig_norm, dtype=np.float32), device=device),
             max_depth=trie.max_depth,
+            mass_tree=MassTree.from_trie(trie, device),
         )
 
 
@@ -203,18 +211,30 @@ class BeamSearch:
     # Once per BeamSearch (first forward pass at step >= 2): compare one beam's next-token logits through
     # the cache with a plain forward pass over its prompt and tokens; CacheMismatchError if they differ.
     self_check: bool = False
+    tfa_guidance: float = 1.0  # g in D3's g·(llm − tfa) + tfa, used when search() gets assistant_probs
     stats: SearchStats = field(default_factory=SearchStats)
     cache_check_gap: float | None = field(default=None, init=False)  # max |logit difference| the check saw
 
     @torch.no_grad()
-    def search(self, prompts: list[list[int]]) -> list[list[Hypothesis]]:
-        """The finished hypotheses of each prompt, best first (at most num_beams of them)."""
+    def search(self, prompts: list[list[int]], assistant_probs: torch.Tensor | np.ndarray | None = None) -> list[list[Hypothesis]]:
+        """The finished hypotheses of each prompt, best first (at most num_beams of them).
+
+        `assistant_probs` (len(prompts), n catalog items), aligned with the trie's item rows, turns on
+        D3's text-free assistant: every step score becomes g·(llm − tfa) + tfa (igdrec.assistant).
+        """
         if not prompts:
             return []
         device = next(self.model.parameters()).device
         T = self.max_new_tokens or (self.trie.max_depth if self.trie is not None else None)
         if T is None:
             raise ValueError("unconstrained search needs max_new_tokens")
+        mass = None
+        if assistant_probs is not None:
+            if self.trie is None or self.trie.mass_tree is None:
+                raise ValueError("a text-free assistant needs the catalog trie (TrieTensors.from_trie)")
+            mass = node_mass(self.trie.mass_tree, assistant_probs)
+            if mass.shape[0] != len(prompts):
+                raise ValueError(f"assistant probabilities for {mass.shape[0]} samples, but {len(prompts)} prompts")
         results: list[list[Hypothesis]] = [[] for _ in prompts]
         rows = self._prefill(prompts, device)
         beams = _Beams.start(len(prompts), self.num_beams, T, self.pad_token_id, device)
@@ -226,7 +246,7 @@ class BeamSearch:
             elif self.self_check and self.cache_check_gap is None and t >= 2:
                 self._check_cache(prompts, rows, beams, fed, t)
             self.stats.steps += 1
-            candidates = self._candidates(rows, beams)
+            candidates = self._candidates(rows, beams, mass)
             top = self._best_continuations(beams, candidates, t, T)
             beams = self._advance(beams, top, t)
             done = ~beams.improvable | ~torch.isfinite(beams.running).any(dim=1) | (t + 1 == T)
@@ -303,8 +323,9 @@ class BeamSearch:
         beams.cache_row = torch.arange(A * K, device=device).reshape(A, K)
         return needs, feed, fed
 
-    def _candidates(self, rows: _ModelRows, beams: _Beams) -> _Candidates:
-        """Allowed children of each beam's node (or the whole vocabulary) with their step scores."""
+    def _candidates(self, rows: _ModelRows, beams: _Beams, mass: torch.Tensor | None) -> _Candidates:
+        """Allowed children of each beam's node (or the whole vocabulary) with their step scores; `mass`
+        (samples, trie nodes) is the assistant's Q per node, None without an assistant."""
         cache_row = beams.cache_row.flatten()
         consumed = beams.consumed.flatten()
         from_chain = consumed < rows.chain_len[cache_row]  # this step's (forced) token was pre-fed
@@ -330,6 +351,9 @@ class BeamSearch:
         step = model_lp
         if self.alpha:
             step = step * (1.0 - self.alpha * self.trie.ig_norm[child])
+        if mass is not None:
+            sample = beams.sample_of.repeat_interleave(beams.running.shape[1])
+            step = guided_step(step, tfa_log_share(mass[sample[:, None], child], allowed), self.tfa_guidance)
         step = torch.where(allowed, step, NEG_INF)
         return _Candidates(token=token, node=child, step_score=step, model_lp=model_lp)
 
