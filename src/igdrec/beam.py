@@ -111,10 +111,23 @@ class _ModelRows:
     last_logits: torch.Tensor  # (R, V)
     forced_lp: torch.Tensor  # (R, longest chain)
     chain_len: torch.Tensor  # (R,)
+    group: int  # rows [g·group, (g+1)·group) belong to one sample...
+    shared: int  # ...and hold the same keys and values at the first `shared` (prompt) positions
 
     def select(self, rows: torch.Tensor) -> None:
         """Reindex every row-wise tensor and the cache so that row i becomes old row rows[i]."""
-        self.cache.reorder_cache(rows)
+        count = len(self.chain_len)
+        index = torch.arange(count, device=rows.device)
+        if len(rows) == count and bool((rows == index).all()):
+            return
+        if len(rows) == count and bool((rows // self.group == index // self.group).all()) and _plain_layers(self.cache):
+            # Beams only move within their sample, whose rows share the prompt's keys and values: copying
+            # the generated positions is enough, a fraction of the cache.
+            for layer in self.cache.layers:
+                layer.keys[:, :, self.shared:] = layer.keys[rows, :, self.shared:]
+                layer.values[:, :, self.shared:] = layer.values[rows, :, self.shared:]
+        else:
+            self.cache.reorder_cache(rows)
         for name in ("attention", "next_position", "last_logits", "forced_lp", "chain_len"):
             setattr(self, name, getattr(self, name)[rows])
 
@@ -236,7 +249,7 @@ class BeamSearch:
             if mass.shape[0] != len(prompts):
                 raise ValueError(f"assistant probabilities for {mass.shape[0]} samples, but {len(prompts)} prompts")
         results: list[list[Hypothesis]] = [[] for _ in prompts]
-        rows = self._prefill(prompts, device)
+        rows = self._prefill(prompts, T, device)
         beams = _Beams.start(len(prompts), self.num_beams, T, self.pad_token_id, device)
         for t in range(T):
             fed = self._feed(rows, beams, t, T)
@@ -259,7 +272,7 @@ class BeamSearch:
         return results
 
     # --- the steps of a search -----------------------------------------------------------------------
-    def _prefill(self, prompts: list[list[int]], device) -> _ModelRows:
+    def _prefill(self, prompts: list[list[int]], T: int, device) -> _ModelRows:
         """Encode the left-padded prompts once; the cache is then shared by each sample's K beams."""
         from transformers import DynamicCache
 
@@ -274,6 +287,7 @@ class BeamSearch:
         cache = DynamicCache()
         logits = self._forward(input_ids, attention, positions, cache, keep=1)
         cache.batch_repeat_interleave(K)
+        _append_in_place(cache, room=T + 1)
         return _ModelRows(
             cache=cache,
             attention=attention.repeat_interleave(K, dim=0),
@@ -281,6 +295,8 @@ class BeamSearch:
             last_logits=logits[:, -1].repeat_interleave(K, dim=0),
             forced_lp=torch.zeros((B * K, 0), device=device),
             chain_len=torch.zeros(B * K, dtype=torch.long, device=device),
+            group=K,
+            shared=width,
         )
 
     def _feed(self, rows: _ModelRows, beams: _Beams, t: int, T: int):
@@ -519,6 +535,73 @@ class BeamSearch:
                 )
             )
         return out
+
+
+def _plain_layers(cache) -> bool:
+    """Whether every cache layer is a plain DynamicLayer (or our in-place one): (batch, heads, positions,
+    dim) keys and values holding every fed position (no sliding window, no extra state), safe to reindex
+    in place."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(
+        type(layer) in (DynamicLayer, _AppendingLayer()) and layer.keys is not None and layer.keys.dim() == 4 for layer in layers
+    )
+
+
+_APPENDING_LAYER = None
+
+
+def _AppendingLayer():
+    """A DynamicLayer that writes new positions into spare room of preallocated key/value buffers instead
+    of concatenating: DynamicLayer copies the whole cache on every forward pass, this only the new tokens.
+
+    (Built on first use so that importing igdrec.beam does not import transformers.)"""
+    global _APPENDING_LAYER
+    if _APPENDING_LAYER is None:
+        from transformers.cache_utils import DynamicLayer
+
+        class AppendingLayer(DynamicLayer):
+            room = 0  # spare positions a (re)allocation reserves
+
+            def update(self, key_states, value_states, *args, **kwargs):
+                buffers = getattr(self, "buffers", None)
+                length, new = self.keys.shape[-2], key_states.shape[-2]
+                if (
+                    buffers is None
+                    or self.keys.data_ptr() != buffers[0].data_ptr()
+                    or self.values.data_ptr() != buffers[1].data_ptr()
+                    or self.keys.shape[:2] != buffers[0].shape[:2]
+                    or length + new > buffers[0].shape[2]
+                ):  # first use, a reorder made new tensors, or out of room: start new buffers
+                    buffers = tuple(
+                        torch.cat([old, fresh, fresh.new_empty((*fresh.shape[:2], max(self.room, new), fresh.shape[3]))], dim=2)
+                        for old, fresh in ((self.keys, key_states), (self.values, value_states))
+                    )
+                    self.buffers = buffers
+                else:
+                    buffers[0][:, :, length:length + new] = key_states
+                    buffers[1][:, :, length:length + new] = value_states
+                self.keys = buffers[0][:, :, :length + new]
+                self.values = buffers[1][:, :, :length + new]
+                return self.keys, self.values
+
+        _APPENDING_LAYER = AppendingLayer
+    return _APPENDING_LAYER
+
+
+def _append_in_place(cache, room: int) -> None:
+    """Turn a filled cache's plain DynamicLayers into appending ones with `room` spare positions."""
+    from transformers.cache_utils import DynamicLayer
+
+    layer_class = _AppendingLayer()
+    for i, layer in enumerate(getattr(cache, "layers", [])):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4:
+            appending = layer_class.__new__(layer_class)
+            appending.__dict__.update(layer.__dict__)
+            appending.room = room
+            appending.buffers = None
+            cache.layers[i] = appending
 
 
 def _model_name(model: torch.nn.Module) -> str:
