@@ -23,6 +23,7 @@ is D3's g·(llm − tfa) + tfa (igdrec.assistant); hypotheses still carry the mo
 
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 
@@ -545,56 +546,51 @@ def _plain_layers(cache) -> bool:
 
     layers = getattr(cache, "layers", None)
     return bool(layers) and all(
-        type(layer) in (DynamicLayer, _AppendingLayer()) and layer.keys is not None and layer.keys.dim() == 4 for layer in layers
+        type(layer) in (DynamicLayer, _appending_layer_class()) and layer.keys is not None and layer.keys.dim() == 4 for layer in layers
     )
 
 
-_APPENDING_LAYER = None
-
-
-def _AppendingLayer():
+@functools.cache
+def _appending_layer_class():
     """A DynamicLayer that writes new positions into spare room of preallocated key/value buffers instead
     of concatenating: DynamicLayer copies the whole cache on every forward pass, this only the new tokens.
 
     (Built on first use so that importing igdrec.beam does not import transformers.)"""
-    global _APPENDING_LAYER
-    if _APPENDING_LAYER is None:
-        from transformers.cache_utils import DynamicLayer
+    from transformers.cache_utils import DynamicLayer
 
-        class AppendingLayer(DynamicLayer):
-            room = 0  # spare positions a (re)allocation reserves
+    class AppendingLayer(DynamicLayer):
+        room = 0  # spare positions a (re)allocation reserves
 
-            def update(self, key_states, value_states, *args, **kwargs):
-                buffers = getattr(self, "buffers", None)
-                length, new = self.keys.shape[-2], key_states.shape[-2]
-                if (
-                    buffers is None
-                    or self.keys.data_ptr() != buffers[0].data_ptr()
-                    or self.values.data_ptr() != buffers[1].data_ptr()
-                    or self.keys.shape[:2] != buffers[0].shape[:2]
-                    or length + new > buffers[0].shape[2]
-                ):  # first use, a reorder made new tensors, or out of room: start new buffers
-                    buffers = tuple(
-                        torch.cat([old, fresh, fresh.new_empty((*fresh.shape[:2], max(self.room, new), fresh.shape[3]))], dim=2)
-                        for old, fresh in ((self.keys, key_states), (self.values, value_states))
-                    )
-                    self.buffers = buffers
-                else:
-                    buffers[0][:, :, length:length + new] = key_states
-                    buffers[1][:, :, length:length + new] = value_states
-                self.keys = buffers[0][:, :, :length + new]
-                self.values = buffers[1][:, :, :length + new]
-                return self.keys, self.values
+        def update(self, key_states, value_states, *args, **kwargs):
+            buffers = getattr(self, "buffers", None)
+            length, new = self.keys.shape[-2], key_states.shape[-2]
+            if (
+                buffers is None
+                or self.keys.data_ptr() != buffers[0].data_ptr()
+                or self.values.data_ptr() != buffers[1].data_ptr()
+                or self.keys.shape[:2] != buffers[0].shape[:2]
+                or length + new > buffers[0].shape[2]
+            ):  # first use, a reorder made new tensors, or out of room: start new buffers
+                buffers = tuple(
+                    torch.cat([old, fresh, fresh.new_empty((*fresh.shape[:2], max(self.room, new), fresh.shape[3]))], dim=2)
+                    for old, fresh in ((self.keys, key_states), (self.values, value_states))
+                )
+                self.buffers = buffers
+            else:
+                buffers[0][:, :, length:length + new] = key_states
+                buffers[1][:, :, length:length + new] = value_states
+            self.keys = buffers[0][:, :, :length + new]
+            self.values = buffers[1][:, :, :length + new]
+            return self.keys, self.values
 
-        _APPENDING_LAYER = AppendingLayer
-    return _APPENDING_LAYER
+    return AppendingLayer
 
 
 def _append_in_place(cache, room: int) -> None:
     """Turn a filled cache's plain DynamicLayers into appending ones with `room` spare positions."""
     from transformers.cache_utils import DynamicLayer
 
-    layer_class = _AppendingLayer()
+    layer_class = _appending_layer_class()
     for i, layer in enumerate(getattr(cache, "layers", [])):
         if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4:
             appending = layer_class.__new__(layer_class)
