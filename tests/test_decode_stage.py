@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
-from decode_helpers import publish_ig, save_peaked_model
+from decode_helpers import CacheIgnoringModel, publish_ig, save_peaked_model
 from fixtures import synthetic_run
 from tiny_model import build_tokenizer
 from typer.testing import CliRunner
@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from igdrec import schema
 from igdrec.cli import app
 from igdrec.config import DecodeConfig
+from igdrec.beam import CacheMismatchError
 from igdrec.errors import IgdrecError
 from igdrec.ig import CatalogTrie
 from igdrec.modeling import load_tokenizer
@@ -92,6 +93,16 @@ def test_refuses_an_ig_index_from_another_tokenizer(tmp_path, model_dir):
     with pytest.raises(IgdrecError, match="item_paths.parquet: item 0: .*another tokenizer"):
         decode.run(DecodeConfig(model=str(model_dir), limit=1), run)
     assert run.manifest(f"decode/{decode.default_name('peaked', DecodeConfig(limit=1))}") is None
+
+
+def test_decode_refuses_a_model_that_ignores_the_kv_cache(run, model_dir, monkeypatch):
+    real_load = decode.load_model
+    monkeypatch.setattr(decode, "load_model", lambda *args, **kwargs: CacheIgnoringModel(real_load(*args, **kwargs)))
+    config = DecodeConfig(model=str(model_dir), limit=3, num_beams=4, name="ignored-cache")
+    with pytest.raises(CacheMismatchError, match="KV-cache self-check failed"):
+        decode.run(config, run)
+    assert run.manifest("decode/ignored-cache") is None
+    assert not run.stage_dir("decode/ignored-cache").exists()
 
 
 def test_cli_chains_default_names(run, model_dir):

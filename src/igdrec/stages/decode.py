@@ -116,6 +116,7 @@ def _decode(config: DecodeConfig, run: RunDir, data: dict, model_spec: str, out:
         jump_forward=config.jump_forward,
         jump_fill=config.jump_fill,
         autocast_dtype=autocast_dtype(device),
+        self_check=True,
     )
     titles = dict(zip(items["item_id"].to_list(), items["title"].to_list()))
     category = data["stats"].get("category_word") or prompt.DEFAULT_CATEGORY_WORD
