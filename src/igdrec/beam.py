@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from igdrec.ig import CatalogTrie
+from igdrec.modeling import kv_cache_kwargs
 
 NEG_INF = float("-inf")
 
@@ -284,7 +285,7 @@ class BeamSearch:
                 input_ids=input_ids,
                 attention_mask=attention,
                 position_ids=positions,
-                cache=cache,
+                **kv_cache_kwargs(self.model, cache),
                 use_cache=True,
                 logits_to_keep=keep,
             )

@@ -98,6 +98,54 @@ def require_same_tokenizer(expected: dict, tokenizer, where: str) -> None:
         )
 
 
+# transformers renamed the forward argument that carries the KV cache (`past_key_values` until 5.2x,
+# `cache` after). Models take **kwargs, so the wrong name is swallowed without a word and every call
+# starts a fresh cache: a decode that runs, exits 0 and is wrong. The name is therefore read off the
+# model's own forward signature, here and nowhere else.
+_CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+def kv_cache_kwargs(model, cache) -> dict:
+    """The keyword arguments that hand `cache` to `model`'s forward: `{"cache": cache}` or
+    `{"past_key_values": cache}`, whichever this transformers version's model declares.
+
+    Wrappers whose forward only forwards **kwargs (a PEFT model, DDP, `torch.compile`) are looked
+    through to the model that declares the argument. A model that declares neither name is refused
+    rather than guessed at.
+    """
+    import inspect
+
+    inner = model
+    for _ in range(8):  # PeftModel -> LoraModel -> the transformers model; DDP/compile add one level each
+        parameters = inspect.signature(inner.forward).parameters
+        for keyword in _CACHE_KEYWORDS:
+            if keyword in parameters:
+                return {keyword: cache}
+        unwrapped = _wrapped_model(inner)
+        if unwrapped is None:
+            break
+        inner = unwrapped
+    import transformers
+
+    raise IgdrecError(
+        f"model {type(model).__name__}: its forward takes neither {' nor '.join(map(repr, _CACHE_KEYWORDS))} "
+        f"(transformers {transformers.__version__}); igdrec cannot hand it a KV cache"
+    )
+
+
+def _wrapped_model(module):
+    """The model a wrapper delegates to: PEFT's base model, DDP's `module`, torch.compile's original."""
+    if hasattr(module, "get_base_model"):
+        base = module.get_base_model()
+        if base is not module:
+            return base
+    for attribute in ("module", "_orig_mod"):
+        inner = getattr(module, attribute, None)
+        if isinstance(inner, torch.nn.Module):
+            return inner
+    return None
+
+
 def quiet_transformers() -> None:
     """igdrec draws its own progress bars; transformers' per-load weight bars and a deprecation warning
     that peft triggers on every LoRA model would only bury them."""
