@@ -256,6 +256,36 @@ def _record_files(directory: Path) -> dict:
     return files
 
 
+# GGUF metadata key -> tokenizer attribute. transformers 5.17 reads SmolLM2's GGUF tokenizer with
+# EOS = <|im_start|> (id 1) although the file says id 2 (<|im_end|>); later versions read it right. The
+# file is the authority, so its ids are applied whatever transformers made of them.
+_GGUF_SPECIAL_TOKENS = {
+    "tokenizer.ggml.bos_token_id": "bos_token",
+    "tokenizer.ggml.eos_token_id": "eos_token",
+    "tokenizer.ggml.unknown_token_id": "unk_token",
+    "tokenizer.ggml.padding_token_id": "pad_token",
+}
+
+
+def gguf_special_token_ids(gguf_path: Path) -> dict[str, int]:
+    """The special-token ids a GGUF file declares, by tokenizer attribute (bos_token, eos_token, …)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf_path).fields
+    ids = {}
+    for key, attribute in _GGUF_SPECIAL_TOKENS.items():
+        field = fields.get(key)
+        if field is not None and field.data:
+            ids[attribute] = int(field.parts[field.data[0]][0])
+    return ids
+
+
+def _adopt_gguf_special_tokens(tokenizer, gguf_path: Path) -> None:
+    for attribute, token_id in gguf_special_token_ids(gguf_path).items():
+        if 0 <= token_id < len(tokenizer):
+            setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(token_id))
+
+
 def _convert_gguf(spec: str, target: Path) -> None:
     asset = EMBEDDED_MODELS[spec]
     (gguf_path,) = assets.fetch(asset).values()
@@ -265,6 +295,7 @@ def _convert_gguf(spec: str, target: Path) -> None:
 
     err_console.print(f"[dim]converting {gguf_path.name} to a cached safetensors checkpoint (once)…[/]")
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    _adopt_gguf_special_tokens(tokenizer, gguf_path)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
     # already de-quantised fp32 tensors, so clearing the marker is safe.
