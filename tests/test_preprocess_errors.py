@@ -244,3 +244,22 @@ def test_smallest_splittable_count_is_the_first_that_fills_every_split():
 def test_d3_empty_given_split_is_refused(tmp_path):
     args = d3_args(tmp_path, **{"valid.csv": "user_id,history_item_id,item_id\n"})
     assert "d3-csv: --valid holds no samples" in fail(tmp_path, *args)
+
+
+def test_absurdly_long_title_is_refused(tmp_path):
+    message = fail(tmp_path, *interactions_files(tmp_path, GOOD, "item_id,title\na,Alpha\nb," + "B" * 200_000 + "\n"))
+    assert "interactions: item 1 has a title of 200,000 characters ('BBBB" in message
+    assert "over the limit of 500 (max_title_chars / --max-title-chars)" in message
+
+
+def test_title_limit_is_an_option_and_inclusive(tmp_path):
+    from igdrec.config import PreprocessConfig
+    from igdrec.rundir import RunDir
+    from igdrec.stages import preprocess
+
+    interactions_files(tmp_path, GOOD, "item_id,title\na,Alpha\nb,Bet\n")
+    config = dict(source="interactions", interactions=str(tmp_path / "inter.csv"), items=str(tmp_path / "items.csv"))
+    assert preprocess.run(PreprocessConfig(**config, max_title_chars=5), RunDir(tmp_path / "ok"))["stats"]["title_chars_max"] == 5
+    with pytest.raises(IgdrecError, match=r"item 0 has a title of 5 characters \('Alpha'\), over the limit of 4"):
+        preprocess.run(PreprocessConfig(**config, max_title_chars=4), RunDir(tmp_path / "short"))
+    assert not (tmp_path / "short" / "data").exists()

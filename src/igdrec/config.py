@@ -39,6 +39,12 @@ class PreprocessConfig:
     source: str = "ml-100k"  # ml-100k | amazon2018 | d3-csv | interactions
     history_len: int = 10
     category_word: str | None = None  # word used in the prompt; default per source
+    # Refuses, never alters, so the artifacts of a run that passes do not depend on it: not in the key.
+    max_title_chars: int = option(
+        500,
+        "Refuse item titles longer than this many characters (a title is both a prompt part and a decoding target)",
+        key=False,
+    )
     # amazon2018
     reviews: str | None = None
     meta: str | None = None

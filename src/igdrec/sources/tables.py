@@ -173,6 +173,23 @@ def clean_titles(titles: pl.Expr) -> pl.Expr:
     return titles.str.replace_all(r"[\r\n\t]+", " ").str.strip_chars()
 
 
+def require_title_lengths(items: pl.DataFrame, max_chars: int, origin: str) -> None:
+    """Refuse the first item (item_id, title) whose title is longer than `max_chars` characters.
+
+    An absurd title would be a prompt part and a decoding target of thousands of tokens; refusing it
+    here names the item, where a later stage could only fail on a sample.
+    """
+    if max_chars < 1:
+        raise IgdrecError(f"--max-title-chars must be at least 1, got {max_chars}")
+    bad = first_true(items["title"].str.len_chars() > max_chars)
+    if bad is not None:
+        title = items["title"][bad]
+        raise IgdrecError(
+            f"{origin}: item {items['item_id'][bad]} has a title of {len(title):,} characters ({title[:40]!r}{'…' if len(title) > 40 else ''}), "
+            f"over the limit of {max_chars} (max_title_chars / --max-title-chars)"
+        )
+
+
 def parse_timestamps(series: pl.Series, path: Path) -> pl.Series:
     """Integer timestamps from integers, floats, numeric strings, dates or datetimes (UTC seconds)."""
     if series.dtype.is_integer():
