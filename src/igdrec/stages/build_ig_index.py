@@ -126,7 +126,7 @@ def _read_targets(path, items: pl.DataFrame) -> pl.DataFrame:
     row = np.searchsorted(ids, targets)
     known = (row < len(ids)) & (ids[np.minimum(row, len(ids) - 1)] == targets)
     if samples["item_id"].null_count() or not known.all():
-        bad = samples.filter(~pl.Series(known) | pl.col("item_id").is_null()).row(0, named=True)
+        bad = samples.filter(pl.col("item_id").is_null() | pl.Series(~known)).row(0, named=True)  # Expr first: polars 1.28 cannot OR a Series with an Expr
         raise IgdrecError(f"{path}: sample {bad['sample_id']}: target item {bad['item_id']} is not in items.parquet")
     return samples.with_columns(row=pl.Series(row, dtype=pl.Int64))
 
