@@ -93,9 +93,9 @@ class CacheIgnoringModel(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
-        self.model = model
+        self.module = model  # looked through like any wrapper when igdrec picks the cache keyword
 
     def forward(self, **kwargs):
         kwargs.pop("cache", None)
         kwargs.pop("past_key_values", None)
-        return self.model(**kwargs)
+        return self.module(**kwargs)

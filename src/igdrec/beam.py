@@ -33,6 +33,7 @@ import torch
 from igdrec.assistant import MassTree, guided_step, node_mass, tfa_log_share
 from igdrec.errors import IgdrecError
 from igdrec.ig import CatalogTrie
+from igdrec.modeling import kv_cache_kwargs
 
 NEG_INF = float("-inf")
 
@@ -484,7 +485,7 @@ class BeamSearch:
                 input_ids=input_ids,
                 attention_mask=attention,
                 position_ids=positions,
-                cache=cache,
+                **kv_cache_kwargs(self.model, cache),
                 use_cache=cache is not None,
                 logits_to_keep=keep,
             )

@@ -94,6 +94,11 @@ class PreprocessConfig:
     source: str = option("ml-100k", "Dataset format.", choices=SOURCES)
     history_len: int = option(10, "Most recent items in a history.", min=1, only=lambda c: c.source != "d3-csv")
     category_word: str | None = option(None, "Word for the items in the prompt (default per dataset, e.g. movies).")
+    # Refuses, never alters, so the artifacts of a run that passes do not depend on it: not in the key.
+    max_title_chars: int = option(
+        500, "Refuse item titles longer than this many characters (a title is both a prompt part and a decoding target).",
+        key=False, min=1,
+    )
     # amazon2018
     reviews: str | None = option(None, "Reviews JSON lines ({Category}.json[.gz]).", input=True, only=_AMAZON)
     meta: str | None = option(None, "Metadata JSON lines (meta_{Category}.json[.gz]).", input=True, only=_AMAZON)

@@ -18,6 +18,7 @@ from igdrec.sources.tables import (
     clean_titles,
     file_fingerprint,
     first_true,
+    gzip_errors,
     open_binary,
     parse_timestamps,
     read_table,
@@ -52,7 +53,7 @@ def load(config) -> Dataset:
 def read_info(path: Path) -> pl.DataFrame:
     titles, ids = [], []
     seen: dict[int, int] = {}
-    with open_binary(path) as handle:
+    with gzip_errors(path), open_binary(path) as handle:
         for line_no, raw in enumerate(handle, start=1):
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")

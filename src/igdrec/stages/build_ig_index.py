@@ -22,6 +22,7 @@ from igdrec.prompt import item_token_sequences
 from igdrec.rundir import RunDir, StageWriter
 
 STAGE_DIR = "ig"
+IG_RULE = "zero-mass-branches-unboosted"
 SPLITS = ("train", "valid", "test")
 TOKENIZE_CHUNK = 20_000  # titles per tokenizer call: big enough to batch, small enough to show progress
 
@@ -31,7 +32,9 @@ def run(config: IGIndexConfig, run_dir: RunDir, force: bool = False) -> dict:
     data = run_dir.require("data", hint="igdrec preprocess")
     tokenizer = load_tokenizer(config.model)
     # The tokenizer's identity, not only the model's name: a changed tokenizer changes every item token.
-    params = cfg.key_params(config) | {"tokenizer": tokenizer_identity(tokenizer)}
+    # `ig_rule` names the normalisation rule (docs/method.md §4.1): an index built under an older rule
+    # would silently calibrate decoding differently, so a rule change must miss the cache.
+    params = cfg.key_params(config) | {"tokenizer": tokenizer_identity(tokenizer), "ig_rule": IG_RULE}
     with StageWriter(run_dir, STAGE_DIR, stage="build-ig-index", params=params, inputs={"data": data["fingerprint"]}, force=force) as out:
         if out.cached:
             out.report_cached()
@@ -111,7 +114,7 @@ def _read_targets(path, items: pl.DataFrame) -> pl.DataFrame:
     row = np.searchsorted(ids, targets)
     known = (row < len(ids)) & (ids[np.minimum(row, len(ids) - 1)] == targets)
     if samples["item_id"].null_count() or not known.all():
-        bad = samples.filter(~pl.Series(known) | pl.col("item_id").is_null()).row(0, named=True)
+        bad = samples.filter(pl.col("item_id").is_null() | pl.Series(~known)).row(0, named=True)  # Expr first: polars 1.28 cannot OR a Series with an Expr
         raise IgdrecError(f"{path}: sample {bad['sample_id']}: target item {bad['item_id']} is not in items.parquet")
     return samples.with_columns(row=pl.Series(row, dtype=pl.Int64))
 

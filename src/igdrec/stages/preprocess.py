@@ -17,7 +17,8 @@ from igdrec.console import console, print_table
 from igdrec.errors import IgdrecError
 from igdrec.prompt import category_word
 from igdrec.rundir import RunDir, StageWriter
-from igdrec.sources.windows import SPLITS, build_windows, temporal_split
+from igdrec.sources.tables import require_title_lengths
+from igdrec.sources.windows import SPLITS, build_windows, require_nonempty_splits, temporal_split
 
 STAGE_PATH = "data"
 # Table order; the manifest stores stats with sorted keys, so a cached run restores this order.
@@ -48,6 +49,8 @@ def run(config: PreprocessConfig, run_dir: RunDir, force: bool = False) -> dict:
             if windows.height == 0:
                 raise IgdrecError(f"{config.source}: no user has two interactions, so there is nothing to predict")
             splits = temporal_split(windows)
+        require_nonempty_splits(splits, config.source, given=dataset.splits is not None)
+        require_title_lengths(dataset.items, config.max_title_chars, config.source)
         items = schema.conform(dataset.items, "items")
         items.write_parquet(out.path("items.parquet"))
         out.rows["items"] = items.height
