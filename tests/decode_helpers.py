@@ -64,3 +64,13 @@ def exhaustive_ranking(model, prompt_ids: list[int], trie: CatalogTrie, alpha: f
         weights = torch.tensor(1.0 - alpha * trie.ig_norm[nodes], dtype=torch.float32)
         scored[group] = float((lp * weights).sum()) / len(tokens) ** length_penalty
     return sorted(scored.items(), key=lambda kv: -kv[1])
+
+
+def publish_sft(run: RunDir, model_dir: Path, name: str) -> Path:
+    """Publish `<run>/sft/NAME/model` as `igdrec sft` would, holding a copy of the model in `model_dir`."""
+    import shutil
+
+    with StageWriter(run, f"sft/{name}", stage="sft", params={"fixture": str(model_dir.name)}, inputs={}, force=True) as out:
+        target = out.path("model")
+        shutil.copytree(model_dir, target, dirs_exist_ok=True)
+    return run.stage_dir(f"sft/{name}") / "model"

@@ -108,22 +108,24 @@ class SFTConfig:
 
 @dataclass
 class DecodeConfig:
-    sft: str | None = None  # name of an sft run in this run directory
-    model: str | None = None  # or an un-fine-tuned model
-    name: str | None = None
-    split: str = "test"
-    limit: int | None = None
-    num_beams: int = 10
-    length_penalty: float = 1.0  # 1.0 = BIGRec, 0.0 = D3
-    alpha: float = 0.0  # IGD decoding calibration; 0 = off
-    batch_size: int = 8  # samples per batch (each with num_beams beams); 8 measured fastest on 2 CPU cores
-    shard_size: int = 64  # samples per resumable shard
-    jump_forward: bool = True
-    cutoff_len: int = 512
-    device: str = "auto"
-    constrained: bool = True  # False: free generation (BIGRec's grounding then maps text to items)
-    max_new_tokens: int | None = None  # default: the longest catalog sequence
-    jump_fill: float = 1.0  # least share of real (not pad) tokens in a jump-forward pass; lower suits GPUs
+    sft: str | None = option(None, "Name of a fine-tune in this run directory.", key=False)  # its fingerprint is in the key
+    model: str | None = option(None, "Decode with an un-fine-tuned model instead of --sft.")
+    name: str | None = option(None, "Name of this decode (default from the model and parameters).", key=False)
+    split: str = option("test", "test | valid")
+    limit: int | None = option(None, "Decode only the first N samples in sample_id order.")
+    num_beams: int = option(10, "Beams = items returned")
+    length_penalty: float = option(1.0, "1.0 = BIGRec, 0.0 = D3")
+    alpha: float = option(0.0, "IGD decoding calibration w_d = 1 - alpha*IG~ (0 = off)")
+    batch_size: str | int = option(
+        "auto", "Samples per batch, or auto: 8 on CPU, on CUDA the most that fit into free memory", key=False
+    )
+    shard_size: int = option(64, "Samples per resumable shard")  # keyed: a resume must find shards of this size
+    jump_forward: bool = option(True, "Feed forced token chains in one forward pass (same results).", key=False)
+    cutoff_len: int = option(512, "Most prompt tokens; the oldest history titles are dropped to fit")
+    device: str = option("auto", "auto | cpu | cuda", key=False)
+    constrained: bool = option(True, "Constrain beams to catalog titles (default) or generate freely (then rerank --grounding).")
+    max_new_tokens: int | None = option(None, "Most tokens generated (default: the longest catalog sequence).")
+    jump_fill: float = option(1.0, "Least share of real (not pad) tokens in a jump-forward pass; lower suits GPUs", key=False)
 
 
 @dataclass

@@ -82,12 +82,14 @@ def run(config: RerankConfig, run_dir: RunDir, force: bool = False) -> dict:
 
 def _ground(beams: pl.DataFrame, run: RunDir, decode: dict) -> pl.DataFrame:
     """Replace each generated text's item by the catalog item whose title embedding is nearest (L2)."""
+    from igdrec.decoding import decode_model_spec
     from igdrec.modeling import load_model, load_tokenizer, pick_device
 
     items = schema.read(run.artifact("data", "items.parquet"), "items").sort("item_id")
     groups = items.with_columns(pl.col("title").str.strip_chars()).group_by("title", maintain_order=True).agg(pl.col("item_id").min())
-    tokenizer = load_tokenizer(decode["params"]["model"])
-    model = load_model(decode["params"]["model"], device=pick_device("auto"), merge_adapter=True)
+    model_spec = decode_model_spec(run, decode)
+    tokenizer = load_tokenizer(model_spec)
+    model = load_model(model_spec, device=pick_device("auto"), merge_adapter=True)
     catalog = reranking.last_token_embeddings(model, tokenizer, groups["title"].to_list())
     generated = reranking.last_token_embeddings(model, tokenizer, beams["title"].fill_null("").to_list())
     nearest = reranking.l2_grounding(generated, catalog)
