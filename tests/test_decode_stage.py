@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import polars as pl
 import pytest
@@ -126,3 +128,119 @@ def test_unconstrained_decode_then_l2_grounding_lands_on_catalog_items(run, mode
     items = schema.read(run.artifact("data", "items.parquet"), "items")
     assert top["sample_id"].n_unique() == 2 and set(top["item_id"]) <= set(items["item_id"])
     assert top.group_by("sample_id").agg(pl.col("item_id").n_unique() == pl.len())["item_id"].all()
+
+
+def test_cache_key_holds_the_fine_tunes_fingerprint_not_the_run_dirs_spelling(tmp_path, model_dir, monkeypatch):
+    from decode_helpers import publish_sft
+
+    from igdrec.rundir import RunDir
+
+    run = synthetic_run(tmp_path / "runs" / "x")
+    publish_ig(run, load_tokenizer(str(model_dir)), str(model_dir))
+    publish_sft(run, model_dir, "ft")
+    config = DecodeConfig(sft="ft", limit=6, num_beams=3, shard_size=2, batch_size=2, name="d")
+    real = decode._decode_shard
+    calls = []
+
+    def dies_on_second_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    # Interrupted under an absolute spelling, resumed under a relative one: the finished shard is reused.
+    monkeypatch.setattr(decode, "_decode_shard", dies_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        decode.run(config, RunDir(run.root.resolve()))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(decode, "_decode_shard", real)
+    manifest = decode.run(config, RunDir("runs/x"))
+    assert manifest["stats"]["resumed_samples"] == 2
+    assert not list((run.root / ".partial").glob("decode*"))
+    assert str(tmp_path) not in json.dumps(manifest["params"]) and manifest["params"]["sft"] == "ft"
+    assert manifest["inputs"]["sft"] == run.manifest("sft/ft")["fingerprint"]
+
+    # Another spelling, then a moved run directory: still cached, nothing decoded.
+    monkeypatch.setattr(decode, "_decode_shard", lambda *a, **k: pytest.fail("decoded again"))
+    assert decode.run(config, RunDir("runs/../runs/x"))["key"] == manifest["key"]
+    (tmp_path / "runs" / "x").rename(tmp_path / "moved")
+    assert decode.run(config, RunDir(tmp_path / "moved"))["key"] == manifest["key"]
+
+    # A different fine-tune under the same name is a different decode.
+    publish_sft(RunDir(tmp_path / "moved"), save_peaked_model(tmp_path / "other", seed=1), "ft")
+    monkeypatch.setattr(decode, "_decode_shard", real)
+    assert decode.run(config, RunDir(tmp_path / "moved"))["key"] != manifest["key"]
+
+
+def test_cache_params_cover_every_keyed_field():
+    import dataclasses
+
+    from igdrec.decoding import ModelSource
+
+    source = ModelSource(label="m", spec="m", sft=None, inputs={}, key={"model": "m"})
+    params = decode.cache_params(DecodeConfig(), source)
+    keyed = {f.name for f in dataclasses.fields(DecodeConfig) if f.metadata["key"]}
+    assert keyed <= params.keys()
+    assert not {"batch_size", "device", "name", "jump_forward", "jump_fill"} & params.keys()
+    changed = decode.cache_params(DecodeConfig(batch_size=3, device="cpu", jump_fill=0.5), source)
+    assert changed == params
+
+
+def test_batch_size_auto_is_eight_on_cpu_and_fits_free_memory_on_cuda():
+    from types import SimpleNamespace
+
+    from igdrec.decoding import AUTO_MEMORY_SHARE, auto_batch_size, parse_batch_size, sample_memory_bytes
+
+    assert parse_batch_size("auto") is None and parse_batch_size(12) == 12 and parse_batch_size("3") == 3
+    for bad in ("0", "-1", "many", 2.5):
+        with pytest.raises(IgdrecError, match="--batch-size"):
+            parse_batch_size(bad)
+    # SmolLM2-135M's shape
+    shape = SimpleNamespace(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
+                            head_dim=64, intermediate_size=1536, vocab_size=49152)
+    # by hand: KV = 2·30·3·64·2 B · (10+1) beams · (200+30) tokens; logits = 10 · 31 · 49152 · (2+8) B
+    kv = 2 * 30 * 3 * 64 * 2 * 11 * 230
+    logits = 10 * 31 * 49152 * 10
+    assert sample_memory_bytes(shape, 10, 200, 30, 2) == kv + logits
+    free = 40 << 30  # an H100 with a large model loaded: below the cap
+    batch = auto_batch_size(shape, 10, 200, 30, 2, free)
+    assert batch % 8 == 0 and batch * (kv + logits) <= AUTO_MEMORY_SHARE * free < (batch + 8) * (kv + logits)
+    assert auto_batch_size(shape, 10, 2000, 30, 2, free) < batch  # longer prompts, fewer samples
+    assert auto_batch_size(shape, 10, 200, 30, 2, 1 << 20) == 1  # never below one
+    assert auto_batch_size(shape, 1, 10, 5, 2, 1 << 40) == 256  # capped
+
+
+def test_decoder_on_cpu_keeps_fp32_and_batches_eight(run, model_dir):
+    import torch
+
+    from igdrec.decoding import Decoder
+
+    decoder = Decoder.from_run(run.root, model=str(model_dir), device="cpu")
+    assert next(decoder.model.parameters()).dtype == torch.float32
+    assert decoder.batch_size(prompt_len=100) == 8
+    assert Decoder(decoder.model, decoder.tokenizer, decoder.catalog, DecodeConfig(batch_size="5")).batch_size(100) == 5
+
+
+def test_merged_lora_is_cast_after_merging(tmp_path, model_dir):
+    """A LoRA adapter is folded into the fp32 base, then the merged weights are cast once."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from igdrec.modeling import load_model
+
+    base = load_model(str(model_dir))
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged32 = load_model(str(tmp_path / "adapter"), merge_adapter=True)
+    merged16 = load_model(str(tmp_path / "adapter"), dtype=torch.bfloat16, merge_adapter=True)
+    state32, state16 = merged32.state_dict(), merged16.state_dict()
+    assert state16.keys() == state32.keys()
+    for key, value in state16.items():
+        assert value.dtype == torch.bfloat16
+        assert torch.equal(value, state32[key].to(torch.bfloat16)), key
+    q32 = state32["model.layers.0.self_attn.q_proj.weight"]
+    assert not torch.equal(q32, load_model(str(model_dir)).state_dict()["model.layers.0.self_attn.q_proj.weight"])
