@@ -244,3 +244,49 @@ def test_merged_lora_is_cast_after_merging(tmp_path, model_dir):
         assert torch.equal(value, state32[key].to(torch.bfloat16)), key
     q32 = state32["model.layers.0.self_attn.q_proj.weight"]
     assert not torch.equal(q32, load_model(str(model_dir)).state_dict()["model.layers.0.self_attn.q_proj.weight"])
+
+
+def _publish_baseline(run, name: str, n_items: int, seed: int = 0):
+    from igdrec.rundir import StageWriter
+
+    samples = schema.read(run.artifact("data", "test.parquet"), "samples")
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet(np.ones(n_items), size=samples.height).astype(np.float32)
+    with StageWriter(run, f"baseline/{name}", stage="baseline", params={}, inputs={}, force=True) as out:
+        frame = pl.DataFrame({"sample_id": samples["sample_id"], "probs": [list(p) for p in probs]},
+                             schema={"sample_id": pl.Int64, "probs": pl.List(pl.Float32)})
+        frame.reverse().write_parquet(out.path("probs_test.parquet"))  # any row order
+    return dict(zip(samples["sample_id"].to_list(), probs))
+
+
+def test_assistant_probabilities_reach_the_search_aligned_with_prompts_and_trie(run, model_dir, monkeypatch):
+    """D3's text-free assistant: each prompt's search gets its own sample's row, in trie item order."""
+    from igdrec import beam, decoding
+
+    trie = CatalogTrie.load(run.artifact("ig", "trie_nodes.parquet"), run.artifact("ig", "item_paths.parquet"))
+    n_items = int(schema.read(run.artifact("data", "items.parquet"), "items")["item_id"].max()) + 1
+    by_sample = _publish_baseline(run, "pop", n_items)
+    loaded = decoding.load_assistant_probs(run, "pop", "test", [3, 1], trie)
+    np.testing.assert_array_equal(loaded, np.stack([by_sample[3], by_sample[1]])[:, trie.item_ids])
+    with pytest.raises(IgdrecError, match="probs_test.parquet: no probabilities for test sample_id 99999"):
+        decoding.load_assistant_probs(run, "pop", "test", [1, 99999], trie)
+
+    seen = []
+
+    class RecordingSearch(beam.BeamSearch):  # stands in for a search that uses the assistant
+        def search(self, prompts, assistant_probs=None):
+            seen.extend(zip(map(tuple, prompts), assistant_probs, [self.tfa_guidance] * len(prompts)))
+            return super().search(prompts)
+
+    RecordingSearch.tfa_guidance = None
+    monkeypatch.setattr(beam, "BeamSearch", RecordingSearch)
+    config = DecodeConfig(model=str(model_dir), limit=5, num_beams=2, batch_size=2, shard_size=3, tfa="pop", tfa_guidance=0.7)
+    manifest = decode.run(config, run)
+    assert manifest["inputs"]["tfa"] == run.manifest("baseline/pop")["fingerprint"]
+    assert "tfa-pop-g0.7" in manifest["stage_path"]
+    decoder = decoding.Decoder.from_run(run, config)
+    samples = schema.read(run.artifact("data", "test.parquet"), "samples").sort("sample_id").head(5)
+    expected = sorted((tuple(decoder.prompt(h)[0]), tuple(by_sample[s][trie.item_ids].tolist()))
+                      for s, h in zip(samples["sample_id"], samples["history_item_ids"]))
+    assert sorted((p, tuple(np.asarray(row).tolist())) for p, row, _ in seen) == expected
+    assert all(guidance == 0.7 for _, _, guidance in seen)

@@ -126,6 +126,8 @@ class DecodeConfig:
     constrained: bool = option(True, "Constrain beams to catalog titles (default) or generate freely (then rerank --grounding).")
     max_new_tokens: int | None = option(None, "Most tokens generated (default: the longest catalog sequence).")
     jump_fill: float = option(1.0, "Least share of real (not pad) tokens in a jump-forward pass; lower suits GPUs", key=False)
+    tfa: str | None = option(None, "D3 text-free assistant inside the search: a baseline of this run (<run>/baseline/NAME)")
+    tfa_guidance: float = option(1.0, "D3 guidance g of the assistant's probabilities")
 
 
 @dataclass

@@ -172,6 +172,38 @@ def beams_frame(sample_ids: Sequence[int], decoded: Sequence[Sequence[DecodedIte
     return schema.conform(pl.DataFrame(rows, schema=schema.BEAMS), "beams")
 
 
+# --------------------------------------------------------------------------- the text-free assistant (D3)
+
+
+def assistant_probs_path(run: RunDir, baseline: str, split: str) -> Path:
+    return run.artifact(f"baseline/{baseline}", f"probs_{split}.parquet")
+
+
+def load_assistant_probs(run: RunDir, baseline: str, split: str, sample_ids: Sequence[int], trie: CatalogTrie) -> np.ndarray:
+    """A baseline's next-item probabilities for `sample_ids` (rows, in that order), with columns aligned
+    with `trie.item_ids`: what `BeamSearch.search(assistant_probs=...)` takes (docs/method.md §6, D3).
+
+    The artifact holds, per sample, a probability for every item id (list position = item id)."""
+    path = assistant_probs_path(run, baseline, split)
+    try:
+        frame = pl.read_parquet(path, columns=["sample_id", "probs"])
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise IgdrecError(f"{path}: cannot read the assistant's probabilities ({exc}); run the baseline {baseline!r} first") from exc
+    position = dict(zip(frame["sample_id"].to_list(), range(frame.height)))
+    missing = [s for s in sample_ids if s not in position]
+    if missing:
+        raise IgdrecError(f"{path}: no probabilities for {split} sample_id {missing[0]} ({len(missing)} missing)")
+    rows = frame["probs"].gather([position[s] for s in sample_ids])
+    widths = rows.list.len()
+    needed = int(trie.item_ids.max()) + 1 if len(trie.item_ids) else 0
+    if rows.len() and int(widths.min()) < needed:
+        raise IgdrecError(f"{path}: rows hold {int(widths.min())} probabilities, the catalog needs one per item id up to {needed - 1}")
+    if not rows.len():
+        return np.zeros((0, len(trie.item_ids)), dtype=np.float32)
+    matrix = np.stack([np.asarray(r, dtype=np.float32)[:needed] for r in rows.to_list()])
+    return matrix[:, trie.item_ids]
+
+
 # --------------------------------------------------------------------------- batch size
 
 
@@ -245,6 +277,8 @@ class Decoder:
             jump_fill=config.jump_fill,
             autocast_dtype=None,  # the weights are already in the compute dtype (modeling.inference_dtype)
         )
+        if config.tfa is not None and hasattr(self.engine, "tfa_guidance"):
+            self.engine.tfa_guidance = config.tfa_guidance
 
     @classmethod
     def from_run(cls, run_dir: RunDir | str | Path, config: DecodeConfig | None = None, **options) -> "Decoder":
@@ -330,7 +364,8 @@ class Decoder:
 
     def decode_samples(self, samples: pl.DataFrame, assistant_probs: np.ndarray | None = None,
                        advance: Callable[[int], None] | None = None) -> pl.DataFrame:
-        """`beams` rows for samples (sample_id, history_item_ids): what the decode stage writes."""
+        """`beams` rows for samples (sample_id, history_item_ids): what the decode stage writes.
+        `assistant_probs`: one row per sample (load_assistant_probs)."""
         prompts = [self.prompt(history)[0] for history in samples["history_item_ids"].to_list()]
         hypotheses = self.search(prompts, assistant_probs=assistant_probs, advance=advance)
         return beams_frame(samples["sample_id"].to_list(), [self.items(h) for h in hypotheses])
@@ -349,3 +384,5 @@ def validate(config: DecodeConfig) -> None:
     parse_batch_size(config.batch_size)
     if config.limit is not None and config.limit < 1:
         raise IgdrecError(f"--limit {config.limit}: must be positive")
+    if config.tfa is not None and not config.constrained:
+        raise IgdrecError("--tfa scores catalog items: it needs a constrained search (drop --unconstrained)")

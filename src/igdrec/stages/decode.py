@@ -32,6 +32,9 @@ def run(config: DecodeConfig, run_dir: RunDir, force: bool = False) -> dict:
     ig = run.require("ig", hint="igdrec build-ig-index")
     source = decoding.resolve_source(run, config.sft, config.model)
     inputs = source.inputs | {"data": data["fingerprint"], "ig": ig["fingerprint"]}
+    if config.tfa is not None:
+        baseline = run.require(f"baseline/{config.tfa}", hint=f"the baseline {config.tfa!r}")
+        inputs["tfa"] = baseline["fingerprint"]
     name = config.name or default_name(source.label, config)
     params = cache_params(config, source)
     with StageWriter(run, f"decode/{name}", stage="decode", params=params, inputs=inputs, force=force, resumable=True) as out:
@@ -56,6 +59,8 @@ def default_name(label: str, config: DecodeConfig) -> str:
     parts = [label, config.split, f"b{config.num_beams}", f"lp{config.length_penalty:g}", f"a{config.alpha:g}"]
     if not config.constrained:
         parts.append("free")
+    if config.tfa is not None:
+        parts.append(f"tfa-{config.tfa}-g{config.tfa_guidance:g}")
     if config.limit is not None:
         parts.append(f"n{config.limit}")
     return "-".join(parts)
@@ -67,6 +72,9 @@ def _decode(config: DecodeConfig, run: RunDir, out: StageWriter) -> None:
     if config.limit is not None:
         samples = samples.head(config.limit)
     decoder = decoding.Decoder.from_run(run, config)
+    assistant = None
+    if config.tfa is not None:
+        assistant = decoding.load_assistant_probs(run, config.tfa, config.split, samples["sample_id"].to_list(), decoder.catalog.trie)
 
     shard_dir = out.path(SHARD_DIR)
     shard_dir.mkdir(exist_ok=True)
@@ -91,7 +99,8 @@ def _decode(config: DecodeConfig, run: RunDir, out: StageWriter) -> None:
             else:
                 started = time.perf_counter()
                 decoder.engine.stats = SearchStats()
-                frame = _decode_shard(decoder, shard, lambda k: progress.advance(task, k))
+                shard_assistant = None if assistant is None else assistant[start:start + shard.height]
+                frame = _decode_shard(decoder, shard, shard_assistant, lambda k: progress.advance(task, k))
                 record = {
                     "samples": shard.height,
                     "seconds": time.perf_counter() - started,
@@ -135,9 +144,9 @@ def _decode(config: DecodeConfig, run: RunDir, out: StageWriter) -> None:
     }
 
 
-def _decode_shard(decoder: decoding.Decoder, shard: pl.DataFrame, advance) -> pl.DataFrame:
+def _decode_shard(decoder: decoding.Decoder, shard: pl.DataFrame, assistant_probs, advance) -> pl.DataFrame:
     """Beam search over one shard's samples; one beams row per finished hypothesis."""
-    return decoder.decode_samples(shard, advance=advance)
+    return decoder.decode_samples(shard, assistant_probs=assistant_probs, advance=advance)
 
 
 def _write_atomic_parquet(frame: pl.DataFrame, path: Path) -> None:
