@@ -290,3 +290,27 @@ def test_assistant_probabilities_reach_the_search_aligned_with_prompts_and_trie(
                       for s, h in zip(samples["sample_id"], samples["history_item_ids"]))
     assert sorted((p, tuple(np.asarray(row).tolist())) for p, row, _ in seen) == expected
     assert all(guidance == 0.7 for _, _, guidance in seen)
+
+
+def test_two_process_decode_writes_the_same_beams_as_one(run, model_dir):
+    """`torchrun --nproc_per_node 2 igdrec decode` (gloo, CPU): disjoint shards, one assembled file."""
+    import os
+    import subprocess
+    import sys
+
+    config = DecodeConfig(model=str(model_dir), limit=7, num_beams=3, shard_size=2, batch_size=2, alpha=0.2, name="one")
+    single = decode.run(config, run)
+    args = ["decode", "--model", str(model_dir), "--run-dir", str(run.root), "--limit", "7", "--num-beams", "3",
+            "--shard-size", "2", "--batch-size", "2", "--alpha", "0.2", "--name", "two"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "IGDREC_NO_PROGRESS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "igdrec.cli", *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = run.manifest("decode/two")
+    assert two["stats"]["world_size"] == 2 and two["key"] == single["key"]
+    expected = schema.read(run.artifact("decode/one", "beams.parquet"), "beams")
+    got = schema.read(run.artifact("decode/two", "beams.parquet"), "beams")
+    assert got.drop("score", "step_logprobs").equals(expected.drop("score", "step_logprobs"))
+    np.testing.assert_allclose(got["score"].to_numpy(), expected["score"].to_numpy(), rtol=1e-5)
+    assert two["stats"]["forward_calls"] == single["stats"]["forward_calls"]
+    assert not list((run.root / ".partial").glob("*"))

@@ -2,11 +2,14 @@
 
 Writes `<run>/decode/<name>/beams.parquet` (schema `beams`). Samples are decoded in shards of
 `shard_size`; each finished shard is a file in the stage's partial directory, so a killed decode picks
-up at the first missing shard when rerun with the same parameters.
+up at the first missing shard when rerun with the same parameters. Under `torchrun --nproc_per_node=N`
+rank r decodes shards r, r+N, …, and rank 0 assembles `beams.parquet` from all of them (the same file
+as one process writes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -14,6 +17,7 @@ import time
 from pathlib import Path
 
 import polars as pl
+import torch
 from rich.progress import TextColumn
 
 from igdrec import decoding, schema
@@ -21,6 +25,7 @@ from igdrec.beam import SearchStats
 from igdrec.config import DecodeConfig
 from igdrec.console import console, progress_bar
 from igdrec.rundir import RunDir, StageWriter
+from igdrec.training import World, init_distributed
 
 SHARD_DIR = "shards"
 
@@ -37,14 +42,22 @@ def run(config: DecodeConfig, run_dir: RunDir, force: bool = False) -> dict:
         inputs["tfa"] = baseline["fingerprint"]
     name = config.name or default_name(source.label, config)
     params = cache_params(config, source)
-    with StageWriter(run, f"decode/{name}", stage="decode", params=params, inputs=inputs, force=force, resumable=True) as out:
-        if out.cached:
-            console.print(f"decode [bold]{name}[/] is cached ({run.stage_dir(f'decode/{name}')})")
-            return out.manifest
-        _decode(config, run, out)
+    writer = StageWriter(run, f"decode/{name}", stage="decode", params=params, inputs=inputs, force=force, resumable=True)
+    if writer.cached:
+        console.print(f"decode [bold]{name}[/] is cached ({run.stage_dir(f'decode/{name}')})")
+        return writer.manifest
+    world, device = init_distributed(config.device)
+    # Under torchrun every rank decodes its own shards into the shared partial directory; rank 0 alone
+    # prepares and publishes it.
+    with (writer if world.is_main else contextlib.nullcontext(writer)) as out:
+        world.barrier()
+        _decode(dataclasses.replace(config, device=str(device)), run, out, world)
+    world.barrier()
+    if not world.is_main:
+        return run.manifest(f"decode/{name}")
     console.print(f"decode wrote [bold]{name}[/] → {run.stage_dir(f'decode/{name}')}/beams.parquet "
                   f"(next: igdrec rerank --decode {name})")
-    return out.manifest
+    return writer.manifest
 
 
 def cache_params(config: DecodeConfig, source: decoding.ModelSource) -> dict:
@@ -66,7 +79,7 @@ def default_name(label: str, config: DecodeConfig) -> str:
     return "-".join(parts)
 
 
-def _decode(config: DecodeConfig, run: RunDir, out: StageWriter) -> None:
+def _decode(config: DecodeConfig, run: RunDir, out: StageWriter, world: World) -> None:
     samples = schema.read(run.artifact("data", f"{config.split}.parquet"), "samples").sort("sample_id")
     n_split_samples = samples.height
     if config.limit is not None:
@@ -76,53 +89,59 @@ def _decode(config: DecodeConfig, run: RunDir, out: StageWriter) -> None:
     if config.tfa is not None:
         assistant = decoding.load_assistant_probs(run, config.tfa, config.split, samples["sample_id"].to_list(), decoder.catalog.trie)
 
-    shard_dir = out.path(SHARD_DIR)
+    shard_dir = out.partial_dir / SHARD_DIR
     shard_dir.mkdir(exist_ok=True)
     n = samples.height
     starts = list(range(0, n, config.shard_size))
-    totals = SearchStats()
-    decode_seconds = 0.0
+    mine = [i for i in range(len(starts)) if i % world.size == world.rank]  # disjoint shards per rank
     resumed = 0
     done = 0
-    batch_sizes = set()
+    busy_seconds = 0.0
     rate = TextColumn("{task.fields[rate]}")
     with progress_bar(rate) as progress:
-        task = progress.add_task("decode", total=n, rate="")
-        for index, start in enumerate(starts):
-            shard = samples.slice(start, config.shard_size)
+        own_samples = sum(min(config.shard_size, n - starts[i]) for i in mine)
+        task = progress.add_task("decode" if world.size == 1 else f"decode (rank 0 of {world.size})", total=own_samples,
+                                 rate="", visible=world.is_main)
+        for index in mine:
+            shard = samples.slice(starts[index], config.shard_size)
             stem = shard_dir / f"shard-{index:05d}"
             stats_path = stem.with_suffix(".json")
             if stats_path.exists():  # finished before an interruption: its parquet was written first
-                record = json.loads(stats_path.read_text())
                 resumed += shard.height
                 progress.advance(task, shard.height)
-            else:
-                started = time.perf_counter()
-                decoder.engine.stats = SearchStats()
-                shard_assistant = None if assistant is None else assistant[start:start + shard.height]
-                frame = _decode_shard(decoder, shard, shard_assistant, lambda k: progress.advance(task, k))
-                record = {
-                    "samples": shard.height,
-                    "seconds": time.perf_counter() - started,
-                    "forward_calls": decoder.stats.forward_calls,
-                    "forward_calls_saved": decoder.stats.forward_calls_saved,
-                    "steps": decoder.stats.steps,
-                    "batch_size": decoder.last_batch_size,
-                }
-                _write_atomic_parquet(frame, stem.with_suffix(".parquet"))
-                _write_atomic_text(json.dumps(record), stats_path)
-            totals.add(SearchStats(record["forward_calls"], record["forward_calls_saved"], record["steps"]))
-            batch_sizes.add(record.get("batch_size"))
-            decode_seconds += record["seconds"]
+                continue
+            started = time.perf_counter()
+            decoder.engine.stats = SearchStats()
+            shard_assistant = None if assistant is None else assistant[starts[index]:starts[index] + shard.height]
+            frame = _decode_shard(decoder, shard, shard_assistant, lambda k: progress.advance(task, k))
+            record = {
+                "samples": shard.height,
+                "seconds": time.perf_counter() - started,
+                "forward_calls": decoder.stats.forward_calls,
+                "forward_calls_saved": decoder.stats.forward_calls_saved,
+                "steps": decoder.stats.steps,
+                "batch_size": decoder.last_batch_size,
+            }
+            _write_atomic_parquet(frame, stem.with_suffix(".parquet"))
+            _write_atomic_text(json.dumps(record), stats_path)
             done += shard.height
-            progress.update(task, rate=f"{done / max(decode_seconds, 1e-9):.2f} samples/s")
+            busy_seconds += record["seconds"]
+            progress.update(task, rate=f"{done / max(busy_seconds, 1e-9):.2f} samples/s")
+    resumed = int(world.all_reduce(torch.tensor([resumed], device=decoder.device))[0])
+    world.barrier()  # every rank's shards are on disk
+    if not world.is_main:
+        return
 
+    records = [json.loads((shard_dir / f"shard-{i:05d}.json").read_text()) for i in range(len(starts))]
     frames = [schema.read(shard_dir / f"shard-{i:05d}.parquet", "beams") for i in range(len(starts))]
     beams = pl.concat(frames) if frames else decoding.beams_frame([], [])
     schema.conform(beams, "beams").write_parquet(out.path("beams.parquet"))
     for path in shard_dir.iterdir():
         path.unlink()
     shard_dir.rmdir()
+    totals = SearchStats()
+    for record in records:
+        totals.add(SearchStats(record["forward_calls"], record["forward_calls_saved"], record["steps"]))
     out.rows["beams"] = beams.height
     out.rows["samples"] = n
     out.stats = {
@@ -130,13 +149,14 @@ def _decode(config: DecodeConfig, run: RunDir, out: StageWriter) -> None:
         "limit": config.limit,
         "n_samples": n,
         "n_split_samples": n_split_samples,
-        "seconds_per_sample": round(decode_seconds / max(n, 1), 4),
+        "seconds_per_sample": round(sum(r["seconds"] for r in records) / max(n, 1), 4),  # per process
         "forward_calls": totals.forward_calls,
         "forward_calls_saved_by_jump_forward": totals.forward_calls_saved,
         "decoding_steps": totals.steps,
         "resumed_samples": resumed,
+        "world_size": world.size,
         "batch_size": config.batch_size,
-        "batch_sizes_used": sorted(b for b in batch_sizes if b is not None),
+        "batch_sizes_used": sorted({r["batch_size"] for r in records if r.get("batch_size") is not None}),
         "jump_forward": config.jump_forward,
         "jump_fill": config.jump_fill,
         "device": str(decoder.device),
