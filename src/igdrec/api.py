@@ -116,10 +116,11 @@ class Recommender:
         return PreparedHistory(item_ids=ids, prompt_ids=prompt_ids, kept=kept)
 
     def num_beams(self, history: PreparedHistory, k: int, exclude_history: bool) -> int:
-        """k beams, plus one per distinct seen item when seen items are filtered out afterwards, so that
-        k survive the filter; never more than the catalog's distinct titles."""
+        """k beams (as `decode --num-beams k`), plus one per distinct seen item when seen items are
+        filtered out afterwards, so that k survive the filter; the extra beams stop at the catalog's
+        distinct titles (with that many beams the search already ranks every title)."""
         seen = len(self._seen_groups(history)) if exclude_history else 0
-        return max(1, min(k + seen, self.n_title_groups))
+        return k + max(0, min(seen, self.n_title_groups - k))
 
     def _seen_groups(self, history: PreparedHistory) -> set[int]:
         return {self.catalog.group_of[i] for i in history.item_ids if i in self.catalog.group_of}
