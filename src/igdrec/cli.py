@@ -329,7 +329,7 @@ def recommend(
         sys.stdout.write(json.dumps(rows, ensure_ascii=False) + "\n")
         return
     settings = recommender.decoder.config
-    table = Table(title=f"{recommender.decoder.source.label}: next items after {len(prepared.item_ids)} "
+    table = Table(title=f"{recommender.decoder.source.label}: next items after {len(prepared.item_ids)} history items "
                         f"(alpha {settings.alpha:g}, length penalty {settings.length_penalty:g})")
     table.add_column("rank", justify="right")
     table.add_column("title")
