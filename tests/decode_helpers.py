@@ -99,3 +99,13 @@ class CacheIgnoringModel(torch.nn.Module):
         kwargs.pop("cache", None)
         kwargs.pop("past_key_values", None)
         return self.module(**kwargs)
+
+
+def publish_sft(run: RunDir, model_dir: Path, name: str) -> Path:
+    """Publish `<run>/sft/NAME/model` as `igdrec sft` would, holding a copy of the model in `model_dir`."""
+    import shutil
+
+    with StageWriter(run, f"sft/{name}", stage="sft", params={"fixture": str(model_dir.name)}, inputs={}, force=True) as out:
+        target = out.path("model")
+        shutil.copytree(model_dir, target, dirs_exist_ok=True)
+    return run.stage_dir(f"sft/{name}") / "model"

@@ -274,6 +274,76 @@ def ig_show(
         _fail(exc)
 
 
+@app.command()
+def recommend(
+    sft: Annotated[Optional[str], typer.Option(help="Name of a fine-tune in this run directory (default: the only one).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Recommend with an un-fine-tuned model instead of --sft.")] = None,
+    history: Annotated[Optional[list[str]], typer.Option("--history", help="A catalog title the user interacted with; repeat it, oldest first.")] = None,
+    history_ids: Annotated[Optional[str], typer.Option(help="Or the history as comma-separated item ids, oldest first, e.g. 12,7,301.")] = None,
+    top_k: Annotated[int, typer.Option(help="Items to recommend.")] = 10,
+    alpha: field_option(cfg.DecodeConfig, "alpha") = None,
+    length_penalty: field_option(cfg.DecodeConfig, "length_penalty") = None,
+    exclude_history: Annotated[bool, typer.Option(
+        "--exclude-history/--no-exclude-history",
+        help="Leave out items of the history. The search then runs top-k + (distinct history items) beams, "
+        "at most the catalog size, so that top-k remain after the filter; with --no-exclude-history it runs "
+        "top-k beams, as `decode --num-beams K` does.")] = True,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the list as JSON instead of a table.")] = False,
+    device: field_option(cfg.DecodeConfig, "device") = None,
+    run_dir: RunDirOpt = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config; its decode section gives the defaults (alpha, length penalty, cutoff).")] = None,
+):
+    """Recommend the next items for one user's history with a fine-tuned model of the run."""
+    import json
+
+    from rich.table import Table
+
+    from igdrec.console import console
+
+    try:
+        if history and history_ids:
+            raise IgdrecError("give the history as --history TITLE ... or as --history-ids, not both")
+        entries: list = list(history or [])
+        if history_ids:
+            try:
+                entries = [int(x) for x in history_ids.split(",") if x.strip()]
+            except ValueError as exc:
+                raise IgdrecError(f"--history-ids {history_ids!r}: expected comma-separated integers") from exc
+        if not entries:
+            raise IgdrecError("empty history: give at least one --history TITLE (or --history-ids 12,7,301)")
+        if top_k < 1:
+            raise IgdrecError(f"--top-k {top_k}: must be at least 1")
+        from igdrec.api import Recommender
+
+        settings = cfg.apply_cli(cfg.load_stage_config("decode", config),
+                                 {"alpha": alpha, "length_penalty": length_penalty, "device": device})
+        recommender = Recommender.load(run_dir, sft=sft, model=model, config=settings)
+        prepared = recommender.prepare(entries)
+        if prepared.dropped:
+            err_console.print(
+                f"[yellow]note:[/] the history has {len(prepared.item_ids)} items; the prompt holds the most recent "
+                f"{prepared.kept}, as in training (older ones are still excluded from the list)", soft_wrap=True)
+        found = recommender.recommend(prepared, k=top_k, exclude_history=exclude_history)
+    except IgdrecError as exc:
+        _fail(exc)
+    if json_output:
+        rows = [{"rank": r + 1, "item_id": x.item_id, "title": x.title, "score": x.score} for r, x in enumerate(found)]
+        sys.stdout.write(json.dumps(rows, ensure_ascii=False) + "\n")
+        return
+    decoding = recommender.decoder.config
+    table = Table(title=f"{recommender.decoder.source.label}: next items after {len(prepared.item_ids)} "
+                        f"(alpha {decoding.alpha:g}, length penalty {decoding.length_penalty:g})")
+    table.add_column("rank", justify="right")
+    table.add_column("title")
+    table.add_column("item id", justify="right")
+    table.add_column("score", justify="right")
+    for rank, item in enumerate(found, start=1):
+        table.add_row(str(rank), item.title, str(item.item_id), f"{item.score:.4f}")
+    console.print(table)
+    if len(found) < top_k:
+        err_console.print(f"[yellow]note:[/] only {len(found)} items left after leaving out the history")
+
+
 def main() -> None:  # pragma: no cover - console entry
     app(prog_name="igdrec")
 

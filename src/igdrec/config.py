@@ -189,7 +189,10 @@ class DecodeConfig:
     length_penalty: float = option(1.0, "Final score S / L^lp: 1.0 = BIGRec, 0.0 = D3 (docs/method.md §6).")
     alpha: float = option(0.0, "IGD decoding calibration w_d = 1 - alpha * IG~ (0 = off); must stay in [0, 1] so "
                                "step scores stay ≤ 0 (docs/method.md §6).", min=0.0, max=1.0)
-    batch_size: int = option(8, "Samples per batch (each with num_beams beams); 8 measured fastest on 2 CPU cores.", min=1, key=False)
+    batch_size: str | int = option(
+        "auto", "Samples per batch (each with num_beams beams), or auto: 8 on CPU (measured fastest on 2 cores), "
+        "on CUDA the most that fit into free memory.", key=False,
+    )
     shard_size: int = option(64, "Samples per resumable shard.", min=1)
     jump_forward: bool = option(True, "Feed forced token chains in one forward pass (same results).", key=False)
     jump_fill: float = option(1.0, "Least share of real (not pad) tokens in a jump-forward pass; lower suits GPUs.",
@@ -199,6 +202,13 @@ class DecodeConfig:
     constrained: bool = option(True, "Constrain beams to catalog titles, or generate freely (then rerank --grounding).",
                                flags="--constrained/--unconstrained")
     max_new_tokens: int | None = option(None, "Unconstrained: most tokens generated (default: the longest catalog title).", min=1)
+    tfa: str | None = option(None, "D3 text-free assistant inside the search: a baseline of this run (<run>/baseline/NAME); "
+                                   "docs/method.md §6.4.")
+    tfa_guidance: float = option(1.0, "D3 guidance g in g * (llm - tfa) + tfa.", only=lambda c: c.tfa is not None)
+
+    def cross_check(self) -> None:
+        if self.tfa is not None and not self.constrained:
+            raise IgdrecError("--tfa scores catalog items: it needs a constrained search (drop --unconstrained)")
 
 
 @dataclass

@@ -38,6 +38,12 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """The dtype inference weights are stored in: the compute dtype itself, so that no forward pass
+    re-casts fp32 weights under autocast (bf16 or fp16 on CUDA, fp32 on CPU)."""
+    return autocast_dtype(device) or torch.float32
+
+
 def resolve_model_path(spec: str) -> str:
     """A directory or hub id that `from_pretrained` accepts."""
     if spec in EMBEDDED_MODELS:
@@ -170,25 +176,27 @@ def load_tokenizer(spec: str):
 
 
 def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, merge_adapter: bool = False):
-    """The causal LM named by `spec`. A directory holding a LoRA adapter loads its base under the adapter;
-    `merge_adapter` folds the adapter into the base weights (inference: no extra LoRA matmuls per step)."""
+    """The causal LM named by `spec`, its weights in `dtype` (default fp32). A directory holding a LoRA
+    adapter loads its base under the adapter; `merge_adapter` folds the adapter into the base weights
+    (inference: no extra LoRA matmuls per step). The merge happens in fp32 and only the merged weights are
+    cast to `dtype`, so a bf16 model carries one rounding, not a rounded base plus a rounded update."""
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
     path = resolve_model_path(spec)
     device = pick_device(device) if isinstance(device, str) else device
     base = _adapter_base(path)
-    kwargs = {"dtype": dtype or torch.float32}
+    dtype = dtype or torch.float32
     try:
         if base is not None:
             from peft import PeftModel
 
-            model = AutoModelForCausalLM.from_pretrained(resolve_model_path(base), **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(resolve_model_path(base), dtype=torch.float32 if merge_adapter else dtype)
             model = PeftModel.from_pretrained(model, path)
             if merge_adapter:
-                model = model.merge_and_unload()
+                model = model.merge_and_unload().to(dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except OSError as exc:
         raise IgdrecError(f"model {spec!r}: cannot load ({exc})") from exc
     return model.to(device).eval()
