@@ -104,6 +104,19 @@ class SFTConfig:
     patience: int = 1
     resume: bool = False
     device: str = "auto"  # auto | cpu | cuda
+    ig_group_threshold: float | None = option(
+        None, "IG above which a positive-IG target token counts as high IG in the CE-by-group logs "
+        "(default: the median positive IG of the training targets used)")
+    precision: str = option(
+        "auto", "auto | fp32 | bf16-mixed | bf16: auto = fp32 weights under bf16 autocast on CUDA (fp16 without "
+        "bf16 support), fp32 on CPU; bf16 = pure bf16 weights and optimiser state, as the reference trains")
+    length_grouping: bool = option(
+        True, "sort each effective batch by length before splitting it into micro-batches (less padding; "
+        "the same gradient up to float rounding, but LoRA dropout masks fall on other rows)")
+    share_prefix: bool = option(
+        True, "compute the prompt prefix common to a micro-batch once (exact; used only when no dropout is active)",
+        key=False)
+    compile: bool = option(False, "torch.compile the decoder blocks (pays off on GPU for long runs)", key=False)
 
 
 @dataclass
