@@ -66,3 +66,55 @@ def test_shared_prefix_forward_gives_the_padded_forwards_loss_and_gradient(setup
     torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-5, atol=1e-6)
     for name, grad in results[False][2].items():
         torch.testing.assert_close(results[True][2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_length_grouping_and_prefix_sharing_leave_the_training_run_unchanged(tiny_model_dir, tmp_path, lora):
+    """Same samples and order: the loss curve and the final weights equal the ungrouped, unshared run's."""
+    run = synthetic_run(tmp_path / "run")
+    publish_ig_stage(run, load_tokenizer(str(tiny_model_dir)), str(tiny_model_dir))
+    common = dict(model=str(tiny_model_dir), weighting="igd", beta=0.1, sample=32, valid_sample=8, batch_size=16,
+                  micro_batch_size=4, epochs=2, warmup_steps=1, lr=5e-3, lora=lora, lora_dropout=0.0)
+    variants = {"old": dict(length_grouping=False, share_prefix=False), "new": dict(length_grouping=True, share_prefix=True)}
+    for name, flags in variants.items():
+        sft.run(SFTConfig(name=name, **common, **flags), run)
+
+    # the variants really differ: grouping changes the micro-batches and cuts padding
+    config = SFTConfig(**common)
+    data = sft.split_examples(run, "train", 32, config, load_tokenizer(str(tiny_model_dir)), schema.read(run.artifact("data", "items.parquet"), "items")["title"].to_list(),
+                              prompt.item_token_sequences(load_tokenizer(str(tiny_model_dir)), schema.read(run.artifact("data", "items.parquet"), "items")["title"].to_list()), "movies", run.manifest("ig"))
+    rows = training.epoch_order(len(data), config.seed, 0)[:16]
+    padded = {g: sum(data.collate(r).input_ids.numel() for r in training.micro_batch_rows(data, rows, 4, g)) for g in (False, True)}
+    assert padded[True] < padded[False]
+
+    logs = {k: schema.read(run.artifact(f"sft/{k}", "train_log.parquet"), "train_log") for k in variants}
+    assert logs["new"].select("step", "split", "tokens", "tokens_zero_ig").equals(logs["old"].select("step", "split", "tokens", "tokens_zero_ig"))
+    for column in ("loss", "ce_zero_ig", "ce_low_ig", "ce_high_ig"):
+        assert logs["new"][column].to_list() == pytest.approx(logs["old"][column].to_list(), rel=1e-4), column
+    weights_file = "adapter_model.safetensors" if lora else "model.safetensors"
+    old, new = (load_file(run.stage_dir(f"sft/{k}") / "model" / weights_file) for k in variants)
+    assert old.keys() == new.keys()
+    for name in old:
+        torch.testing.assert_close(new[name], old[name], rtol=1e-4, atol=1e-5, msg=name)
+    stats = {k: run.manifest(f"sft/{k}")["stats"] for k in variants}
+    assert stats["new"]["computed_tokens"] < stats["old"]["computed_tokens"]  # the shared prefix ran once per micro-batch
+
+
+def test_prefix_sharing_switches_itself_off_under_dropout(setup, tiny_model_dir):
+    model = sft.prepare_model(SFTConfig(model=str(tiny_model_dir), lora_dropout=0.1), torch.device("cpu"))
+    loss_module = training.WeightedLoss(model, "plain", 0.0, share_prefix=True)
+    model.train()
+    assert not loss_module.sharing()  # per-row dropout masks make the rows' prefixes differ
+    model.eval()
+    assert loss_module.sharing()  # validation runs without dropout
+
+
+def test_pass_cost_counts_a_shared_prefix_once(setup):
+    batch = examples(setup, "plain").collate(ROWS[:3])
+    lengths = batch.attention_mask.sum(-1).tolist()
+    p = batch.prefix_ids.shape[1]
+    tokens, flops = training.pass_cost(batch, True, (2, 8))
+    assert tokens == sum(lengths) - 2 * p
+    pairs = sum(n * (n + 1) / 2 for n in lengths) - 2 * p * (p + 1) / 2
+    assert flops == 4 * 2 * 8 * pairs
+    assert training.pass_cost(batch, False, (2, 8))[0] == sum(lengths)
