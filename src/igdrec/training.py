@@ -251,9 +251,9 @@ def target_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     prefix_positions = torch.arange(p, device=input_ids.device)[None]
     cache = model(input_ids=prefix_ids, position_ids=prefix_positions, logits_to_keep=1, use_cache=True).cache
     cache.batch_repeat_interleave(rows)  # differentiable: the prefix's gradient sums over the rows
-    # Row r is [pad][prefix][rest] in the padded layout; dropping the first p columns leaves [pad][prefix][rest]
-    # shifted by p, so the columns that now hold row r's prefix copy are masked like padding: exactly the mask
-    # of the first width − p columns of the original layout.
+    # Dropping the first p columns of the padded layout removes the longest row's prefix; a shorter row keeps
+    # its padding and its own prefix copy in front of its rest. Masking those columns like padding gives exactly
+    # the mask of the first width − p columns of the original layout (row r is real from column width − len_r).
     rest_ids, rest_mask = input_ids[:, p:], attention_mask[:, : width - p]
     position_ids = p - 1 + rest_mask.cumsum(-1)
     mask = torch.cat([attention_mask.new_ones(rows, p), rest_mask], dim=1)
@@ -462,9 +462,11 @@ def micro_batch_rows(data: SFTExamples, rows: torch.Tensor | list[int], size: in
 
 
 def evaluate(loss_module: WeightedLoss, data: SFTExamples, micro_batch_size: int, device, world: World,
-             autocast: torch.dtype | None = None, length_grouping: bool = True) -> dict:
-    """The weighted objective and the CE of the zero-/low-/high-IG groups over `data` (sharded across ranks)."""
+             autocast: torch.dtype | None | str = "device", length_grouping: bool = True) -> dict:
+    """The weighted objective and the CE of the zero-/low-/high-IG groups over `data` (sharded across ranks).
+    `autocast` as in `backward_effective_batch`."""
     model = loss_module.model
+    autocast = autocast_dtype(device) if autocast == "device" else autocast
     was_training = model.training
     model.eval()
     stats = _StepStats(device)
