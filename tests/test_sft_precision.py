@@ -1,7 +1,5 @@
 """`precision`: fp32, bf16-mixed (fp32 weights under bf16 autocast) and pure bf16 (weights and AdamW state)."""
 
-import dataclasses
-
 import polars as pl
 import pytest
 import torch
