@@ -188,6 +188,9 @@ def test_source_and_weighting_choices_match_their_implementations():
 
     assert cfg.SOURCES == tuple(SOURCE_MODULES)
     assert cfg.WEIGHTINGS == tuple(weighting.SCHEMES)
+    from igdrec import training
+
+    assert cfg.PRECISIONS == training.PRECISIONS
 
 
 @pytest.mark.parametrize("stage", list(cfg.STAGE_CONFIGS))

@@ -82,6 +82,7 @@ def option(
 # (importing those modules here would load polars / torch for every `igdrec --help`).
 SOURCES = ("ml-100k", "amazon2018", "d3-csv", "interactions")
 WEIGHTINGS = ("plain", "pos", "cft", "igd")
+PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")  # kept equal to igdrec.training.PRECISIONS by tests/test_config.py
 _AMAZON = {"source": "amazon2018"}
 _D3 = {"source": "d3-csv"}
 _INTERACTIONS = {"source": "interactions"}
@@ -170,6 +171,20 @@ class SFTConfig:
     save_every: int = option(50, "Optimiser steps between resumable checkpoints (0 = none).", min=0, key=False)
     resume: bool = option(False, "Continue from the last checkpoint of an interrupted run.", key=False)
     device: str = option("auto", "auto, cpu, cuda or cuda:N.", key=False)
+    ig_group_threshold: float | None = option(
+        None, "IG above which a positive-IG target token counts as high IG in the CE-by-group logs "
+        "(default: the median positive IG of the training targets used; docs/method.md §5).", gt=0.0)
+    precision: str = option(
+        "auto", "auto = fp32 weights under bf16 autocast on CUDA (fp16 without bf16 support), fp32 on CPU; "
+        "bf16 = pure bf16 weights and optimiser state, as the reference trains.", choices=PRECISIONS)
+    length_grouping: bool = option(
+        True, "Sort each effective batch by length before splitting it into micro-batches (less padding; "
+        "the same gradient up to float rounding, but LoRA dropout masks fall on other rows).",
+        flags="--grouping/--no-grouping")
+    share_prefix: bool = option(
+        True, "Compute the prompt prefix common to a micro-batch once (exact; used only when no dropout is active).",
+        key=False)
+    compile: bool = option(False, "torch.compile the decoder blocks (pays off on GPU for long runs).", key=False)
 
     def cross_check(self) -> None:
         if self.alpha != 0.0 and self.weighting != "cft":

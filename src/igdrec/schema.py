@@ -61,9 +61,16 @@ TRAIN_LOG = {
     "split": pl.String,  # train | valid
     "loss": pl.Float64,
     "lr": pl.Float64,
+    # mean CE of the target tokens in each IG group (null: no such token in the interval); low and high split
+    # the positive-IG tokens at the run's `ig_group_threshold` (stage.json stats): low ≤ threshold < high
     "ce_zero_ig": pl.Float64,
-    "ce_positive_ig": pl.Float64,
-    "tokens": pl.Int64,
+    "ce_low_ig": pl.Float64,
+    "ce_high_ig": pl.Float64,
+    "ce_positive_ig": pl.Float64,  # low and high together
+    "tokens": pl.Int64,  # target tokens (of every group, and of samples whose IG is unknown)
+    "tokens_zero_ig": pl.Int64,
+    "tokens_low_ig": pl.Int64,
+    "tokens_high_ig": pl.Int64,
     "seconds": pl.Float64,
 }
 # rerank --grounding: every distinct catalog title (carried by its smallest item id) and its embedding by
