@@ -32,6 +32,7 @@ STAGE_MODULES = {
     "decode": "igdrec.stages.decode",
     "rerank": "igdrec.stages.rerank",
     "metrics": "igdrec.stages.metrics",
+    "baseline": "igdrec.stages.baseline",
 }
 
 RunDirOpt = Annotated[

@@ -137,8 +137,30 @@ class RerankConfig:
 
 
 @dataclass
+class BaselineConfig:
+    model: str = option("sasrec", "Traditional recommender: sasrec | gru4rec | pop (most popular training target).")
+    name: str | None = option(None, "Name of the result under <run>/baseline/ (default: the model).", key=False)
+    epochs: int = option(300, "Most training epochs (early stopping usually ends sooner).")
+    lr: float = option(1e-3, "Adam learning rate.")
+    batch_size: int = option(2048, "Training windows per optimiser step.")
+    patience: int = option(10, "Stop after this many more epochs without a better valid NDCG@10 (RecBole's stopping_step).")
+    hidden_size: int = option(64, "SASRec: hidden size (= item embedding size); GRU4Rec: item embedding size.")
+    n_layers: int | None = option(None, "Transformer layers (SASRec, default 2) or GRU layers (GRU4Rec, default 1).")
+    n_heads: int = option(2, "SASRec: attention heads.")
+    inner_size: int = option(256, "SASRec: feed-forward inner size.")
+    dropout: float | None = option(None, "Hidden dropout (SASRec, default 0.5) or dropout on the item embeddings (GRU4Rec, default 0.3).")
+    attn_dropout: float = option(0.5, "SASRec: dropout on the attention probabilities.")
+    gru_hidden_size: int = option(128, "GRU4Rec: GRU hidden size.")
+    seed: int = option(42, "Seed of the initialisation, the batch order and dropout.")
+    top_k: int = option(20, "Length of the ranked test lists in topk.parquet.")
+    eval_batch_size: int = option(4096, "Windows per scoring batch (validation, test, probabilities).", key=False)
+    device: str = option("auto", "auto | cpu | cuda.", key=False)
+
+
+@dataclass
 class MetricsConfig:
     rerank: str | None = None
+    baseline: str | None = option(None, "Score a traditional baseline (<run>/baseline/NAME) instead of a rerank.")
     name: str | None = None
     ks: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 20])
     bootstrap: int = 1000
@@ -154,6 +176,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "decode": DecodeConfig,
     "rerank": RerankConfig,
     "metrics": MetricsConfig,
+    "baseline": BaselineConfig,
 }
 
 

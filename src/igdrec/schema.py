@@ -67,6 +67,9 @@ TRAIN_LOG = {
     "seconds": pl.Float64,
 }
 TFA_SCORES = {"sample_id": pl.Int64, "item_id": pl.Int64, "score": pl.Float64}
+# baseline: per sample, a traditional model's probability of every catalog item, in item-id order
+# (length n_items, sums to 1); D3's text-free assistant reads them
+ITEM_PROBS = {"sample_id": pl.Int64, "probs": pl.List(pl.Float32)}
 # metrics: per evaluated sample, the rank of the first title match (null: none), then NDCG@K / HR@K columns
 PER_SAMPLE_METRICS = {"sample_id": pl.Int64, "match_rank": pl.Int32}
 
@@ -80,6 +83,7 @@ SCHEMAS = {
     "topk": TOPK,
     "train_log": TRAIN_LOG,
     "tfa_scores": TFA_SCORES,
+    "item_probs": ITEM_PROBS,
     "per_sample_metrics": PER_SAMPLE_METRICS,
 }
 
