@@ -8,6 +8,12 @@ writes `<run>/baseline/<name>/`:
 - `probs_valid.parquet`, `probs_test.parquet` (schema `item_probs`): per sample, the model's distribution
   over all items in item-id order, for D3's text-free assistant;
 - `training.json`: the per-epoch loss, valid NDCG@10 and seconds.
+
+Where this differs from running RecBole 1.2 on the same windows (bench/bench_recbole_parity.py compares
+the two): the padding index is no softmax class (RecBole's PAD id 0 is one during training and is masked
+only at evaluation); early stopping watches NDCG@10 by title (RecBole's default is MRR@10 by item id);
+the written lists hold one item per title. Like RecBole's sequential full-sort evaluation, items of the
+history stay candidates.
 """
 
 from __future__ import annotations
