@@ -154,7 +154,7 @@ def main() -> None:
         rows += [(f"igdrec {model} (by id)", by_id), (f"igdrec {model} (by title, metrics stage)", by_title)]
     columns = [f"NDCG@{k}" for k in KS] + [f"HR@{k}" for k in KS] + ["valid NDCG@10", "train s", "items ranked"]
     table = pl.DataFrame([{"row": label} | {c: values[c] for c in columns} for label, values in rows])
-    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=200, float_precision=4):
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=220, fmt_str_lengths=60, float_precision=4):
         print(f"epochs cap {args.epochs}, patience {args.patience}, seed {args.seed}")
         print(table)
 
