@@ -189,7 +189,7 @@ class GRU4Rec(_SoftmaxRecommender):
         self.gru = nn.GRU(s.hidden_size, s.gru_hidden_size, num_layers=s.n_layers, bias=False, batch_first=True)
         self.dense = nn.Linear(s.gru_hidden_size, s.hidden_size)
         nn.init.xavier_normal_(self.item_embedding.weight)
-        for name, weight in self.gru.named_parameters():
+        for weight in self.gru.parameters():  # bias-free: every parameter is a weight matrix
             nn.init.xavier_uniform_(weight)
 
     def encode(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:

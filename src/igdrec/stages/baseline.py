@@ -22,7 +22,6 @@ import difflib
 import time
 from dataclasses import asdict, fields
 
-import numpy as np
 import torch
 from rich.progress import TextColumn
 
