@@ -40,6 +40,7 @@ STAGE_MODULES = {
     "decode": "igdrec.stages.decode",
     "rerank": "igdrec.stages.rerank",
     "metrics": "igdrec.stages.metrics",
+    "baseline": "igdrec.stages.baseline",
 }
 
 COMMON_PANEL = "Run directory and config"

@@ -250,6 +250,33 @@ class RerankConfig:
             raise IgdrecError(f"--grounding-model {self.grounding_model}: only used with --grounding")
 
 
+BASELINE_MODELS = ("sasrec", "gru4rec", "pop")
+
+
+@dataclass
+class BaselineConfig:
+    """Train a traditional sequential recommender on the same windows and rank all items (<run>/baseline/NAME)."""
+
+    model: str = option("sasrec", "Traditional recommender (pop = most popular training target; docs/method.md §7.4).",
+                        choices=BASELINE_MODELS)
+    name: str | None = option(None, "Name of the result under <run>/baseline/ (default: the model).", key=False)
+    epochs: int = option(300, "Most training epochs (early stopping usually ends sooner).", min=1)
+    lr: float = option(1e-3, "Adam learning rate.", gt=0.0)
+    batch_size: int = option(2048, "Training windows per optimiser step.", min=1)
+    patience: int = option(10, "Stop after this many more epochs without a better valid NDCG@10 (RecBole's stopping_step).")
+    hidden_size: int = option(64, "SASRec: hidden size (= item embedding size); GRU4Rec: item embedding size.", min=1)
+    n_layers: int | None = option(None, "Transformer layers (SASRec, default 2) or GRU layers (GRU4Rec, default 1).")
+    n_heads: int = option(2, "SASRec: attention heads.", min=1)
+    inner_size: int = option(256, "SASRec: feed-forward inner size.", min=1)
+    dropout: float | None = option(None, "Hidden dropout (SASRec, default 0.5) or dropout on the item embeddings (GRU4Rec, default 0.3).")
+    attn_dropout: float = option(0.5, "SASRec: dropout on the attention probabilities.", min=0.0, max=1.0)
+    gru_hidden_size: int = option(128, "GRU4Rec: GRU hidden size.", min=1)
+    seed: int = option(42, "Seed of the initialisation, the batch order and dropout.")
+    top_k: int = option(20, "Length of the ranked test lists in topk.parquet.", min=1)
+    eval_batch_size: int = option(4096, "Windows per scoring batch (validation, test, probabilities).", key=False, min=1)
+    device: str = option("auto", "auto | cpu | cuda.", key=False)
+
+
 @dataclass
 class MetricsConfig:
     """NDCG@K, HR@K, diversity and per-step entropy of a rerank (<run>/metrics/NAME.json).
@@ -258,16 +285,22 @@ class MetricsConfig:
     """
 
     rerank: str | None = option(None, "Name of a rerank in this run directory.")
-    name: str | None = option(None, "Name of the metrics result (default: the rerank's name).", key=False)
+    baseline: str | None = option(None, "Score a traditional baseline (<run>/baseline/NAME) instead of a rerank.")
+    name: str | None = option(None, "Name of the metrics result (default: the rerank's or baseline's name).", key=False)
     ks: list[int] = option(factory=lambda: [1, 3, 5, 10, 20], help="Comma-separated cut-offs K (those beyond the list length are dropped).", min=1)
     diversity_k: int = option(10, "List length the diversity and entropy statistics look at.", min=1)
     bootstrap: int = option(1000, "Paired bootstrap resamples of --compare.", min=1, key=False)
     seed: int = option(0, "Seed of the --compare bootstrap.", key=False)
 
+    def cross_check(self) -> None:
+        if self.rerank is not None and self.baseline is not None:
+            raise IgdrecError(f"--rerank {self.rerank} and --baseline {self.baseline}: score one of them at a time")
+
 
 STAGE_CONFIGS: dict[str, type] = {
     "preprocess": PreprocessConfig,
     "build-ig-index": IGIndexConfig,
+    "baseline": BaselineConfig,
     "sft": SFTConfig,
     "decode": DecodeConfig,
     "rerank": RerankConfig,

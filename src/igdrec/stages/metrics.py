@@ -1,5 +1,7 @@
 """Stage `metrics`: NDCG@K / HR@K, diversity and per-step entropy of a rerank (docs/method.md §7).
 
+`--baseline NAME` scores a traditional baseline's `<run>/baseline/NAME/topk.parquet` with the same code.
+
 Writes `<run>/metrics/<name>/` (stage.json, per_sample.parquet, metrics.json) and publishes a copy of the
 summary as `<run>/metrics/<name>.json`. `compare` puts two results side by side with paired-bootstrap
 95% intervals of the differences.
@@ -9,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import polars as pl
 from rich.table import Table
@@ -28,22 +32,19 @@ PER_SAMPLE = "per_sample.parquet"
 def run(config: MetricsConfig, run_dir: RunDir, force: bool = False) -> dict:
     run = run_dir
     cfg.check(config)
-    rerank_name = run.resolve_name("rerank", config.rerank, "--rerank")
-    rerank = run.require(f"rerank/{rerank_name}", hint=f"igdrec rerank --decode DECODE --name {rerank_name}")
-    decode_name = rerank["params"]["decode"]
-    decode = run.require(f"decode/{decode_name}", hint=f"igdrec decode --sft SFT --name {decode_name}")
+    source = _baseline_source(run, config.baseline) if config.baseline is not None else _rerank_source(run, config.rerank)
     data = run.require("data", hint="igdrec preprocess")
     ig = run.require("ig", hint="igdrec build-ig-index")
-    name = config.name or rerank_name
-    config = dataclasses.replace(config, ks=cutoffs_within_lists(config.ks, list_length_bounds(rerank, decode)))
-    params = cfg.key_params(config) | {"rerank": rerank_name}
-    inputs = {"rerank": rerank["fingerprint"], "decode": decode["fingerprint"], "data": data["fingerprint"], "ig": ig["fingerprint"]}
+    name = config.name or source.name
+    config = dataclasses.replace(config, ks=cutoffs_within_lists(config.ks, source.list_bounds))
+    params = cfg.key_params(config) | {source.kind: source.name}
+    inputs = source.inputs | {"data": data["fingerprint"], "ig": ig["fingerprint"]}
     with StageWriter(run, f"metrics/{name}", stage="metrics", params=params, inputs=inputs, force=force) as out:
         if out.cached:
             out.report_cached()
             summary = json.loads(run.artifact(f"metrics/{name}", "metrics.json").read_text())
         else:
-            summary, per_sample = evaluate(run, decode, rerank_name, config)
+            summary, per_sample = evaluate(run, source, config)
             schema.conform(per_sample, "per_sample_metrics").write_parquet(out.path(PER_SAMPLE))
             write_json_atomic(out.path("metrics.json"), summary)
             out.rows["per_sample"] = per_sample.height
@@ -78,18 +79,57 @@ def cutoffs_within_lists(ks: list[int], bounds: dict[str, int]) -> list[int]:
     return kept
 
 
-def evaluate(run: RunDir, decode: dict, rerank_name: str, config: MetricsConfig) -> tuple[dict, pl.DataFrame]:
-    split = decode["params"]["split"]
+@dataclass
+class RankedSource:
+    """Where the ranked lists come from: a rerank (of a decode) or a traditional baseline."""
+
+    kind: str  # "rerank" | "baseline"
+    name: str
+    topk_path: Path
+    split: str
+    limit: int | None  # only the first `limit` samples of the split were ranked
+    inputs: dict[str, str]  # upstream fingerprints for the cache key
+    labels: dict[str, str]  # provenance written into the summary
+    list_bounds: dict[str, int]  # what caps the lists' length, e.g. {"decode num_beams": 10}
+
+
+def _rerank_source(run: RunDir, rerank: str | None) -> RankedSource:
+    rerank_name = run.resolve_name("rerank", rerank, "--rerank")
+    manifest = run.require(f"rerank/{rerank_name}", hint=f"igdrec rerank --decode DECODE --name {rerank_name}")
+    decode_name = manifest["params"]["decode"]
+    decode = run.require(f"decode/{decode_name}", hint=f"igdrec decode --sft SFT --name {decode_name}")
+    return RankedSource(
+        "rerank", rerank_name, run.artifact(f"rerank/{rerank_name}", "topk.parquet"),
+        split=decode["params"]["split"], limit=decode["params"]["limit"],
+        inputs={"rerank": manifest["fingerprint"], "decode": decode["fingerprint"]},
+        labels={"rerank": rerank_name, "decode": decode["stage_path"].split("/", 1)[1]},
+        list_bounds=list_length_bounds(manifest, decode),
+    )
+
+
+def _baseline_source(run: RunDir, baseline: str) -> RankedSource:
+    manifest = run.require(f"baseline/{baseline}", hint=f"igdrec baseline --name {baseline}")
+    return RankedSource(
+        "baseline", baseline, run.artifact(f"baseline/{baseline}", "topk.parquet"),
+        split=manifest["stats"]["split"], limit=None,
+        inputs={"baseline": manifest["fingerprint"]},
+        labels={"baseline": baseline, "model": manifest["params"]["model"]},
+        list_bounds={"baseline top_k": manifest["params"]["top_k"]},
+    )
+
+
+def evaluate(run: RunDir, source: RankedSource, config: MetricsConfig) -> tuple[dict, pl.DataFrame]:
+    split = source.split
     items = schema.read(run.artifact("data", "items.parquet"), "items")
     samples = schema.read(run.artifact("data", f"{split}.parquet"), "samples").sort("sample_id")
     n_split = samples.height
-    limit = decode["params"]["limit"]
+    limit = source.limit
     if limit is not None:
         samples = samples.head(limit)  # the decode covered exactly these: every one of them counts
-    topk = schema.read(run.artifact(f"rerank/{rerank_name}", "topk.parquet"), "topk").sort(["sample_id", "rank"])
+    topk = schema.read(source.topk_path, "topk").sort(["sample_id", "rank"])
     unknown = topk.filter(~pl.col("sample_id").is_in(samples["sample_id"].implode()))
     if unknown.height:
-        raise IgdrecError(f"{run.artifact(f'rerank/{rerank_name}', 'topk.parquet')}: sample {unknown['sample_id'][0]} is not among the {samples.height} decoded {split} samples")
+        raise IgdrecError(f"{source.topk_path}: sample {unknown['sample_id'][0]} is not among the {samples.height} ranked {split} samples")
     titles = dict(zip(items["item_id"].to_list(), items["title"].to_list()))
     lists = dict(topk.group_by("sample_id", maintain_order=True).agg("item_id").iter_rows())
     sample_ids = samples["sample_id"].to_list()
@@ -103,8 +143,7 @@ def evaluate(run: RunDir, decode: dict, rerank_name: str, config: MetricsConfig)
     head = [p[: config.diversity_k] for p in predicted]
     summary: dict = {k: float(v.mean()) if len(v) else 0.0 for k, v in per_sample_values.items()}
     summary |= {
-        "rerank": rerank_name,
-        "decode": decode["stage_path"].split("/", 1)[1],
+        **source.labels,
         "split": split,
         "n_samples": len(sample_ids),
         "n_split_samples": n_split,

@@ -1,0 +1,149 @@
+"""Stage `baseline`: a traditional sequential recommender (SASRec, GRU4Rec, most-popular) on the run's windows.
+
+Reads <run>/data (items, train, valid, test). Trains on the train windows (history → target) with
+full-softmax cross-entropy, early-stops on valid NDCG@10 (title match, the metrics stage's code), and
+writes `<run>/baseline/<name>/`:
+- `topk.parquet` (schema `topk`): the top-K of the full ranking of every test sample, one item per title,
+  scored by `igdrec metrics --baseline NAME` exactly like an LLM's rerank;
+- `probs_valid.parquet`, `probs_test.parquet` (schema `item_probs`): per sample, the model's distribution
+  over all items in item-id order, for D3's text-free assistant;
+- `training.json`: the per-epoch loss, valid NDCG@10 and seconds.
+
+Where this differs from running RecBole 1.2 on the same windows (bench/bench_recbole_parity.py compares
+the two): the padding index is no softmax class (RecBole's PAD id 0 is one during training and is masked
+only at evaluation); early stopping watches NDCG@10 by title (RecBole's default is MRR@10 by item id);
+the written lists hold one item per title. Like RecBole's sequential full-sort evaluation, items of the
+history stay candidates.
+"""
+
+from __future__ import annotations
+
+import difflib
+import time
+from dataclasses import asdict, fields
+
+import torch
+from rich.progress import TextColumn
+
+from igdrec import schema, seqrec
+from igdrec.config import BaselineConfig
+from igdrec.console import console, print_table, progress_bar
+from igdrec.errors import IgdrecError
+from igdrec.modeling import pick_device
+from igdrec.rundir import RunDir, StageWriter, write_json_atomic
+from igdrec.seqrec.models import count_parameters, is_trainable
+
+VALID_METRIC = "NDCG@10"
+
+
+def check_config(config: BaselineConfig) -> None:
+    if config.model not in seqrec.MODELS:
+        near = difflib.get_close_matches(config.model.lower(), seqrec.MODELS, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise IgdrecError(f"--model {config.model!r}: expected one of {', '.join(seqrec.MODELS)}{hint}")
+    for option in ("epochs", "batch_size", "top_k", "eval_batch_size", "hidden_size", "n_heads", "inner_size", "gru_hidden_size"):
+        if getattr(config, option) < 1:
+            raise IgdrecError(f"--{option.replace('_', '-')} {getattr(config, option)}: must be a positive integer")
+    if config.n_layers is not None and config.n_layers < 1:
+        raise IgdrecError(f"--n-layers {config.n_layers}: must be a positive integer")
+    if config.patience < 0:
+        raise IgdrecError(f"--patience {config.patience}: must be ≥ 0")
+    if config.lr <= 0:
+        raise IgdrecError(f"--lr {config.lr}: must be positive")
+    for option in ("dropout", "attn_dropout"):
+        value = getattr(config, option)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise IgdrecError(f"--{option.replace('_', '-')} {value}: must lie in [0, 1)")
+    if config.model == "sasrec" and config.hidden_size % config.n_heads:
+        raise IgdrecError(f"--hidden-size {config.hidden_size}: must be a multiple of --n-heads {config.n_heads}")
+
+
+def model_settings(config: BaselineConfig) -> seqrec.ModelSettings:
+    names = {f.name for f in fields(seqrec.ModelSettings)}
+    return seqrec.ModelSettings(**{n: getattr(config, n) for n in names}).resolved(config.model)
+
+
+def cache_params(config: BaselineConfig) -> dict:
+    """The fields that change the result (option key=True), the architecture resolved to its defaults."""
+    params = {f.name: getattr(config, f.name) for f in fields(config) if f.metadata.get("key", True)}
+    if config.model == "pop":  # nothing is trained: only the top-K matters
+        return {"model": "pop", "top_k": config.top_k}
+    return params | asdict(model_settings(config))
+
+
+def run(config: BaselineConfig, run_dir: RunDir, force: bool = False) -> dict:
+    run = run_dir
+    check_config(config)
+    data = run.require("data", hint="igdrec preprocess")
+    name = config.name or config.model
+    device = pick_device(config.device)
+    params = cache_params(config)
+    with StageWriter(run, f"baseline/{name}", stage="baseline", params=params, inputs={"data": data["fingerprint"]}, force=force) as out:
+        if out.cached:
+            console.print(f"baseline [bold]{name}[/] is cached ({run.stage_dir(f'baseline/{name}')})")
+            return out.manifest
+        items = schema.read(run.artifact("data", "items.parquet"), "items").sort("item_id")
+        n_items = items.height
+        if items["item_id"].to_list() != list(range(n_items)):
+            raise IgdrecError(f"{run.artifact('data', 'items.parquet')}: item ids must be dense 0..{n_items - 1}")
+        titles = items["title"].to_list()
+        frames = {split: schema.read(run.artifact("data", f"{split}.parquet"), "samples") for split in ("train", "valid", "test")}
+        max_len = max(int(f["history_item_ids"].list.len().max() or 1) for f in frames.values())
+        splits = {
+            split: seqrec.SequenceData.from_samples(f, n_items, max_len, source=str(run.artifact("data", f"{split}.parquet")))
+            for split, f in frames.items()
+        }
+        if not len(splits["train"]):
+            raise IgdrecError(f"{run.artifact('data', 'train.parquet')}: no training windows")
+
+        torch.manual_seed(config.seed)  # the initial weights
+        model = seqrec.build_model(config.model, n_items, max_len, model_settings(config), splits["train"].target.numpy())
+        model.to(device)
+        evaluator = seqrec.RankingEvaluator(splits["valid"], titles, ks=[10], batch_size=config.eval_batch_size, device=device)
+        result = _train(model, config, splits["train"], evaluator, device) if is_trainable(model) else None
+
+        topk = schema.conform(seqrec.topk_frame(model, splits["test"], config.top_k, titles, config.eval_batch_size, device), "topk")
+        topk.write_parquet(out.path("topk.parquet"))
+        for split in ("valid", "test"):
+            probs = schema.conform(seqrec.probabilities_frame(model, splits[split], config.eval_batch_size, device), "item_probs")
+            probs.write_parquet(out.path(f"probs_{split}.parquet"))
+            out.rows[f"probs_{split}"] = probs.height
+        out.rows["topk"] = topk.height
+        valid_ndcg = result.best_valid if result else evaluator.evaluate(model)[VALID_METRIC]
+        out.stats = {
+            "model": config.model,
+            "split": "test",
+            "n_items": n_items,
+            "max_len": max_len,
+            "parameters": count_parameters(model) if is_trainable(model) else 0,
+            "epochs_run": result.epochs_run if result else 0,
+            "best_epoch": result.best_epoch if result else 0,
+            "stopped_early": result.stopped_early if result else False,
+            f"valid_{VALID_METRIC}": valid_ndcg,
+            "train_seconds": round(result.train_seconds, 2) if result else 0.0,
+            "seconds_per_epoch": round(result.train_seconds / max(result.epochs_run, 1), 3) if result else 0.0,
+            "cpu_seconds_per_epoch": round(sum(r.cpu_seconds for r in result.history) / max(result.epochs_run, 1), 3) if result else 0.0,
+        }
+        write_json_atomic(out.path("training.json"), {"history": [asdict(r) for r in result.history] if result else []})
+    print_table(f"baseline {name}", {k: v for k, v in out.stats.items() if k not in ("split",)})
+    console.print(f"baseline wrote [bold]{name}[/] → {run.stage_dir(f'baseline/{name}')} (next: igdrec metrics --baseline {name})")
+    return out.manifest
+
+
+def _train(model, config: BaselineConfig, train: seqrec.SequenceData, evaluator: seqrec.RankingEvaluator, device: torch.device) -> seqrec.TrainResult:
+    settings = seqrec.TrainSettings(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, patience=config.patience, seed=config.seed)
+    with progress_bar(TextColumn("{task.fields[status]}")) as progress:
+        task = progress.add_task(f"train {config.model}", total=config.epochs, status="")
+
+        def on_epoch(record: seqrec.EpochRecord) -> None:
+            status = f"loss {record.loss:.4f}  valid {VALID_METRIC} {record.valid:.4f}  {record.seconds:.1f}s/epoch"
+            progress.update(task, advance=1, status=status)
+
+        started = time.perf_counter()
+        result = seqrec.Trainer(settings, device).fit(model, train, lambda m: evaluator.evaluate(m)[VALID_METRIC], on_epoch)
+        progress.update(task, total=result.epochs_run, completed=result.epochs_run)
+    console.print(
+        f"{config.model}: {result.epochs_run} epochs in {time.perf_counter() - started:.1f}s"
+        f"{' (early stop)' if result.stopped_early else ''}; best valid {VALID_METRIC} {result.best_valid:.4f} at epoch {result.best_epoch}"
+    )
+    return result
