@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.igdrec-installed
 RUN_DIR ?= runs/demo
 
-.PHONY: install test demo bench-ig bench-sft bench-decode clean-venv
+.PHONY: install test demo bench-ig bench-sft bench-decode clean-venv reproduce-table1
 
 install: $(STAMP)
 
@@ -22,6 +22,13 @@ test: install
 
 demo: install
 	$(BIN)/igdrec run configs/demo.yaml --run-dir $(RUN_DIR)
+
+# The paper's Tables 1–4 and figures: SCALE = smoke | mini (default) | gpu | paper (configs/grid/SCALE.yaml).
+# Resumable: rerun after a kill and the finished cells are cached. Reports: runs/grid/SCALE/reports/.
+SCALE ?= mini
+reproduce-table1: install
+	@test -f configs/grid/$(SCALE).yaml || { echo "SCALE=$(SCALE): no configs/grid/$(SCALE).yaml (smoke, mini, gpu, paper)"; exit 2; }
+	$(BIN)/igdrec grid configs/grid/$(SCALE).yaml
 
 bench-ig: install
 	$(BIN)/python bench/bench_ig_index.py

@@ -29,7 +29,7 @@ def grid_yaml(tmp_path: Path, model_dir: Path, **changes) -> Path:
             "build-ig-index": {"model": str(model_dir), "catalog": "train"},
             "sft": {"model": str(model_dir), "sample": 16, "valid_sample": 4, "batch_size": 8, "micro_batch_size": 4,
                     "epochs": 1, "warmup_steps": 1, "lr": 1e-3},
-            "decode": {"limit": 6, "num_beams": 3, "batch_size": 8},
+            "decode": {"limit": 6, "num_beams": 8, "batch_size": 8},
             "metrics": {"bootstrap": 50},
         },
         "weightings": {"pos": {"beta": 0.5}, "cft": {"beta": 0.5, "alpha": 0.1}, "igd": {"beta": [0.1, 0.3]}},
@@ -183,3 +183,26 @@ def test_bad_grid_configs_name_the_key(tmp_path, tiny_model_dir):
     path = grid_yaml(tmp_path, tiny_model_dir, stages={"sft": {"epoch": 1}})
     with pytest.raises(IgdrecError, match="unknown key.*epoch"):
         G.plan_grid(G.load_grid(path))
+
+
+def test_paper_numbers_appear_only_in_columns_labelled_paper(finished, tmp_path):
+    tmp, config, _, _ = finished
+    spec = yaml.safe_load(config.read_text())
+    spec["datasets"]["toy"]["paper"] = "Games"
+    labelled = tmp_path / "paper.yaml"
+    labelled.write_text(yaml.safe_dump(spec))
+    out = report.write_reports(tmp / "grid", config=labelled)
+    rows = _csv(out / "table1.csv")
+    d3 = next(r for r in rows if r["row"] == "d3")
+    assert float(d3["paper_NDCG@10"]) == 0.0477 and float(d3["NDCG@10"]) != 0.0477
+    summary = json.loads((tmp / "grid" / "toy" / "metrics" / f"{d3['metrics']}.json").read_text())
+    assert float(d3["NDCG@10"]) == summary["NDCG@10"]
+    header = (out / "table1.md").read_text().splitlines()
+    assert any("paper N@10 (Games)" in line for line in header)
+    assert "paper: Games" in (out / "table4.md").read_text() and "201,613" in (out / "table4.md").read_text()
+    assert "1.035" in (out / "table3.md").read_text()
+    with pytest.raises(IgdrecError, match="not one of the paper's datasets"):
+        spec["datasets"]["toy"]["paper"] = "Movies"
+        labelled.write_text(yaml.safe_dump(spec))
+        G.load_grid(labelled)
+    report.write_reports(tmp / "grid")  # back to the run's own config

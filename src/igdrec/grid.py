@@ -87,6 +87,7 @@ class Dataset:
     stages: dict[str, dict]  # per-stage settings, the grid's shared ones with this dataset's on top
     weightings: dict[str, dict]  # weighting -> {sft field: value or list of candidate values}
     paper: str | None = None  # the paper's column (Books, Games, Toys, CDs) to show beside ours
+    cost: dict | None = None  # this dataset's cost model overrides (sizes before its data exist)
 
 
 @dataclass
@@ -104,7 +105,7 @@ class GridConfig:
 
 
 _TOP_KEYS = {"scale", "description", "run_root", "datasets", "stages", "weightings", "selection", "rows", "tfa_guidance", "cost"}
-_DATASET_KEYS = {"preprocess", "stages", "weightings", "paper"}
+_DATASET_KEYS = {"preprocess", "stages", "weightings", "paper", "cost"}
 _GRID_STAGES = ("build-ig-index", "sft", "decode", "rerank", "metrics", "baseline")
 
 
@@ -159,7 +160,10 @@ def load_grid(path: str | Path, run_root: str | Path | None = None) -> GridConfi
         if preprocess is not None:
             preprocess = _mapping(preprocess, f"{where}.preprocess")
             cfg.build(cfg.PreprocessConfig, preprocess, f"{where}.preprocess")  # check the keys now
-        datasets.append(Dataset(name, root / name, preprocess, stages, weightings, spec.get("paper")))
+        paper = spec.get("paper")
+        if paper is not None and paper not in ("Books", "Games", "Toys", "CDs"):
+            raise IgdrecError(f"{where}.paper: {paper!r} is not one of the paper's datasets (Books, Games, Toys, CDs)")
+        datasets.append(Dataset(name, root / name, preprocess, stages, weightings, paper, _mapping(spec.get("cost"), f"{where}.cost")))
     if not datasets:
         raise IgdrecError(f"{path}: `datasets` is empty; name at least one dataset")
     sel = _mapping(raw.get("selection"), f"{path}:selection")
@@ -174,7 +178,7 @@ def load_grid(path: str | Path, run_root: str | Path | None = None) -> GridConfi
     rows = list(ROWS) if rows == "all" else list(rows)
     for row in rows:
         if row not in ROWS:
-            close = difflib.get_close_matches(str(row), list(ROWS), n=1)
+            close = difflib.get_close_matches(str(row), list(ROWS), n=1, cutoff=0.5)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise IgdrecError(f"{path}:rows: unknown row {row!r}{hint}; known: {', '.join(ROWS)}")
     return GridConfig(path, str(raw.get("scale", path.stem)), root, datasets, selection, rows, explicit,
@@ -348,21 +352,19 @@ class _Planner:
 
 def plan_grid(grid: GridConfig, only: str | None = None) -> Plan:
     if only is not None and only not in ROWS:
-        close = difflib.get_close_matches(only, list(ROWS), n=1)
+        close = difflib.get_close_matches(only, list(ROWS), n=1, cutoff=0.5)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise IgdrecError(f"--only {only!r}: unknown row{hint}; known: {', '.join(ROWS)}")
     wanted = [only] if only else grid.rows
     unavailable = {}
-    rows = []
     for row in wanted:
         why = row_unavailable(row)
         if why:
             if only or grid.explicit_rows:
                 raise IgdrecError(f"row {row!r} {why}; leave it out of `rows:` in {grid.path}")
             unavailable[row] = why
-            continue
-        for dataset in grid.datasets:
-            rows.append(_Planner(grid, dataset).row(row))
+    runnable = [row for row in wanted if row not in unavailable]
+    rows = [_Planner(grid, dataset).row(row) for dataset in grid.datasets for row in runnable]  # dataset by dataset
     return Plan(grid, rows, unavailable)
 
 
@@ -455,23 +457,41 @@ def resolve_test_cell(row: RowPlan, metric: str) -> Cell | None:
 # ----------------------------------------------------------------------------------------- dry run
 
 
-def estimate_seconds(step: Step, grid: GridConfig, rows_in_split: dict | None = None) -> float | None:
-    """Rough cost of a step from the grid's `cost` model: sft = samples·epochs·(prompt+target tokens) /
-    train_tokens_per_s; decode = samples · decode_s_per_sample. None where the config gives no rate."""
-    cost = grid.cost or {}
+def _split_sizes(run_dir: Path) -> dict:
+    """Row counts of a finished data stage (read from its manifest, for estimates only)."""
+    try:
+        return json.loads((Path(run_dir) / "data" / MANIFEST).read_text()).get("rows", {})
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def estimate_seconds(step: Step, grid: GridConfig) -> float | None:
+    """Rough cost of a step from the grid's `cost` model (a dataset's `cost:` overrides the grid's).
+
+    sft = samples · epochs · tokens_per_sample / train_tokens_per_s (× cft_factor for CFT's second pass);
+    decode = samples · decode_s_per_sample; plus `<stage>_overhead_s` per step (model loading, validation). Sample counts come from the data stage when it has run, else
+    from the cost model's `train_samples` / `valid_samples` / `test_samples`. None where a rate is missing.
+    """
+    dataset = next((d for d in grid.datasets if d.name == step.dataset), None)
+    cost = {**(grid.cost or {}), **((dataset.cost if dataset else None) or {})}
+    sizes = _split_sizes(step.run_dir)
+    overhead = cost.get(f"{step.stage.replace('-', '_')}_overhead_s", 0.0)  # model loading, validation...
     if step.stage == "sft":
         rate = cost.get("train_tokens_per_s")
-        n = step.config.sample or cost.get("train_samples")
+        available = sizes.get("train") or cost.get("train_samples")
+        n = min(step.config.sample or available or 0, available or step.config.sample or 0)
         if not rate or not n:
             return None
-        return n * step.config.epochs * cost.get("tokens_per_sample", 220) / rate
+        seconds = n * step.config.epochs * cost.get("tokens_per_sample", 220) / rate
+        if step.config.max_steps:
+            seconds = min(seconds, step.config.max_steps * step.config.batch_size * cost.get("tokens_per_sample", 220) / rate)
+        return overhead + seconds * (cost.get("cft_factor", 2.0) if step.config.weighting == "cft" else 1.0)
     if step.stage == "decode":
         per = cost.get("decode_s_per_sample")
-        n = step.config.limit or cost.get(f"{step.config.split}_samples")
-        return None if not per or not n else n * per
-    if step.stage == "baseline":
-        return cost.get("baseline_s")
-    return cost.get(f"{step.stage}_s", 0.0)
+        available = sizes.get(step.config.split) or cost.get(f"{step.config.split}_samples")
+        n = min(step.config.limit or available or 0, available or step.config.limit or 0)
+        return None if not per or not n else overhead + n * per
+    return overhead
 
 
 def dry_run(plan: Plan) -> list[dict]:
@@ -507,7 +527,8 @@ def dry_run(plan: Plan) -> list[dict]:
 
 def _pending_test_estimate(row: RowPlan, grid: GridConfig) -> float | None:
     decode = next(s for s in row.candidates[0].steps if s.stage == "decode")
-    test_like = dataclasses.replace(decode.config, split="test", limit=grid.datasets[0].stages.get("decode", {}).get("limit"))
+    dataset = next(d for d in grid.datasets if d.name == row.dataset)
+    test_like = dataclasses.replace(decode.config, split="test", limit=dataset.stages.get("decode", {}).get("limit"))
     return estimate_seconds(dataclasses.replace(decode, config=test_like), grid)
 
 
@@ -640,25 +661,32 @@ def _phase(step: Step) -> str:
 
 
 def print_dry_run(plan: Plan) -> list[dict]:
-    from rich.table import Table
-
     rows = dry_run(plan)
-    table = Table(title=f"grid {plan.grid.scale}: {count_cells(plan)} cells over {len(plan.grid.datasets)} dataset(s) → {plan.grid.run_root}")
-    for column in ("dataset", "row", "role", "stage", "artifact", "state", "est."):
-        table.add_column(column)
+    colours = {"cached": "green", "to run": "yellow", "pending": "cyan"}
+    console.print(f"[bold]grid {plan.grid.scale}[/]: {count_cells(plan)} cells over {len(plan.grid.datasets)} dataset(s) → {plan.grid.run_root}")
+    width = max((len(r["row"]) for r in rows), default=4)
+    dataset = None
     for r in rows:
-        est = "" if r["estimate_s"] is None else f"{r['estimate_s'] / 60:.1f} min"
-        colour = {"cached": "green", "to run": "yellow", "pending": "cyan"}[r["state"]]
-        table.add_row(r["dataset"], r["row"], r["role"], r["stage"], r["path"], f"[{colour}]{r['state']}[/]", est)
-    console.print(table)
+        if r["dataset"] != dataset:
+            dataset = r["dataset"]
+            console.print(f"[bold]{dataset}[/] ({plan.grid.run_root / dataset})")
+        est = "" if r["estimate_s"] is None else f"  ~{r['estimate_s'] / 60:.1f} min"
+        role = "valid" if r["role"].startswith("select") else "test "
+        state = f"[{colours[r['state']]}]{r['state']:<7}[/]"
+        console.print(f"  {state}  {r['row']:<{width}}  {role}  {r['stage']:<14} {r['path']}{est}", soft_wrap=True)
     todo = [r for r in rows if r["state"] != "cached"]
     known = [r["estimate_s"] for r in todo if r["estimate_s"] is not None]
-    console.print(f"{len(rows) - len(todo)} of {len(rows)} steps cached; {len(todo)} to run or pending")
+    console.print(f"{len(rows) - len(todo)} of {len(rows)} steps cached; {len(todo)} to run or pending "
+                  "(pending: an upstream step runs first, or the test decode waits for the choice of α on valid)")
     if known:
+        if len(plan.grid.datasets) > 1:
+            per = {d.name: sum(r["estimate_s"] or 0 for r in todo if r["dataset"] == d.name) / 3600 for d in plan.grid.datasets}
+            console.print("estimated per dataset: " + ", ".join(f"{k} {v:.1f} h" for k, v in per.items()), soft_wrap=True)
         console.print(f"estimated cost of what is left: {sum(known) / 3600:.2f} h "
-                      f"(cost model `cost:` in {plan.grid.path}; {len(todo) - len(known)} steps without an estimate)")
+                      f"(cost model `cost:` in {plan.grid.path}; {len(todo) - len(known)} steps without an estimate)", soft_wrap=True)
     for row, why in plan.unavailable.items():
-        console.print(f"[yellow]left out:[/] {row}: {why}")
-    console.print("α" + (" and β" if any(len(r.candidates) > len(plan.grid.selection.alphas) for r in plan.rows) else "")
-                  + f" chosen on the validation split by {plan.grid.selection.metric} (the reference picks α on test; we do not)")
+        console.print(f"[yellow]left out:[/] {row}: {why}", soft_wrap=True)
+    selects_beta = any(len({c.candidate["sft"] for c in r.candidates}) > 1 for r in plan.rows)
+    console.print(("α and β" if selects_beta else "α") + f" chosen on the validation split by {plan.grid.selection.metric} "
+                  "(the reference picks α by test metrics; we do not)", soft_wrap=True)
     return rows

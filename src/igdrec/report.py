@@ -90,12 +90,12 @@ def _per_sample(cell: G.Cell) -> pl.DataFrame:
     return schema.read(run.artifact(f"metrics/{cell.metrics}", "per_sample.parquet"), "per_sample_metrics").sort("sample_id")
 
 
-def improvement(base: G.Cell, better: G.Cell, metric: str, base_value: float) -> dict:
+def improvement(base: G.Cell, better: G.Cell, metric: str, base_value: float, resamples: int = BOOTSTRAP) -> dict:
     """Relative improvement (%) of `better` over `base` and the paired-bootstrap 95% CI of the difference."""
     a, b = _per_sample(base), _per_sample(better)
     if a["sample_id"].to_list() != b["sample_id"].to_list():
         raise IgdrecError(f"metrics/{better.metrics}: evaluates other test samples than metrics/{base.metrics}; cannot pair them")
-    diff, lo, hi = paired_bootstrap(a[metric].to_numpy(), b[metric].to_numpy(), BOOTSTRAP, seed=0)
+    diff, lo, hi = paired_bootstrap(a[metric].to_numpy(), b[metric].to_numpy(), resamples, seed=0)
     rel = 100.0 * diff / base_value if base_value else None
     return {"diff": diff, "ci_low": lo, "ci_high": hi, "rel_pct": rel}
 
@@ -187,7 +187,7 @@ def table1(c: _Collected, out: Path) -> list[dict]:
                         rows.append(line)
         md += [f"## {ds.name}", "", _md_table(header, rows), ""]
     md += ["Improvement: relative change of +IGD over its base row (IGD − base) / base, then Δ = IGD − base with its "
-           f"paired-bootstrap 95% interval over the test samples ({BOOTSTRAP} resamples). Rows marked n/a need a stage "
+           "paired-bootstrap 95% interval over the test samples (resamples: the metrics `bootstrap` setting, default 1000). Rows marked n/a need a stage "
            "this igdrec does not have yet (see README.md). α (and β where several are listed) were chosen on the "
            "validation split; the paper's columns are the paper's own numbers (Qwen2.5-1.5B, full Amazon test sets), "
            "never ours."]
@@ -203,8 +203,9 @@ def _improvement_record(c: _Collected, ds, base: str, better: str, paper) -> dic
         return None
     record = {"dataset": ds.name, "row": f"improvement:{better}", "method": "Improvement", "kind": "improvement",
               "metrics": f"{b.metrics} vs {a.metrics}", "n_samples": vb["n_samples"], "sft": None, "beta": None, "alpha": None}
+    resamples = int(ds.stages.get("metrics", {}).get("bootstrap", BOOTSTRAP))
     for m in METRICS:
-        imp = improvement(a, b, m, va[m])
+        imp = improvement(a, b, m, va[m], resamples)
         record |= {m: imp["rel_pct"], f"diff_{m}": imp["diff"], f"ci_low_{m}": imp["ci_low"], f"ci_high_{m}": imp["ci_high"]}
     if paper and base in paper:
         record |= {f"paper_{m}": 100 * (p1 - p0) / p0 for m, p0, p1 in zip(METRICS, paper[base], paper[better])}
