@@ -75,6 +75,10 @@ def test_every_available_row_is_in_table1_and_equals_its_metrics_artifact(finish
         assert summary["split"] == "test" and int(r["n_samples"]) == summary["n_samples"] == 6
         for m in report.METRICS:
             assert float(r[m]) == summary[m]
+        decode = json.loads((tmp / "grid" / "toy" / "decode" / summary["decode"] / "stage.json").read_text())["params"]
+        assert float(r["alpha"]) == decode["alpha"] and r["sft"] == decode["source"]
+        sft = json.loads((tmp / "grid" / "toy" / "sft" / r["sft"] / "stage.json").read_text())["params"]
+        assert r["beta"] == ("" if "beta" not in sft else repr(sft["beta"]))
     improvements = [r for r in rows if r["kind"] == "improvement"]
     assert [r["row"] for r in improvements] == ["improvement:bigrec+igd", "improvement:d3+igd"]
     for r in improvements:

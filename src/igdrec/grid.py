@@ -360,8 +360,10 @@ def plan_grid(grid: GridConfig, only: str | None = None) -> Plan:
     for row in wanted:
         why = row_unavailable(row)
         if why:
-            if only or grid.explicit_rows:
-                raise IgdrecError(f"row {row!r} {why}; leave it out of `rows:` in {grid.path}")
+            if only:
+                raise IgdrecError(f"--only {row}: the row {why}")
+            if grid.explicit_rows:
+                raise IgdrecError(f"{grid.path}:rows: {row} {why}; leave it out of `rows:`")
             unavailable[row] = why
     runnable = [row for row in wanted if row not in unavailable]
     rows = [_Planner(grid, dataset).row(row) for dataset in grid.datasets for row in runnable]  # dataset by dataset

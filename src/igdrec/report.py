@@ -143,6 +143,19 @@ class _Collected:
         return _metrics(self.cell(dataset, row))
 
 
+def _settings(cell: G.Cell | None, values: dict | None) -> tuple[str | None, float | None, float | None]:
+    """(fine-tune, its β, decoding α) as recorded by the artifacts behind a metrics result."""
+    if cell is None or values is None or "decode" not in values:
+        return None, None, None
+    run = RunDir(cell.steps[0].run_dir)
+    decode = run.manifest(f"decode/{values['decode']}") or {}
+    params = decode.get("params", {})
+    sft_name = params.get("source")
+    sft = run.manifest(f"sft/{sft_name}") if sft_name else None
+    beta = sft["params"].get("beta") if sft else None
+    return sft_name, beta, params.get("alpha")
+
+
 def table1(c: _Collected, out: Path) -> list[dict]:
     records = []
     md = ["# Table 1: performance comparison (test split)", ""]
@@ -160,10 +173,10 @@ def table1(c: _Collected, out: Path) -> list[dict]:
             if key not in c.by_key:
                 continue
             cell, values = c.cell(*key), c.values(*key)
+            sft, beta, alpha = _settings(cell, values)
             record = {"dataset": ds.name, "row": row, "method": G.ROWS[row]["label"], "kind": "score",
                       "metrics": cell.metrics if cell else None, "n_samples": values["n_samples"] if values else None,
-                      "sft": cell.candidate.get("sft") if cell else None, "beta": cell.candidate.get("beta") if cell else None,
-                      "alpha": cell.candidate.get("alpha") if cell else None}
+                      "sft": sft, "beta": beta, "alpha": alpha}
             record |= {m: values[m] if values else None for m in METRICS}
             if paper and row in paper:
                 record |= {f"paper_{m}": v for m, v in zip(METRICS, paper[row])}
@@ -237,7 +250,7 @@ def table2(c: _Collected, out: Path) -> list[dict]:
                 continue
             cell, values = c.cell(ds.name, row), c.values(ds.name, row)
             record = {"dataset": ds.name, "method": label, "row": row, "metrics": cell.metrics if cell else None,
-                      "alpha": cell.candidate.get("alpha") if cell else None} | {m: values[m] if values else None for m in METRICS}
+                      "alpha": _settings(cell, values)[2]} | {m: values[m] if values else None for m in METRICS}
             if paper:
                 record |= {f"paper_{m}": v for m, v in zip(METRICS, paper[label])}
             records.append(record)
