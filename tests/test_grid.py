@@ -210,3 +210,32 @@ def test_paper_numbers_appear_only_in_columns_labelled_paper(finished, tmp_path)
         labelled.write_text(yaml.safe_dump(spec))
         G.load_grid(labelled)
     report.write_reports(tmp / "grid")  # back to the run's own config
+
+
+def test_several_gpus_launch_sft_through_torchrun_with_the_same_config(monkeypatch, tmp_path, tiny_model_dir):
+    from igdrec import config as cfg
+
+    plan = G.plan_grid(G.load_grid(grid_yaml(tmp_path, tiny_model_dir)), only="bigrec+pos")
+    step = next(s for s in plan.rows[0].fixed.steps if s.stage == "sft")
+    launched = {}
+
+    def fake_run(command, check):
+        config_path = command[command.index("--config") + 1]
+        launched["command"] = command
+        launched["config"] = cfg.load_stage_config("sft", config_path)
+
+        class Done:
+            returncode = 0
+
+        return Done()
+
+    monkeypatch.setattr(G, "_gpu_count", lambda: 4)
+    monkeypatch.setattr(G.subprocess, "run", fake_run)
+    G.run_step(step)
+    command = launched["command"]
+    assert "--nproc_per_node=4" in command and command[command.index("-m") + 1:command.index("-m") + 3] == ["igdrec.cli", "sft"]
+    assert command[command.index("--run-dir") + 1] == str(step.run_dir)
+    assert launched["config"] == step.config
+    monkeypatch.setattr(G.subprocess, "run", lambda command, check: type("Failed", (), {"returncode": 3})())
+    with pytest.raises(IgdrecError, match="torchrun .4 GPUs. failed with exit code 3"):
+        G.run_step(step)

@@ -289,6 +289,9 @@ def table3(c: _Collected, out: Path) -> list[dict]:
                              f"{record['batch_size']} / {record['micro_batch_size']}", _f(s_per_step, 3),
                              "—" if ratio is None else f"{ratio:.3f}×", f"{PAPER_TABLE3[weighting]:.4g}×"])
         md += [f"## {ds.name}", "", _md_table(["Method", "fine-tune", "steps", "batch / micro-batch", "s/step", "ours ÷ plain", "paper ÷ default"], rows), ""]
+        settings = {(r["batch_size"], r["micro_batch_size"]) for r in records if r["dataset"] == ds.name}
+        if len(settings) > 1:
+            md += ["**The fine-tunes above use different batch settings: their s/step ratios are not comparable.**", ""]
     md += ["s/step = the sft stage's train_seconds / steps (its own wall clock of the optimiser steps, validation excluded), "
            "every fine-tune with the same batch settings; the paper column is the paper's Table 3 (Pos 1.03×, CFT 2.05×, IGD 1.035×)."]
     (out / "table3.md").write_text("\n".join(md) + "\n")
