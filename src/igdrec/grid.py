@@ -66,7 +66,6 @@ TABLE1_ROWS = ["gru4rec", "sasrec", "bigrec", "bigrec+pos", "bigrec+cft", "bigre
 TABLE2_ROWS = [("IGD", "d3+igd"), ("w/o w_d", "d3+igd-no-wd"), ("w/o w_t", "d3+igd-no-wt"), ("w/o both", "d3")]
 IMPROVEMENTS = [("bigrec", "bigrec+igd"), ("d3", "d3+igd")]  # (base, +IGD): the Improvement rows
 WEIGHTINGS = ("plain", "pos", "cft", "igd")
-BASELINE_MODULE = "igdrec.stages.baseline"
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -238,11 +237,13 @@ class Plan:
 
 
 def stage_available(stage: str) -> bool:
-    if stage == "baseline":
-        import importlib.util
+    """Whether this igdrec has the stage: its config class, its module, and the CLI's runner knows it."""
+    import importlib.util
 
-        return "baseline" in cfg.STAGE_CONFIGS and importlib.util.find_spec(BASELINE_MODULE) is not None
-    return stage in cfg.STAGE_CONFIGS
+    from igdrec.cli import STAGE_MODULES  # noqa: PLC0415 - the CLI imports this module lazily, no cycle at import time
+
+    module = STAGE_MODULES.get(stage)
+    return stage in cfg.STAGE_CONFIGS and module is not None and importlib.util.find_spec(module) is not None
 
 
 def _has_field(cls: type, name: str) -> bool:

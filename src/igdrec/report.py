@@ -199,6 +199,10 @@ def table1(c: _Collected, out: Path) -> list[dict]:
                             line += [f"{100 * (p1 - p0) / p0:+.1f}%" for p0, p1 in zip(paper[base], paper[better])]
                         rows.append(line)
         md += [f"## {ds.name}", "", _md_table(header, rows), ""]
+        counts = {r["n_samples"] for r in records if r["dataset"] == ds.name and r["kind"] == "score" and r["n_samples"]}
+        if len(counts) > 1:
+            md += [f"**The rows above were scored on different numbers of test samples ({', '.join(map(str, sorted(counts)))}); "
+                   "compare rows with the same count only.**", ""]
     md += ["Improvement: relative change of +IGD over its base row (IGD − base) / base, then Δ = IGD − base with its "
            "paired-bootstrap 95% interval over the test samples (resamples: the metrics `bootstrap` setting, default 1000). Rows marked n/a need a stage "
            "this igdrec does not have yet (see README.md). α (and β where several are listed) were chosen on the "
