@@ -217,6 +217,7 @@ def test_several_gpus_launch_sft_through_torchrun_with_the_same_config(monkeypat
 
     plan = G.plan_grid(G.load_grid(grid_yaml(tmp_path, tiny_model_dir)), only="bigrec+pos")
     step = next(s for s in plan.rows[0].fixed.steps if s.stage == "sft")
+    assert step.config.resume  # a killed grid picks an interrupted fine-tune up from its checkpoint
     launched = {}
 
     def fake_run(command, check):
@@ -239,3 +240,27 @@ def test_several_gpus_launch_sft_through_torchrun_with_the_same_config(monkeypat
     monkeypatch.setattr(G.subprocess, "run", lambda command, check: type("Failed", (), {"returncode": 3})())
     with pytest.raises(IgdrecError, match="torchrun .4 GPUs. failed with exit code 3"):
         G.run_step(step)
+
+
+def test_a_killed_grid_resumes_without_redoing_finished_steps(monkeypatch, tmp_path, tiny_model_dir):
+    synthetic_run(tmp_path / "grid" / "toy")
+    plan = G.plan_grid(G.load_grid(grid_yaml(tmp_path, tiny_model_dir)), only="d3")
+    real_run_step = G.run_step
+
+    def killed_at_rerank(step, force=False):
+        if step.stage == "rerank":
+            raise KeyboardInterrupt
+        real_run_step(step, force)
+
+    monkeypatch.setattr(G, "run_step", killed_at_rerank)
+    with pytest.raises(KeyboardInterrupt):
+        G.run_grid(plan, report=False)
+    monkeypatch.setattr(G, "run_step", real_run_step)
+    run = tmp_path / "grid" / "toy"
+    finished = {p: p.stat().st_mtime_ns for p in run.rglob("stage.json")}
+    assert {p.parent.parent.name for p in finished if p.parent.parent != run} == {"sft", "decode"}
+    states = {r["stage"]: r["state"] for r in G.dry_run(plan)}
+    assert states == {"build-ig-index": "cached", "sft": "cached", "decode": "cached", "rerank": "to run", "metrics": "to run"}
+    G.run_grid(plan, report=False)
+    assert all(p.stat().st_mtime_ns == t for p, t in finished.items())
+    assert {r["state"] for r in G.dry_run(plan)} == {"cached"}

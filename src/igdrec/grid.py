@@ -296,7 +296,8 @@ class _Planner:
         steps = []
         for combo in combos:
             chosen = {**values, **dict(zip(grid_keys, combo)), "weighting": weighting}
-            merged = {**self.ds.stages.get("sft", {}), **chosen}
+            # resume: a grid killed mid-fine-tune continues from the fine-tune's last checkpoint
+            merged = {"resume": True, **self.ds.stages.get("sft", {}), **chosen}
             config = _build("sft", merged, f"{self.where}.weightings.{weighting}")
             if config.name is None or len(combos) > 1:  # one name cannot stand for several fine-tunes
                 config = dataclasses.replace(config, name=sft_default_name(dataclasses.replace(config, name=None)))
@@ -594,7 +595,7 @@ class _Progress:
         elapsed = time.perf_counter() - self.started
         left = self.total - self.done
         eta = f"{self.worked_s / self.worked_cells * left / 60:.0f} min" if self.worked_cells else "?"
-        err_console.rule(f"[bold]grid cell {self.done + 1}/{self.total}[/] {label}  ·  elapsed {elapsed / 60:.1f} min  ·  ETA {eta}")
+        err_console.rule(f"[bold]grid cell {self.done + 1}/{self.total}[/] · elapsed {elapsed / 60:.1f} min · ETA {eta} · {label}", align="left")
         return time.perf_counter()
 
     def end(self, started: float, cached: bool) -> None:
