@@ -352,6 +352,11 @@ class _Planner:
                        lambda chosen: self.llm_cell(row, by_sft[chosen["sft"]], "test", lp, chosen["alpha"], tfa))
 
 
+def fine_tunes(grid: GridConfig, dataset: Dataset, weighting: str) -> list[Step]:
+    """The sft steps of one weighting in one dataset (several when the config lists candidate values)."""
+    return _Planner(grid, dataset).sft_variants(weighting)
+
+
 def plan_grid(grid: GridConfig, only: str | None = None) -> Plan:
     if only is not None and only not in ROWS:
         close = difflib.get_close_matches(only, list(ROWS), n=1, cutoff=0.5)

@@ -275,10 +275,9 @@ def table3(c: _Collected, out: Path) -> list[dict]:
     md = ["# Table 3: training time relative to plain fine-tuning", ""]
     for ds in c.plan.grid.datasets:
         run = RunDir(ds.run_dir)
-        planner = G._Planner(c.plan.grid, ds)
         rows, plain_s = [], None
         for weighting in G.WEIGHTINGS:
-            for step in planner.sft_variants(weighting):
+            for step in G.fine_tunes(c.plan.grid, ds, weighting):
                 manifest = run.manifest(step.path)
                 stats = manifest["stats"] if manifest else {}
                 s_per_step = stats["train_seconds"] / stats["steps"] if stats.get("steps") else None
@@ -344,9 +343,8 @@ def figures(c: _Collected, out: Path) -> tuple[list[tuple[str, str]], str | None
                 made.append((name, F.entropy_difference(series, out / name, ds.name)))
             logs = {}
             run = RunDir(ds.run_dir)
-            planner = G._Planner(c.plan.grid, ds)
             for weighting in ("plain", "igd"):
-                for step in planner.sft_variants(weighting):
+                for step in G.fine_tunes(c.plan.grid, ds, weighting):
                     if run.manifest(step.path):
                         logs[f"{weighting} ({step.path.split('/', 1)[1]})"] = schema.read(run.artifact(step.path, "train_log.parquet"), "train_log")
             if logs:
