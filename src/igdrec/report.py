@@ -175,7 +175,7 @@ def table1(c: _Collected, out: Path) -> list[dict]:
             cell, values = c.cell(*key), c.values(*key)
             sft, beta, alpha = _settings(cell, values)
             record = {"dataset": ds.name, "row": row, "method": G.ROWS[row]["label"], "kind": "score",
-                      "metrics": cell.metrics if cell else None, "n_samples": values["n_samples"] if values else None,
+                      "metrics": cell.metrics if values else None, "n_samples": values["n_samples"] if values else None,
                       "sft": sft, "beta": beta, "alpha": alpha}
             record |= {m: values[m] if values else None for m in METRICS}
             if paper and row in paper:
@@ -253,7 +253,7 @@ def table2(c: _Collected, out: Path) -> list[dict]:
             if (ds.name, row) not in c.by_key:
                 continue
             cell, values = c.cell(ds.name, row), c.values(ds.name, row)
-            record = {"dataset": ds.name, "method": label, "row": row, "metrics": cell.metrics if cell else None,
+            record = {"dataset": ds.name, "method": label, "row": row, "metrics": cell.metrics if values else None,
                       "alpha": _settings(cell, values)[2]} | {m: values[m] if values else None for m in METRICS}
             if paper:
                 record |= {f"paper_{m}": v for m, v in zip(METRICS, paper[label])}
