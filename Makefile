@@ -25,7 +25,7 @@ LOWEST := .venv-lowest
 LOWEST_STAMP := $(LOWEST)/.igdrec-installed
 TORCH_LOWEST_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-lowest lock demo bench-ig bench-sft bench-decode clean-venv
+.PHONY: install test test-lowest lock demo bench-ig bench-sft bench-decode clean-venv reproduce-table1
 
 install: $(STAMP)
 
@@ -66,6 +66,13 @@ test-lowest: $(LOWEST_STAMP)
 
 demo: install
 	$(BIN)/igdrec run configs/demo.yaml --run-dir $(RUN_DIR)
+
+# The paper's Tables 1–4 and figures: SCALE = smoke | mini (default) | gpu | paper (configs/grid/SCALE.yaml).
+# Resumable: rerun after a kill and the finished cells are cached. Reports: runs/grid/SCALE/reports/.
+SCALE ?= mini
+reproduce-table1: install
+	@test -f configs/grid/$(SCALE).yaml || { echo "SCALE=$(SCALE): no configs/grid/$(SCALE).yaml (smoke, mini, gpu, paper)"; exit 2; }
+	$(BIN)/igdrec grid configs/grid/$(SCALE).yaml
 
 bench-ig: install
 	$(BIN)/python bench/bench_ig_index.py

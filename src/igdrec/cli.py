@@ -345,6 +345,45 @@ def recommend(
         err_console.print(f"[yellow]note:[/] only {len(found)} items left after leaving out the history")
 
 
+@app.command("grid")
+def grid_command(
+    config_file: Annotated[Path, typer.Argument(help="Grid YAML (configs/grid/<scale>.yaml): datasets, shared stage settings, variants, selection.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan, each step's cache state and the cost estimate; run nothing.")] = False,
+    only: Annotated[Optional[str], typer.Option("--only", help="Run one row only (e.g. d3+igd); its upstream steps run as needed.")] = None,
+    run_root: Annotated[Optional[Path], typer.Option("--run-root", help="Where the run directories and reports go (default: the config's run_root).")] = None,
+    force: ForceOpt = False,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="Write the tables and figures when the grid is done.")] = True,
+):
+    """Run the paper's grid (Tables 1–4, figures): every cell a cached stage chain; resumable after a kill."""
+    try:
+        from igdrec import grid
+
+        plan = grid.plan_grid(grid.load_grid(config_file, run_root=run_root), only=only)
+        if dry_run:
+            grid.print_dry_run(plan)
+            return
+        grid.run_grid(plan, force=force, report=report)
+    except IgdrecError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted:[/] the grid stopped; finished cells are cached, rerun the same command to go on")
+        raise typer.Exit(130)
+
+
+@app.command("report")
+def report_command(
+    run_root: Annotated[Path, typer.Argument(help="A grid's run root (holds grid-config.yaml).")],
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Grid YAML to use instead of the run root's copy.")] = None,
+):
+    """Re-render a grid's tables, figures and README from its artifacts (recomputes nothing)."""
+    try:
+        from igdrec import report as report_module
+
+        report_module.write_reports(run_root, config=config)
+    except IgdrecError as exc:
+        _fail(exc)
+
+
 def main() -> None:  # pragma: no cover - console entry
     app(prog_name="igdrec")
 

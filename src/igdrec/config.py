@@ -263,13 +263,13 @@ class BaselineConfig:
     epochs: int = option(300, "Most training epochs (early stopping usually ends sooner).", min=1)
     lr: float = option(1e-3, "Adam learning rate.", gt=0.0)
     batch_size: int = option(2048, "Training windows per optimiser step.", min=1)
-    patience: int = option(10, "Stop after this many more epochs without a better valid NDCG@10 (RecBole's stopping_step).")
+    patience: int = option(10, "Stop after this many more epochs without a better valid NDCG@10 (RecBole's stopping_step).", min=0)
     hidden_size: int = option(64, "SASRec: hidden size (= item embedding size); GRU4Rec: item embedding size.", min=1)
-    n_layers: int | None = option(None, "Transformer layers (SASRec, default 2) or GRU layers (GRU4Rec, default 1).")
+    n_layers: int | None = option(None, "Transformer layers (SASRec, default 2) or GRU layers (GRU4Rec, default 1).", min=1)
     n_heads: int = option(2, "SASRec: attention heads.", min=1)
     inner_size: int = option(256, "SASRec: feed-forward inner size.", min=1)
-    dropout: float | None = option(None, "Hidden dropout (SASRec, default 0.5) or dropout on the item embeddings (GRU4Rec, default 0.3).")
-    attn_dropout: float = option(0.5, "SASRec: dropout on the attention probabilities.", min=0.0, max=1.0)
+    dropout: float | None = option(None, "Hidden dropout (SASRec, default 0.5) or dropout on the item embeddings (GRU4Rec, default 0.3).", min=0.0, max=0.99)
+    attn_dropout: float = option(0.5, "SASRec: dropout on the attention probabilities.", min=0.0, max=0.99)
     gru_hidden_size: int = option(128, "GRU4Rec: GRU hidden size.", min=1)
     seed: int = option(42, "Seed of the initialisation, the batch order and dropout.")
     top_k: int = option(20, "Length of the ranked test lists in topk.parquet.", min=1)
@@ -289,6 +289,8 @@ class MetricsConfig:
     name: str | None = option(None, "Name of the metrics result (default: the rerank's or baseline's name).", key=False)
     ks: list[int] = option(factory=lambda: [1, 3, 5, 10, 20], help="Comma-separated cut-offs K (those beyond the list length are dropped).", min=1)
     diversity_k: int = option(10, "List length the diversity and entropy statistics look at.", min=1)
+    limit: int | None = option(None, "Score only the first N samples of the split in sample_id order (e.g. a baseline "
+                                     "beside a --limit'ed decode, so both are scored on the same samples).", min=1)
     bootstrap: int = option(1000, "Paired bootstrap resamples of --compare.", min=1, key=False)
     seed: int = option(0, "Seed of the --compare bootstrap.", key=False)
 
@@ -421,8 +423,9 @@ _NONE = ("none", "null")
 
 def suggestion(value: Any, known) -> str:
     """' (did you mean X?)' for the closest known value, or ''."""
-    close = difflib.get_close_matches(str(value), [str(k) for k in known], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    by_folded = {str(k).lower(): str(k) for k in known}  # a case slip ("SASRec") is a near miss too
+    close = difflib.get_close_matches(str(value).lower(), list(by_folded), n=1, cutoff=0.6)
+    return f" (did you mean {by_folded[close[0]]!r}?)" if close else ""
 
 
 def parse(opt: Option, value: Any, where: str) -> Any:

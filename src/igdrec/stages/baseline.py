@@ -18,7 +18,6 @@ history stay candidates.
 
 from __future__ import annotations
 
-import difflib
 import time
 from dataclasses import asdict, fields
 
@@ -27,6 +26,7 @@ from rich.progress import TextColumn
 
 from igdrec import schema, seqrec
 from igdrec.config import BaselineConfig
+from igdrec import config as cfg
 from igdrec.console import console, print_table, progress_bar
 from igdrec.errors import IgdrecError
 from igdrec.modeling import pick_device
@@ -37,23 +37,8 @@ VALID_METRIC = "NDCG@10"
 
 
 def check_config(config: BaselineConfig) -> None:
-    if config.model not in seqrec.MODELS:
-        near = difflib.get_close_matches(config.model.lower(), seqrec.MODELS, n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise IgdrecError(f"--model {config.model!r}: expected one of {', '.join(seqrec.MODELS)}{hint}")
-    for option in ("epochs", "batch_size", "top_k", "eval_batch_size", "hidden_size", "n_heads", "inner_size", "gru_hidden_size"):
-        if getattr(config, option) < 1:
-            raise IgdrecError(f"--{option.replace('_', '-')} {getattr(config, option)}: must be a positive integer")
-    if config.n_layers is not None and config.n_layers < 1:
-        raise IgdrecError(f"--n-layers {config.n_layers}: must be a positive integer")
-    if config.patience < 0:
-        raise IgdrecError(f"--patience {config.patience}: must be ≥ 0")
-    if config.lr <= 0:
-        raise IgdrecError(f"--lr {config.lr}: must be positive")
-    for option in ("dropout", "attn_dropout"):
-        value = getattr(config, option)
-        if value is not None and not 0.0 <= value < 1.0:
-            raise IgdrecError(f"--{option.replace('_', '-')} {value}: must lie in [0, 1)")
+    """The option rules of config.py (choices, bounds), plus what only the architecture knows."""
+    cfg.check(config)
     if config.model == "sasrec" and config.hidden_size % config.n_heads:
         raise IgdrecError(f"--hidden-size {config.hidden_size}: must be a multiple of --n-heads {config.n_heads}")
 
@@ -65,7 +50,7 @@ def model_settings(config: BaselineConfig) -> seqrec.ModelSettings:
 
 def cache_params(config: BaselineConfig) -> dict:
     """The fields that change the result (option key=True), the architecture resolved to its defaults."""
-    params = {f.name: getattr(config, f.name) for f in fields(config) if f.metadata.get("key", True)}
+    params = cfg.key_params(config)
     if config.model == "pop":  # nothing is trained: only the top-K matters
         return {"model": "pop", "top_k": config.top_k}
     return params | asdict(model_settings(config))
@@ -80,7 +65,7 @@ def run(config: BaselineConfig, run_dir: RunDir, force: bool = False) -> dict:
     params = cache_params(config)
     with StageWriter(run, f"baseline/{name}", stage="baseline", params=params, inputs={"data": data["fingerprint"]}, force=force) as out:
         if out.cached:
-            console.print(f"baseline [bold]{name}[/] is cached ({run.stage_dir(f'baseline/{name}')})")
+            out.report_cached()
             return out.manifest
         items = schema.read(run.artifact("data", "items.parquet"), "items").sort("item_id")
         n_items = items.height

@@ -123,13 +123,17 @@ def evaluate(run: RunDir, source: RankedSource, config: MetricsConfig) -> tuple[
     items = schema.read(run.artifact("data", "items.parquet"), "items")
     samples = schema.read(run.artifact("data", f"{split}.parquet"), "samples").sort("sample_id")
     n_split = samples.height
-    limit = source.limit
-    if limit is not None:
-        samples = samples.head(limit)  # the decode covered exactly these: every one of them counts
+    if source.limit is not None:
+        samples = samples.head(source.limit)  # the decode covered exactly these: every one of them counts
     topk = schema.read(source.topk_path, "topk").sort(["sample_id", "rank"])
     unknown = topk.filter(~pl.col("sample_id").is_in(samples["sample_id"].implode()))
     if unknown.height:
         raise IgdrecError(f"{source.topk_path}: sample {unknown['sample_id'][0]} is not among the {samples.height} ranked {split} samples")
+    if config.limit is not None:
+        if config.limit > samples.height:
+            raise IgdrecError(f"--limit {config.limit}: {source.kind} {source.name} ranked only {samples.height} {split} samples")
+        samples = samples.head(config.limit)  # e.g. a baseline scored on the samples a --limit'ed decode covered
+        topk = topk.filter(pl.col("sample_id").is_in(samples["sample_id"].implode()))
     titles = dict(zip(items["item_id"].to_list(), items["title"].to_list()))
     lists = dict(topk.group_by("sample_id", maintain_order=True).agg("item_id").iter_rows())
     sample_ids = samples["sample_id"].to_list()
@@ -163,7 +167,7 @@ def evaluate(run: RunDir, source: RankedSource, config: MetricsConfig) -> tuple[
 def _print_summary(name: str, summary: dict, ks) -> None:
     scope = f"{summary['n_samples']:,} of {summary['n_split_samples']:,} {summary['split']} samples"
     if summary["limited"]:
-        scope += " (a --limit'ed decode: only the decoded samples count)"
+        scope += " (limited: only the first ranked samples count)"
     console.print(f"[bold]metrics {name}[/]: {scope}")
     table = Table()
     table.add_column("K", justify="right")

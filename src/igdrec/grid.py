@@ -1,0 +1,707 @@
+"""The paper's experiment grid (Tables 1–2, docs/method.md §8) as cached stage chains: plan, dry run, run.
+
+A grid config (YAML, see `configs/grid/`) names the datasets, the settings shared by every stage, the
+fine-tuning variants (Pos, CFT, IGD and their candidate values) and the selection grid. From it
+`plan_grid` builds the rows of the paper's tables; each row is one or more *cells*, a cell being one
+chain of stages that ends in a `metrics` artifact. Cells share their upstream stages through the
+run directory's stage cache: per dataset one preprocess and one IG index, one fine-tune per variant,
+and many decodes of each. `<run_root>/<dataset>/` is each dataset's run directory.
+
+Selection (α, and β when several IGD β are listed) happens on the **validation** split: every candidate
+is decoded on `selection.valid_limit` valid samples, reranked and scored, the best `selection.metric`
+wins (ties: the earlier candidate, i.e. the smaller α), and only the winner is decoded on test. (The
+reference code picks α by test metrics; we do not.)
+
+Rows whose stage this igdrec does not have yet (the `baseline` stage, TFA inside decode) are
+*unavailable*: left out of `rows: all` with a note, an error when asked for by name.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import dataclasses
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from igdrec import config as cfg
+from igdrec.console import console, err_console
+from igdrec.errors import IgdrecError
+from igdrec.rundir import MANIFEST, RunDir, write_json_atomic
+from igdrec.stages.sft import default_name as sft_default_name
+
+GRID_STATE = "grid.json"
+CONFIG_COPY = "grid-config.yaml"
+
+# The rows of the paper's tables, in table order. `sft`: the fine-tuning variant; `lp`: length penalty
+# (1 = BIGRec, 0 = D3); `alpha`: "select" = chosen on valid from the α grid, else fixed.
+ROWS: dict[str, dict] = {
+    "gru4rec": {"label": "GRU4Rec", "baseline": "gru4rec"},
+    "sasrec": {"label": "SASRec", "baseline": "sasrec"},
+    "bigrec": {"label": "BIGRec", "sft": "plain", "lp": 1.0, "alpha": 0.0},
+    "bigrec+pos": {"label": "+Pos", "sft": "pos", "lp": 1.0, "alpha": 0.0},
+    "bigrec+cft": {"label": "+CFT", "sft": "cft", "lp": 1.0, "alpha": 0.0},
+    "bigrec+igd": {"label": "+IGD", "sft": "igd", "lp": 1.0, "alpha": "select"},
+    "d3": {"label": "D3", "sft": "plain", "lp": 0.0, "alpha": 0.0},
+    "d3+pos": {"label": "+Pos", "sft": "pos", "lp": 0.0, "alpha": 0.0},
+    "d3+cft": {"label": "+CFT", "sft": "cft", "lp": 0.0, "alpha": 0.0},
+    "d3+igd": {"label": "+IGD", "sft": "igd", "lp": 0.0, "alpha": "select"},
+    "d3+tfa": {"label": "D3 + TFA (SASRec assistant; beyond the paper)", "sft": "plain", "lp": 0.0, "alpha": 0.0, "tfa": "sasrec"},
+    # Table 2 (D3 base): IGD is d3+igd, w/o both is d3.
+    "d3+igd-no-wd": {"label": "w/o w_d (α = 0)", "sft": "igd", "lp": 0.0, "alpha": 0.0},
+    "d3+igd-no-wt": {"label": "w/o w_t (plain SFT + α)", "sft": "plain", "lp": 0.0, "alpha": "select"},
+}
+TABLE1_ROWS = ["gru4rec", "sasrec", "bigrec", "bigrec+pos", "bigrec+cft", "bigrec+igd", "d3", "d3+pos", "d3+cft", "d3+igd", "d3+tfa"]
+TABLE2_ROWS = [("IGD", "d3+igd"), ("w/o w_d", "d3+igd-no-wd"), ("w/o w_t", "d3+igd-no-wt"), ("w/o both", "d3")]
+IMPROVEMENTS = [("bigrec", "bigrec+igd"), ("d3", "d3+igd")]  # (base, +IGD): the Improvement rows
+WEIGHTINGS = ("plain", "pos", "cft", "igd")
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class Selection:
+    alphas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4])
+    valid_limit: int | None = 100  # valid samples each candidate is decoded on (None: all)
+    metric: str = "NDCG@10"
+
+
+@dataclass
+class Dataset:
+    name: str
+    run_dir: Path
+    preprocess: dict | None  # None: the run directory already holds a finished `data` stage
+    stages: dict[str, dict]  # per-stage settings, the grid's shared ones with this dataset's on top
+    weightings: dict[str, dict]  # weighting -> {sft field: value or list of candidate values}
+    paper: str | None = None  # the paper's column (Books, Games, Toys, CDs) to show beside ours
+    cost: dict | None = None  # this dataset's cost model overrides (sizes before its data exist)
+
+
+@dataclass
+class GridConfig:
+    path: Path
+    scale: str
+    run_root: Path
+    datasets: list[Dataset]
+    selection: Selection
+    rows: list[str]
+    explicit_rows: bool
+    tfa_guidance: float
+    cost: dict = field(default_factory=dict)  # cost model for --dry-run (see estimate_seconds())
+    raw: dict = field(default_factory=dict)
+
+
+_TOP_KEYS = {"scale", "description", "run_root", "datasets", "stages", "weightings", "selection", "rows", "tfa_guidance", "cost"}
+_DATASET_KEYS = {"preprocess", "stages", "weightings", "paper", "cost"}
+_GRID_STAGES = ("build-ig-index", "sft", "decode", "rerank", "metrics", "baseline")
+
+
+def _mapping(value: Any, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise IgdrecError(f"{where}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _stage_sections(value: Any, where: str) -> dict[str, dict]:
+    sections = {}
+    for key, values in _mapping(value, where).items():
+        stage = key.replace("_", "-")
+        if stage not in _GRID_STAGES:
+            raise IgdrecError(f"{where}: unknown stage {key!r}; known: {', '.join(_GRID_STAGES)}")
+        sections[stage] = dict(_mapping(values, f"{where}.{key}"))
+    return sections
+
+
+def load_grid(path: str | Path, run_root: str | Path | None = None) -> GridConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise IgdrecError(f"{path}: grid config not found") from exc
+    except yaml.YAMLError as exc:
+        raise IgdrecError(f"{path}: is not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+    if not isinstance(raw, dict):
+        raise IgdrecError(f"{path}: top level must be a mapping")
+    unknown = sorted(set(raw) - _TOP_KEYS)
+    if unknown:
+        raise IgdrecError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(_TOP_KEYS))}")
+    root = Path(run_root or raw.get("run_root") or f"runs/grid-{raw.get('scale', path.stem)}")
+    shared = _stage_sections(raw.get("stages"), f"{path}:stages")
+    shared_weightings = _weightings(raw.get("weightings"), f"{path}:weightings")
+    datasets = []
+    for name, spec in _mapping(raw.get("datasets"), f"{path}:datasets").items():
+        where = f"{path}:datasets.{name}"
+        spec = _mapping(spec, where)
+        bad = sorted(set(spec) - _DATASET_KEYS)
+        if bad:
+            raise IgdrecError(f"{where}: unknown key(s) {', '.join(bad)}; known: {', '.join(sorted(_DATASET_KEYS))}")
+        stages = copy.deepcopy(shared)
+        for stage, values in _stage_sections(spec.get("stages"), f"{where}.stages").items():
+            stages.setdefault(stage, {}).update(values)
+        weightings = copy.deepcopy(shared_weightings)
+        for w, values in _weightings(spec.get("weightings"), f"{where}.weightings").items():
+            weightings.setdefault(w, {}).update(values)
+        preprocess = spec.get("preprocess")
+        if preprocess is not None:
+            preprocess = _mapping(preprocess, f"{where}.preprocess")
+            cfg.build(cfg.PreprocessConfig, preprocess, f"{where}.preprocess")  # check the keys now
+        paper = spec.get("paper")
+        if paper is not None and paper not in ("Books", "Games", "Toys", "CDs"):
+            raise IgdrecError(f"{where}.paper: {paper!r} is not one of the paper's datasets (Books, Games, Toys, CDs)")
+        datasets.append(Dataset(name, root / name, preprocess, stages, weightings, paper, _mapping(spec.get("cost"), f"{where}.cost")))
+    if not datasets:
+        raise IgdrecError(f"{path}: `datasets` is empty; name at least one dataset")
+    sel = _mapping(raw.get("selection"), f"{path}:selection")
+    bad = sorted(set(sel) - {f.name for f in dataclasses.fields(Selection)})
+    if bad:
+        raise IgdrecError(f"{path}:selection: unknown key(s) {', '.join(bad)}; known: alphas, valid_limit, metric")
+    selection = Selection(**sel)
+    if not selection.alphas:
+        raise IgdrecError(f"{path}:selection.alphas: give at least one α")
+    rows = raw.get("rows", "all")
+    explicit = rows != "all"
+    rows = list(ROWS) if rows == "all" else list(rows)
+    for row in rows:
+        if row not in ROWS:
+            close = difflib.get_close_matches(str(row), list(ROWS), n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise IgdrecError(f"{path}:rows: unknown row {row!r}{hint}; known: {', '.join(ROWS)}")
+    return GridConfig(path, str(raw.get("scale", path.stem)), root, datasets, selection, rows, explicit,
+                      float(raw.get("tfa_guidance", 1.0)), _mapping(raw.get("cost"), f"{path}:cost"), raw)
+
+
+def _weightings(value: Any, where: str) -> dict[str, dict]:
+    out = {}
+    for w, values in _mapping(value, where).items():
+        if w not in WEIGHTINGS:
+            raise IgdrecError(f"{where}: unknown weighting {w!r}; known: {', '.join(WEIGHTINGS)}")
+        out[w] = dict(_mapping(values, f"{where}.{w}"))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+
+@dataclass
+class Step:
+    """One stage invocation in one dataset's run directory."""
+
+    dataset: str
+    run_dir: Path
+    stage: str
+    path: str  # stage path inside the run directory: data, ig, sft/NAME, decode/NAME, ...
+    config: Any
+    after: tuple[str, ...] = ()  # stage paths of the upstream steps (same run directory)
+
+
+@dataclass
+class Cell:
+    """A chain of steps that ends in one metrics artifact."""
+
+    dataset: str
+    row: str
+    split: str
+    steps: list[Step]
+    metrics: str  # metrics name (artifact <run>/metrics/<name>.json)
+    candidate: dict  # the selected-over values (sft name, beta, alpha)
+
+
+@dataclass
+class RowPlan:
+    dataset: str
+    row: str
+    candidates: list[Cell]  # valid cells (empty when nothing is selected)
+    fixed: Cell | None  # the test cell when nothing is selected
+    make_test: Callable[[dict], Cell] | None  # the test cell for a chosen candidate
+
+
+@dataclass
+class Plan:
+    grid: GridConfig
+    rows: list[RowPlan]
+    unavailable: dict[str, str]  # row -> why it cannot run with this igdrec
+
+
+def stage_available(stage: str) -> bool:
+    """Whether this igdrec has the stage: its config class, its module, and the CLI's runner knows it."""
+    import importlib.util
+
+    from igdrec.cli import STAGE_MODULES  # noqa: PLC0415 - the CLI imports this module lazily, no cycle at import time
+
+    module = STAGE_MODULES.get(stage)
+    return stage in cfg.STAGE_CONFIGS and module is not None and importlib.util.find_spec(module) is not None
+
+
+def _has_field(cls: type, name: str) -> bool:
+    return name in {f.name for f in dataclasses.fields(cls)}
+
+
+def row_unavailable(row: str) -> str | None:
+    spec = ROWS[row]
+    if "baseline" in spec and not stage_available("baseline"):
+        return "needs the `baseline` stage (igdrec baseline), which this igdrec does not have yet"
+    if "baseline" in spec and not _has_field(cfg.MetricsConfig, "baseline"):
+        return "needs MetricsConfig.baseline (metrics of a baseline's topk), which this igdrec does not have yet"
+    if spec.get("tfa"):
+        if not _has_field(cfg.DecodeConfig, "tfa"):
+            return "needs TFA inside decode (DecodeConfig.tfa), which this igdrec does not have yet"
+        if not stage_available("baseline"):
+            return "needs the `baseline` stage for its SASRec assistant, which this igdrec does not have yet"
+    return None
+
+
+def _fmt(value: float) -> str:
+    return f"{value:g}"
+
+
+def _build(stage: str, values: dict, where: str):
+    return cfg.build(cfg.STAGE_CONFIGS[stage], values, where)
+
+
+class _Planner:
+    def __init__(self, grid: GridConfig, dataset: Dataset):
+        self.grid, self.ds = grid, dataset
+        self.where = f"{grid.path}:datasets.{dataset.name}"
+
+    def step(self, stage: str, path: str, values: dict, after: tuple[str, ...] = ()) -> Step:
+        return Step(self.ds.name, self.ds.run_dir, stage, path, _build(stage, values, f"{self.where}.{stage}"), after)
+
+    def upstream(self) -> list[Step]:
+        steps = []
+        if self.ds.preprocess is not None:
+            steps.append(self.step("preprocess", "data", self.ds.preprocess))
+        steps.append(self.step("build-ig-index", "ig", self.ds.stages.get("build-ig-index", {}), ("data",)))
+        return steps
+
+    def sft_variants(self, weighting: str) -> list[Step]:
+        """Every candidate fine-tune of a weighting (the product of its listed values)."""
+        values = dict(self.ds.weightings.get(weighting, {}))
+        grid_keys = [k for k, v in values.items() if isinstance(v, list) and k != "lora_target_modules"]
+        combos = itertools.product(*[values[k] for k in grid_keys]) if grid_keys else [()]
+        combos = list(combos)
+        steps = []
+        for combo in combos:
+            chosen = {**values, **dict(zip(grid_keys, combo)), "weighting": weighting}
+            # resume: a grid killed mid-fine-tune continues from the fine-tune's last checkpoint
+            merged = {"resume": True, **self.ds.stages.get("sft", {}), **chosen}
+            config = _build("sft", merged, f"{self.where}.weightings.{weighting}")
+            if config.name is None or len(combos) > 1:  # one name cannot stand for several fine-tunes
+                config = dataclasses.replace(config, name=sft_default_name(dataclasses.replace(config, name=None)))
+            steps.append(Step(self.ds.name, self.ds.run_dir, "sft", f"sft/{config.name}", config, ("data", "ig")))
+        return steps
+
+    def llm_cell(self, row: str, sft_step: Step, split: str, lp: float, alpha: float, tfa: str | None) -> Cell:
+        sft_name = sft_step.path.split("/", 1)[1]
+        decode_values = dict(self.ds.stages.get("decode", {}))
+        limit = self.grid.selection.valid_limit if split == "valid" else decode_values.get("limit")
+        name = f"{sft_name}-{split}-lp{_fmt(lp)}-a{_fmt(alpha)}"
+        decode_values |= {"sft": sft_name, "split": split, "length_penalty": lp, "alpha": alpha, "limit": limit, "name": name}
+        if tfa:
+            name += f"-tfa-{tfa}"
+            decode_values |= {"tfa": tfa, "tfa_guidance": self.grid.tfa_guidance, "name": name}
+        if limit is not None:
+            name += f"-n{limit}"
+            decode_values["name"] = name
+        steps = [*self.upstream(), sft_step]
+        if tfa:
+            steps.append(self.baseline_step(tfa))
+        after = ("data", "ig", sft_step.path) + ((f"baseline/{tfa}",) if tfa else ())
+        steps.append(self.step("decode", f"decode/{name}", decode_values, after))
+        steps.append(self.step("rerank", f"rerank/{name}", {**self.ds.stages.get("rerank", {}), "decode": name, "name": name}, (f"decode/{name}",)))
+        steps.append(self.step("metrics", f"metrics/{name}", {**self.ds.stages.get("metrics", {}), "rerank": name, "name": name}, (f"rerank/{name}",)))
+        beta = sft_step.config.beta if sft_step.config.weighting != "plain" else None
+        return Cell(self.ds.name, row, split, steps, name, {"sft": sft_name, "beta": beta, "alpha": alpha})
+
+    def baseline_step(self, model: str) -> Step:
+        values = {**self.ds.stages.get("baseline", {}), "model": model, "name": model}
+        return self.step("baseline", f"baseline/{model}", values, ("data",))
+
+    def baseline_cell(self, row: str, model: str) -> Cell:
+        name = f"baseline-{model}"
+        steps = [*self.upstream(), self.baseline_step(model)]
+        # scored on the same test samples as the LLM rows (their decodes cover the first `limit`)
+        limit = self.ds.stages.get("decode", {}).get("limit")
+        values = {**self.ds.stages.get("metrics", {}), "baseline": model, "name": name, "limit": limit}
+        steps.append(self.step("metrics", f"metrics/{name}", values, (f"baseline/{model}",)))
+        return Cell(self.ds.name, row, "test", steps, name, {})
+
+    def row(self, row: str) -> RowPlan:
+        spec = ROWS[row]
+        if "baseline" in spec:
+            return RowPlan(self.ds.name, row, [], self.baseline_cell(row, spec["baseline"]), None)
+        variants = self.sft_variants(spec["sft"])
+        alphas = self.grid.selection.alphas if spec["alpha"] == "select" else [spec["alpha"]]
+        pairs = [(v, a) for v in variants for a in alphas]
+        lp, tfa = spec["lp"], spec.get("tfa")
+        if len(pairs) == 1:
+            return RowPlan(self.ds.name, row, [], self.llm_cell(row, pairs[0][0], "test", lp, pairs[0][1], tfa), None)
+        candidates = [self.llm_cell(row, v, "valid", lp, a, tfa) for v, a in pairs]
+        by_sft = {v.path.split("/", 1)[1]: v for v in variants}
+        return RowPlan(self.ds.name, row, candidates, None,
+                       lambda chosen: self.llm_cell(row, by_sft[chosen["sft"]], "test", lp, chosen["alpha"], tfa))
+
+
+def fine_tunes(grid: GridConfig, dataset: Dataset, weighting: str) -> list[Step]:
+    """The sft steps of one weighting in one dataset (several when the config lists candidate values)."""
+    return _Planner(grid, dataset).sft_variants(weighting)
+
+
+def plan_grid(grid: GridConfig, only: str | None = None) -> Plan:
+    if only is not None and only not in ROWS:
+        close = difflib.get_close_matches(only, list(ROWS), n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise IgdrecError(f"--only {only!r}: unknown row{hint}; known: {', '.join(ROWS)}")
+    wanted = [only] if only else grid.rows
+    unavailable = {}
+    for row in wanted:
+        why = row_unavailable(row)
+        if why:
+            if only:
+                raise IgdrecError(f"--only {row}: the row {why}")
+            if grid.explicit_rows:
+                raise IgdrecError(f"{grid.path}:rows: {row} {why}; leave it out of `rows:`")
+            unavailable[row] = why
+    runnable = [row for row in wanted if row not in unavailable]
+    rows = [_Planner(grid, dataset).row(row) for dataset in grid.datasets for row in runnable]  # dataset by dataset
+    return Plan(grid, rows, unavailable)
+
+
+# ---------------------------------------------------------------------------------------- cache state
+
+
+def _same(recorded: Any, wanted: Any) -> bool:
+    if isinstance(recorded, (int, float)) and isinstance(wanted, (int, float)) and not isinstance(wanted, bool):
+        return float(recorded) == float(wanted)
+    return recorded == wanted
+
+
+def _params_agree(step: Step, manifest: dict) -> bool:
+    """Whether the recorded parameters match the step's config: the same key parameters
+    (`config.key_params`) the stage itself keys on, short of the few values a stage resolves itself."""
+    params = manifest.get("params", {})
+    expected = cfg.key_params(step.config)
+    if step.stage == "baseline":
+        from igdrec.stages.baseline import cache_params
+
+        expected = cache_params(step.config)  # the architecture resolved to the model's defaults
+    if step.stage == "decode":
+        expected.pop("model", None)  # recorded as resolved (a local directory by its absolute path)
+    if step.stage == "preprocess" and step.config.category_word is None:
+        expected.pop("category_word", None)  # the source's default word is recorded
+    if step.stage == "metrics":
+        recorded = params.get("ks") or []
+        # the stage drops cut-offs beyond the lists' length (and records what it kept)
+        if recorded and set(recorded) <= set(expected["ks"]) and all(k > max(recorded) for k in set(expected["ks"]) - set(recorded)):
+            expected["ks"] = recorded
+    if step.stage == "rerank" and step.config.grounding_model is None:
+        expected.pop("grounding_model", None)  # recorded as the resolved base model
+    return all(_same(params.get(k), v) for k, v in expected.items())
+
+
+def cache_state(step: Step, states: dict[tuple[str, str], str]) -> str:
+    """`cached`, `to run` (no finished artifact, or one made with other settings) or `pending`.
+
+    `pending`: an artifact exists but an upstream step still has to run, so whether it stays valid is
+    only known then. `states` holds the states of the steps already looked at (upstream first).
+    """
+    run = RunDir(step.run_dir)
+    manifest_path = run.stage_dir(step.path) / MANIFEST
+    if not manifest_path.exists():
+        return "to run"
+    upstream = [states.get((step.dataset, p), "cached") for p in step.after]
+    if any(s != "cached" for s in upstream):
+        return "pending"
+    manifest = run.manifest(step.path)
+    if manifest is None or manifest.get("stage") != step.stage:
+        return "to run"
+    inputs = manifest.get("inputs", {})
+    for upstream_path in step.after:
+        kind = upstream_path.split("/", 1)[0]
+        up = run.manifest(upstream_path)
+        if up is None or (kind in inputs and inputs[kind] != up.get("fingerprint")):
+            return "to run"
+    return "cached" if _params_agree(step, manifest) else "to run"
+
+
+# ------------------------------------------------------------------------------------------- selection
+
+
+def choose(run_dir: Path, candidates: list[Cell], metric: str) -> tuple[dict | None, list[dict]]:
+    """The candidate with the best valid `metric` (ties: the earlier one) and every candidate's score.
+
+    Returns (None, partial scores) while some candidate has no metrics yet.
+    """
+    scores = []
+    for cell in candidates:
+        path = Path(run_dir) / "metrics" / f"{cell.metrics}.json"
+        value = None
+        if path.exists() and RunDir(run_dir).manifest(f"metrics/{cell.metrics}"):
+            summary = json.loads(path.read_text())
+            if metric not in summary:  # e.g. NDCG@10 of lists shorter than 10: the metrics stage drops it
+                known = ", ".join(k for k in summary if k.startswith(("NDCG@", "HR@")))
+                raise IgdrecError(f"{path}: has no {metric} to select by (it has {known}); raise num_beams / top_k or change selection.metric")
+            value = summary[metric]
+        scores.append({**cell.candidate, "metrics": cell.metrics, metric: value})
+    if any(s[metric] is None for s in scores):
+        return None, scores
+    best = max(range(len(scores)), key=lambda i: (scores[i][metric], -i))
+    return {k: scores[best][k] for k in ("sft", "beta", "alpha")}, scores
+
+
+def resolve_test_cell(row: RowPlan, metric: str) -> Cell | None:
+    if row.fixed is not None:
+        return row.fixed
+    chosen, _ = choose(row.candidates[0].steps[0].run_dir, row.candidates, metric)
+    return None if chosen is None else row.make_test(chosen)
+
+
+# ----------------------------------------------------------------------------------------- dry run
+
+
+def _split_sizes(run_dir: Path) -> dict:
+    """Row counts of a finished data stage (read from its manifest, for estimates only)."""
+    try:
+        return json.loads((Path(run_dir) / "data" / MANIFEST).read_text()).get("rows", {})
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def estimate_seconds(step: Step, grid: GridConfig) -> float | None:
+    """Rough cost of a step from the grid's `cost` model (a dataset's `cost:` overrides the grid's).
+
+    sft = samples · epochs · tokens_per_sample / train_tokens_per_s (× cft_factor for CFT's second pass);
+    decode = samples · decode_s_per_sample; plus `<stage>_overhead_s` per step (model loading, validation). Sample counts come from the data stage when it has run, else
+    from the cost model's `train_samples` / `valid_samples` / `test_samples`. None where a rate is missing.
+    """
+    dataset = next((d for d in grid.datasets if d.name == step.dataset), None)
+    cost = {**(grid.cost or {}), **((dataset.cost if dataset else None) or {})}
+    sizes = _split_sizes(step.run_dir)
+    overhead = cost.get(f"{step.stage.replace('-', '_')}_overhead_s", 0.0)  # model loading, validation...
+    if step.stage == "sft":
+        rate = cost.get("train_tokens_per_s")
+        available = sizes.get("train") or cost.get("train_samples")
+        n = min(step.config.sample or available or 0, available or step.config.sample or 0)
+        if not rate or not n:
+            return None
+        seconds = n * step.config.epochs * cost.get("tokens_per_sample", 220) / rate
+        if step.config.max_steps:
+            seconds = min(seconds, step.config.max_steps * step.config.batch_size * cost.get("tokens_per_sample", 220) / rate)
+        return overhead + seconds * (cost.get("cft_factor", 2.0) if step.config.weighting == "cft" else 1.0)
+    if step.stage == "decode":
+        per = cost.get("decode_s_per_sample")
+        available = sizes.get(step.config.split) or cost.get(f"{step.config.split}_samples")
+        n = min(step.config.limit or available or 0, available or step.config.limit or 0)
+        return None if not per or not n else overhead + n * per
+    return overhead
+
+
+def dry_run(plan: Plan) -> list[dict]:
+    """Every step the grid would run, in order, with its cache state (runs nothing)."""
+    rows = []
+    states: dict[tuple[str, str], str] = {}
+    seen = set()
+    selection_note = {}
+
+    def add(cell: Cell, row: RowPlan, role: str) -> None:
+        for step in cell.steps:
+            key = (step.dataset, step.path)
+            if key in seen:
+                continue
+            seen.add(key)
+            states[key] = cache_state(step, states)
+            rows.append({"dataset": step.dataset, "row": row.row, "role": role, "stage": step.stage, "path": step.path,
+                         "state": states[key], "estimate_s": estimate_seconds(step, plan.grid)})
+
+    for row in plan.rows:
+        for cell in row.candidates:
+            add(cell, row, "select on valid")
+        test = resolve_test_cell(row, plan.grid.selection.metric)
+        if test is not None:
+            add(test, row, "test")
+        else:
+            selection_note[(row.dataset, row.row)] = True
+            rows.append({"dataset": row.dataset, "row": row.row, "role": "test", "stage": "decode+rerank+metrics",
+                         "path": "(α chosen on valid)", "state": "pending",
+                         "estimate_s": _pending_test_estimate(row, plan.grid)})
+    return rows
+
+
+def _pending_test_estimate(row: RowPlan, grid: GridConfig) -> float | None:
+    decode = next(s for s in row.candidates[0].steps if s.stage == "decode")
+    dataset = next(d for d in grid.datasets if d.name == row.dataset)
+    test_like = dataclasses.replace(decode.config, split="test", limit=dataset.stages.get("decode", {}).get("limit"))
+    return estimate_seconds(dataclasses.replace(decode, config=test_like), grid)
+
+
+def count_cells(plan: Plan) -> int:
+    return sum(len(r.candidates) + 1 for r in plan.rows)
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - no usable torch means no GPUs
+        return 0
+
+
+def _run_sft_torchrun(step: Step, force: bool, gpus: int) -> None:
+    """Several GPUs: `sft` data-parallel through torchrun, its config handed over as a YAML section."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+        yaml.safe_dump({"sft": dataclasses.asdict(step.config)}, handle)
+        config_path = handle.name
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    command = [torchrun, f"--nproc_per_node={gpus}", "-m", "igdrec.cli", "sft", "--config", config_path, "--run-dir", str(step.run_dir)]
+    if force:
+        command.append("--force")
+    try:
+        done = subprocess.run(command, check=False)
+    finally:
+        os.unlink(config_path)
+    if done.returncode != 0:
+        raise IgdrecError(f"sft {step.path} under torchrun ({gpus} GPUs) failed with exit code {done.returncode}")
+
+
+def run_step(step: Step, force: bool = False) -> None:
+    if step.stage == "sft" and _gpu_count() > 1:
+        _run_sft_torchrun(step, force, _gpu_count())
+        return
+    from igdrec.cli import run_stage
+
+    if step.stage == "baseline" and not stage_available("baseline"):
+        raise IgdrecError(f"{step.path}: the `baseline` stage is not part of this igdrec yet")
+    run_stage(step.stage, step.config, step.run_dir, force)
+
+
+class _Progress:
+    """Grid-wide progress: one rich rule per cell (cells done / total, the cell, elapsed, ETA).
+
+    A rule rather than a live bar because each stage shows its own live progress bar, and rich allows
+    one live display at a time.
+    """
+
+    def __init__(self, total: int):
+        self.total, self.done, self.started = total, 0, time.perf_counter()
+        self.worked_s, self.worked_cells = 0.0, 0
+
+    def begin(self, label: str) -> float:
+        elapsed = time.perf_counter() - self.started
+        left = self.total - self.done
+        eta = f"{self.worked_s / self.worked_cells * left / 60:.0f} min" if self.worked_cells else "?"
+        err_console.rule(f"[bold]grid cell {self.done + 1}/{self.total}[/] · elapsed {elapsed / 60:.1f} min · ETA {eta} · {label}", align="left")
+        return time.perf_counter()
+
+    def end(self, started: float, cached: bool) -> None:
+        self.done += 1
+        if not cached:
+            self.worked_s += time.perf_counter() - started
+            self.worked_cells += 1
+
+
+def run_grid(plan: Plan, force: bool = False, report: bool = True) -> dict:
+    """Run every cell (cached ones cost a manifest check), then write the reports."""
+    grid = plan.grid
+    grid.run_root.mkdir(parents=True, exist_ok=True)
+    (grid.run_root / CONFIG_COPY).write_text(grid.path.read_text())
+    state_path = grid.run_root / GRID_STATE
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    phases: dict[str, float] = state.get("wall_time_s", {})
+    for row, why in plan.unavailable.items():
+        err_console.print(f"[yellow]note:[/] row {row} is left out: it {why}")
+    progress = _Progress(count_cells(plan))
+    done_steps: set[tuple[str, str]] = set()
+
+    def run_cell(cell: Cell, label: str) -> None:
+        started = progress.begin(label)
+        states: dict = {}
+        all_cached = True
+        for step in cell.steps:
+            key = (step.dataset, step.path)
+            if key in done_steps and not force:
+                continue
+            states[key] = cache_state(step, states)
+            all_cached &= states[key] == "cached"
+            t0 = time.perf_counter()
+            run_step(step, force=force and key not in done_steps)
+            phase = _phase(step)
+            phases[phase] = round(phases.get(phase, 0.0) + time.perf_counter() - t0, 3)
+            done_steps.add(key)
+            write_json_atomic(state_path, {**state, "wall_time_s": phases})
+        progress.end(started, all_cached)
+
+    for row in plan.rows:
+        for cell in row.candidates:
+            run_cell(cell, f"{cell.dataset} · {row.row} · valid candidate {cell.metrics}")
+        test = resolve_test_cell(row, grid.selection.metric)
+        if test is None:
+            raise IgdrecError(f"{row.dataset}/{row.row}: selection cells finished without metrics; rerun the grid")
+        run_cell(test, f"{test.dataset} · {row.row} · test {test.metrics}")
+    state = {**state, "wall_time_s": phases, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_json_atomic(state_path, state)
+    if report:
+        from igdrec import report as report_module
+
+        t0 = time.perf_counter()
+        report_module.write_reports(grid.run_root, only=None)
+        phases["report"] = round(phases.get("report", 0.0) + time.perf_counter() - t0, 3)
+        write_json_atomic(state_path, {**state, "wall_time_s": phases})
+    return state
+
+
+def _phase(step: Step) -> str:
+    if step.stage in ("decode", "rerank", "metrics"):
+        split = getattr(step.config, "split", None)
+        if step.stage != "decode":
+            split = "valid" if "-valid-" in step.path else "test"
+        return f"{step.stage} ({split})"
+    return step.stage
+
+
+def print_dry_run(plan: Plan) -> list[dict]:
+    rows = dry_run(plan)
+    colours = {"cached": "green", "to run": "yellow", "pending": "cyan"}
+    console.print(f"[bold]grid {plan.grid.scale}[/]: {count_cells(plan)} cells over {len(plan.grid.datasets)} dataset(s) → {plan.grid.run_root}")
+    width = max((len(r["row"]) for r in rows), default=4)
+    dataset = None
+    for r in rows:
+        if r["dataset"] != dataset:
+            dataset = r["dataset"]
+            console.print(f"[bold]{dataset}[/] ({plan.grid.run_root / dataset})")
+        est = "" if r["estimate_s"] is None else f"  ~{r['estimate_s'] / 60:.1f} min"
+        role = "valid" if r["role"].startswith("select") else "test "
+        state = f"[{colours[r['state']]}]{r['state']:<7}[/]"
+        console.print(f"  {state}  {r['row']:<{width}}  {role}  {r['stage']:<14} {r['path']}{est}", soft_wrap=True)
+    todo = [r for r in rows if r["state"] != "cached"]
+    known = [r["estimate_s"] for r in todo if r["estimate_s"] is not None]
+    console.print(f"{len(rows) - len(todo)} of {len(rows)} steps cached; {len(todo)} to run or pending "
+                  "(pending: an upstream step runs first, or the test decode waits for the choice of α on valid)")
+    if known:
+        if len(plan.grid.datasets) > 1:
+            per = {d.name: sum(r["estimate_s"] or 0 for r in todo if r["dataset"] == d.name) / 3600 for d in plan.grid.datasets}
+            console.print("estimated per dataset: " + ", ".join(f"{k} {v:.1f} h" for k, v in per.items()), soft_wrap=True)
+        console.print(f"estimated cost of what is left: {sum(known) / 3600:.2f} h "
+                      f"(cost model `cost:` in {plan.grid.path}; {len(todo) - len(known)} steps without an estimate)", soft_wrap=True)
+    for row, why in plan.unavailable.items():
+        console.print(f"[yellow]left out:[/] {row}: {why}", soft_wrap=True)
+    selects_beta = any(len({c.candidate["sft"] for c in r.candidates}) > 1 for r in plan.rows)
+    console.print(("α and β" if selects_beta else "α") + f" chosen on the validation split by {plan.grid.selection.metric} "
+                  "(the reference picks α by test metrics; we do not)", soft_wrap=True)
+    return rows
