@@ -1,6 +1,13 @@
 """Wall time per optimiser step of plain, Pos, CFT and IGD fine-tuning (not a test).
 
     .venv/bin/python bench/bench_sft_step.py [--run-dir runs/h3] [--reps 5] [--model smollm2-135m]
+    .venv/bin/python bench/bench_sft_step.py --throughput [--lora-dropout 0] [--batch-size 16] [--threads 1]
+
+`--throughput` compares instead the training step before and after the throughput work on the same
+samples (plain weighting): "old" = micro-batches in data order, every prompt run in full and re-tokenised
+every step; "new" = length-grouped micro-batches, the common prompt prefix computed once per micro-batch
+(only where exact: no active dropout, so pass --lora-dropout 0 to see it) and cached encodings. Steps
+alternate old/new; it prints target tokens/s of both and the median of the paired ratios.
 
 LoRA on the embedded model, micro-batch 4, effective batch 8 (two micro-batches per step), the same 8
 samples every step: real prompts of <run-dir> when it holds a `data` stage (and zero-IG flags of its `ig`
@@ -65,7 +72,16 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--throughput", action="store_true", help="old vs new training step (see the docstring)")
+    parser.add_argument("--lora-dropout", type=float, default=SFTConfig.lora_dropout)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--precision", default="fp32", help="fp32 | bf16-mixed | bf16 (the --throughput mode)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.throughput:
+        throughput(args)
+        return
 
     tokenizer = load_tokenizer(args.model)
     run = RunDir(args.run_dir) if args.run_dir else None
@@ -123,6 +139,58 @@ def main() -> None:
             paired = statistics.median(t / b for t, b in zip(times[scheme], times["plain"]))
             print(f"{scheme:8} {median:14.3f} {median / base_median:7.3f} {fastest:11.3f} {fastest / base_min:7.3f} "
                   f"{paired:13.3f} {flops[scheme] / flops['plain']:11.3f} {targets[scheme]:>8}")
+
+
+def throughput(args) -> None:
+    tokenizer = load_tokenizer(args.model)
+    run = RunDir(args.run_dir) if args.run_dir else None
+    config = SFTConfig(model=args.model, seed=0, weighting="plain", lora_dropout=args.lora_dropout)
+    data = real_examples(run, tokenizer, config) if run is not None and run.manifest("data") is not None else synthetic_examples(tokenizer, config)
+    device = torch.device("cpu")
+    precision = training.resolve_precision(args.precision, device)
+    model = sft.prepare_model(config, device, precision).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    rows = list(range(args.batch_size))
+    variants = {"old": dict(length_grouping=False, share_prefix=False), "new": dict(length_grouping=True, share_prefix=True)}
+    modules = {k: training.WeightedLoss(model, "plain", 0.0, share_prefix=v["share_prefix"]) for k, v in variants.items()}
+    target_tokens = sum(len(data.item_sequences[data.targets[i]]) for i in rows)
+
+    def step(variant: str) -> tuple[float, float]:
+        if variant == "old":
+            data._encoded.clear()  # the old collate tokenised every sample on every step
+        started, cpu_started = time.perf_counter(), time.process_time()
+        micro = training.micro_batch_rows(data, rows, args.micro_batch_size, variants[variant]["length_grouping"])
+        batches = [data.collate(r) for r in micro]
+        training.backward_effective_batch(modules[variant], batches, training.World(), scaler, autocast=precision.autocast)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - started, time.process_time() - cpu_started
+
+    shape = training.attention_shape(model)
+    computed = {k: sum(training.pass_cost(data.collate(r), modules[k].sharing(), shape)[0] for r in training.micro_batch_rows(data, rows, args.micro_batch_size, v["length_grouping"]))
+                for k, v in variants.items()}
+    padded = {k: sum(data.collate(r).input_ids.numel() for r in training.micro_batch_rows(data, rows, args.micro_batch_size, v["length_grouping"])) for k, v in variants.items()}
+    shared = modules["new"].sharing()
+    print(f"{len(rows)} samples, micro-batch {args.micro_batch_size}, LoRA dropout {args.lora_dropout} (prefix sharing {'on' if shared else 'off: dropout active'}), "
+          f"precision {precision.name}, {torch.get_num_threads()} threads; {target_tokens} target tokens per step; tokens through the model "
+          f"per step (padding included): old {padded['old']}, new {padded['new'] - computed['old'] + computed['new']}", flush=True)
+    step("old"), step("new")  # warm-up
+    wall, cpu = {k: [] for k in variants}, {k: [] for k in variants}
+    for rep in range(args.reps):
+        for variant in (("old", "new") if rep % 2 == 0 else ("new", "old")):
+            w, c = step(variant)
+            wall[variant].append(w)
+            cpu[variant].append(c)
+        print(f"rep {rep + 1}/{args.reps}: old {wall['old'][-1]:.2f}s (cpu {cpu['old'][-1]:.2f}s)  new {wall['new'][-1]:.2f}s (cpu {cpu['new'][-1]:.2f}s)", flush=True)
+    # process CPU time is what a busy shared machine disturbs least (with one thread it is the step's work)
+    for label, times in (("wall", wall), ("cpu", cpu)):
+        for variant in variants:
+            print(f"{label:4} {variant}: median {statistics.median(times[variant]):.2f} s/step = {target_tokens / statistics.median(times[variant]):.1f} target tokens/s")
+        paired = statistics.median(o / n for o, n in zip(times["old"], times["new"]))
+        print(f"{label:4} speed-up new/old (median of paired ratios): {paired:.3f}×")
 
 
 if __name__ == "__main__":

@@ -47,9 +47,25 @@ def publish_ig(run: RunDir, tokenizer, model_spec: str) -> CatalogTrie:
     return trie
 
 
+def brute_force_node_mass(trie: CatalogTrie, item_probs: np.ndarray) -> np.ndarray:
+    """Q(v) = Σ q(i) over the items whose path passes through v (the root holds every item)."""
+    mass = np.zeros(trie.num_nodes)
+    mass[0] = float(np.sum(item_probs))
+    for row, q in enumerate(item_probs):
+        for node in trie.item_path_nodes[trie.item_path_ptr[row]:trie.item_path_ptr[row + 1]]:
+            mass[node] += q
+    return mass
+
+
 @torch.no_grad()
-def exhaustive_ranking(model, prompt_ids: list[int], trie: CatalogTrie, alpha: float, length_penalty: float):
-    """Teacher-force every distinct catalog sequence: (Σ w_d log p) / L^lp, best first, as (title_group, score)."""
+def exhaustive_ranking(model, prompt_ids: list[int], trie: CatalogTrie, alpha: float, length_penalty: float,
+                       assistant_probs: np.ndarray | None = None, guidance: float = 1.0):
+    """Teacher-force every distinct catalog sequence: (Σ step_d) / L^lp, best first, as (title_group, score).
+
+    step_d = w_d log p, or with assistant probabilities q D3's g·(w_d log p − tfa_d) + tfa_d, where
+    tfa_d = log(Q(node_d) / Σ Q over the children of its parent + 1e-20).
+    """
+    mass = brute_force_node_mass(trie, assistant_probs) if assistant_probs is not None else None
     scored = {}
     for row in range(len(trie.item_ids)):
         group = int(trie.item_title_group[row])
@@ -62,5 +78,34 @@ def exhaustive_ranking(model, prompt_ids: list[int], trie: CatalogTrie, alpha: f
         positions = torch.arange(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(tokens))
         lp = log_probs[positions, torch.tensor(tokens)]
         weights = torch.tensor(1.0 - alpha * trie.ig_norm[nodes], dtype=torch.float32)
-        scored[group] = float((lp * weights).sum()) / len(tokens) ** length_penalty
+        total = float((lp * weights).sum())
+        if mass is not None:
+            parents = trie.parent[nodes]
+            siblings = [mass[trie.child_start[p]:trie.child_start[p] + trie.child_count[p]].sum() for p in parents]
+            tfa = np.log(mass[nodes] / np.asarray(siblings) + 1e-20)
+            total = float(np.sum(guidance * ((lp * weights).double().numpy() - tfa) + tfa))
+        scored[group] = total / len(tokens) ** length_penalty
     return sorted(scored.items(), key=lambda kv: -kv[1])
+
+class CacheIgnoringModel(torch.nn.Module):
+    """A causal LM whose forward drops the KV-cache argument, like a transformers version that silently
+    ignores the keyword: every cached step then runs without the context before its new tokens."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.module = model  # looked through like any wrapper when igdrec picks the cache keyword
+
+    def forward(self, **kwargs):
+        kwargs.pop("cache", None)
+        kwargs.pop("past_key_values", None)
+        return self.module(**kwargs)
+
+
+def publish_sft(run: RunDir, model_dir: Path, name: str) -> Path:
+    """Publish `<run>/sft/NAME/model` as `igdrec sft` would, holding a copy of the model in `model_dir`."""
+    import shutil
+
+    with StageWriter(run, f"sft/{name}", stage="sft", params={"fixture": str(model_dir.name)}, inputs={}, force=True) as out:
+        target = out.path("model")
+        shutil.copytree(model_dir, target, dirs_exist_ok=True)
+    return run.stage_dir(f"sft/{name}") / "model"

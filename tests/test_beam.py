@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from decode_helpers import exhaustive_ranking, fixture_trie, save_peaked_model
+from decode_helpers import CacheIgnoringModel, exhaustive_ranking, fixture_trie, save_peaked_model
 from fixtures import TITLES, synthetic_dataset
 from reference_decoder import dict_trie, reference_generate
 
 from igdrec import prompt
-from igdrec.beam import BeamSearch, TrieTensors
+from igdrec.beam import BeamSearch, CacheMismatchError, TrieTensors
 from igdrec.modeling import load_model, load_tokenizer
 
 
@@ -106,3 +106,76 @@ def test_unconstrained_search_equals_generate(setup):
         assert [h.tokens for h in hyps] == [tokens for tokens, _ in ref]
         np.testing.assert_allclose([h.score for h in hyps], [s for _, s in ref], rtol=1e-5)
         assert all(h.nodes == [-1] * len(h.tokens) for h in hyps)
+
+
+def test_self_check_raises_when_the_model_ignores_the_cache(setup):
+    tokenizer, model, trie, prompts = setup
+    beam = BeamSearch(CacheIgnoringModel(model), tokenizer.eos_token_id, tokenizer.pad_token_id, num_beams=4,
+                      trie=TrieTensors.from_trie(trie), self_check=True)
+    with pytest.raises(CacheMismatchError) as caught:
+        beam.search(prompts)
+    message = str(caught.value)
+    assert "\n" not in message and str(model.config._name_or_path) in message
+    assert f"torch {torch.__version__}" in message and "transformers " in message
+
+
+def test_self_check_passes_once_and_changes_nothing(setup):
+    tokenizer, model, trie, prompts = setup
+    plain_passes = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: plain_passes.append(kwargs.get("cache") is None), with_kwargs=True)
+    try:
+        checked, beam = search(setup, num_beams=4, alpha=0.2, self_check=True)
+        assert plain_passes.count(True) == 1 and beam.cache_check_gap is not None
+        assert beam.cache_check_gap < 1e-3
+        beam.search(prompts)  # a second search does not check again
+        assert plain_passes.count(True) == 1
+    finally:
+        hook.remove()
+    unchecked, plain = search(setup, num_beams=4, alpha=0.2)
+    assert plain.cache_check_gap is None
+    assert [[(h.tokens, h.score) for h in hyps] for hyps in checked] == [[(h.tokens, h.score) for h in hyps] for hyps in unchecked]
+    assert beam.stats.forward_calls == 2 * plain.stats.forward_calls  # the check's pass is not decoding work
+
+
+def random_assistant_probs(trie, samples: int, seed: int = 0) -> np.ndarray:
+    scores = np.random.default_rng(seed).normal(scale=2.0, size=(samples, len(trie.item_ids)))
+    q = np.exp(scores)
+    return q / q.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2])
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_assistant_guided_search_ranks_like_exhaustive_scoring(setup, alpha, length_penalty):
+    _, model, trie, prompts = setup
+    q = random_assistant_probs(trie, len(prompts))
+    distinct = len(set(trie.item_title_group.tolist()))
+    tokenizer = setup[0]
+    beam = BeamSearch(model, tokenizer.eos_token_id, tokenizer.pad_token_id, num_beams=distinct, alpha=alpha,
+                      length_penalty=length_penalty, trie=TrieTensors.from_trie(trie), tfa_guidance=0.7)
+    results = beam.search(prompts, assistant_probs=torch.tensor(q))
+    groups = leaf_groups(trie)
+    for prompt_ids, hyps, probs in zip(prompts, results, q):
+        expected = exhaustive_ranking(model, prompt_ids, trie, alpha, length_penalty, assistant_probs=probs, guidance=0.7)
+        assert [groups[h.nodes[-1]] for h in hyps] == [g for g, _ in expected]
+        np.testing.assert_allclose([h.score for h in hyps], [s for _, s in expected], rtol=1e-5)
+        # the assistant's term is really there: the scores are not just g times the unguided ones
+        unguided = dict(exhaustive_ranking(model, prompt_ids, trie, alpha, length_penalty))
+        assert not np.allclose([s for _, s in expected], [0.7 * unguided[g] for g, _ in expected], rtol=1e-3)
+    # hypotheses keep the model's own log-probs: the same as an unguided search's for the same item
+    plain = {tuple(h.tokens): h.step_logprobs for h in search(setup, num_beams=distinct, alpha=alpha)[0][0]}
+    for hyp in results[0]:
+        np.testing.assert_allclose(hyp.step_logprobs, plain[tuple(hyp.tokens)], rtol=1e-5, atol=1e-5)
+
+
+def test_assistant_with_jump_forward_off_gives_the_same_hypotheses(setup):
+    _, _, trie, prompts = setup
+    q = random_assistant_probs(trie, len(prompts), seed=1)
+    tokenizer, model = setup[0], setup[1]
+    outputs = []
+    for jump in (True, False):
+        beam = BeamSearch(model, tokenizer.eos_token_id, tokenizer.pad_token_id, num_beams=4, alpha=0.2,
+                          trie=TrieTensors.from_trie(trie), tfa_guidance=0.5, jump_forward=jump)
+        outputs.append(beam.search(prompts, assistant_probs=q))
+    for a, b in zip(*outputs):
+        assert [h.tokens for h in a] == [h.tokens for h in b]
+        np.testing.assert_allclose([h.score for h in a], [h.score for h in b], rtol=1e-5)

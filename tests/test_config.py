@@ -1,17 +1,38 @@
-"""YAML configs: sections per stage, typed values, unknown keys rejected by file name, CLI flags win."""
+"""Stage configs, each option written once: YAML loading, the derived CLI options, cache-key roles, checks."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
+from igdrec import cli
 from igdrec import config as cfg
 from igdrec.cli import app
 from igdrec.errors import IgdrecError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def write(tmp_path, text):
     path = tmp_path / "igdrec.yaml"
     path.write_text(text)
     return path
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Stage configs that the CLI would run, without running anything."""
+    seen = []
+    monkeypatch.setattr(cli, "run_stage", lambda stage, config, run_dir, force: seen.append((stage, config)))
+    return seen
+
+
+# --------------------------------------------------------------------------------------------------
+# YAML
 
 
 def test_yaml_sections_are_typed(tmp_path):
@@ -24,14 +45,40 @@ def test_yaml_sections_are_typed(tmp_path):
     assert pipeline.stage_config("decode") == cfg.DecodeConfig()
 
 
+def test_stages_default_to_the_sections_given_in_pipeline_order(tmp_path):
+    assert cfg.load_pipeline(write(tmp_path, "metrics:\n  ks: [1]\nsft:\n  epochs: 1\n")).stages == ["sft", "metrics"]
+    assert cfg.load_pipeline(write(tmp_path, "stages: preprocess\n")).stages == ["preprocess"]
+    assert cfg.load_pipeline(write(tmp_path, "stages: preprocess, build_ig_index\n")).stages == ["preprocess", "build-ig-index"]
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("preprocess:\n  histroy_len: 5\n", "unknown key(s) histroy_len"),
-        ("preprocesss:\n  history_len: 5\n", "unknown section 'preprocesss'"),
-        ("preprocess:\n  history_len: ten\n", "preprocess.history_len: expected int"),
+        ("preprocess:\n  histroy_len: 5\n", "unknown key 'histroy_len' (did you mean 'history_len'?)"),
+        ("preprocess:\n  colour: red\n", "unknown key 'colour'; known: source, history_len"),
+        ("preprocesss:\n  history_len: 5\n", "unknown section 'preprocesss' (did you mean 'preprocess'?)"),
+        ("preprocess:\n  history_len: ten\n", "preprocess.history_len: expected an integer, got 'ten'"),
         ("stages: [preprocess, train]\n", "unknown stage 'train'"),
+        ("stages: [preprocess, metric]\n", "unknown stage 'metric' in `stages` (did you mean 'metrics'?)"),
+        ("stages: [sft, sft]\n", "sft listed more than once"),
+        ("stages: {a: 1}\n", "stages: expected a list of stage names"),
         ("preprocess: [1\n", "is not valid YAML"),
+        ("", "empty config"),
+        ("# nothing but a comment\n", "empty config"),
+        ("- sft\n", "top level must be a mapping"),
+        ("sft: 5\n", "sft: expected a mapping of sft options"),
+        ("sft: [beta]\n", "sft: expected a mapping of sft options"),
+        ("sft:\n  weighting: idg\n", "sft.weighting 'idg': expected one of plain, pos, cft, igd (did you mean 'igd'?)"),
+        ("sft:\n  max_steps: 0\n", "sft.max_steps 0: must be ≥ 1"),
+        ("sft:\n  lr: -1\n", "sft.lr -1: must be > 0"),
+        ("sft:\n  alpha: 0.1\n", "--alpha 0.1: only the cft weighting"),
+        ("sft:\n  lora: maybe\n", "sft.lora: expected true or false"),
+        ("decode:\n  alpha: 2\n", "decode.alpha 2: must lie in [0, 1]"),
+        ("metrics:\n  ks: [1, a]\n", "metrics.ks: expected an integer, got 'a'"),
+        ("metrics:\n  ks: []\n", "metrics.ks: expected at least one value"),
+        ("metrics:\n  ks: [0, 5]\n", "metrics.ks 0: must be ≥ 1"),
+        ("build-ig-index:\n  smoothing: .nan\n", "smoothing nan: must be a finite number"),
+        ("run_dir: [a]\n", "run_dir: expected a path"),
     ],
 )
 def test_bad_configs_name_the_file(tmp_path, text, message):
@@ -41,15 +88,187 @@ def test_bad_configs_name_the_file(tmp_path, text, message):
     assert str(path) in str(info.value) and message in str(info.value)
 
 
-def test_cli_flag_overrides_yaml(tmp_path, monkeypatch):
-    seen = {}
-    monkeypatch.setattr("igdrec.cli.run_stage", lambda stage, config, run_dir, force: seen.update(config=config))
+def test_a_directory_or_a_missing_file_as_config(tmp_path):
+    with pytest.raises(IgdrecError, match="is a directory"):
+        cfg.load_pipeline(tmp_path)
+    with pytest.raises(IgdrecError, match="config file not found"):
+        cfg.load_pipeline(tmp_path / "nope.yaml")
+
+
+def test_every_config_in_the_repository_loads():
+    files = sorted((REPO / "configs").rglob("*.y*ml"))
+    assert files, "no configs found"
+    for path in files:
+        pipeline = cfg.load_pipeline(path)
+        assert pipeline.stages, path
+        for stage in pipeline.stages:
+            cfg.check(pipeline.stage_config(stage))
+
+
+def test_cli_flag_overrides_yaml(tmp_path, captured):
     path = write(tmp_path, "preprocess:\n  history_len: 5\n  seed: 7\n")
-    assert CliRunner().invoke(app, ["preprocess", "--config", str(path), "--history-len", "3"]).exit_code == 0
-    assert (seen["config"].history_len, seen["config"].seed) == (3, 7)
+    result = CliRunner().invoke(app, ["preprocess", "--config", str(path), "--history-len", "3"])
+    assert result.exit_code == 0, result.output
+    assert (captured[0][1].history_len, captured[0][1].seed) == (3, 7)
+    # an option left out keeps the YAML value even where the YAML value differs from the default
+    result = CliRunner().invoke(app, ["sft", "--config", str(write(tmp_path, "sft:\n  lora: false\n  max_steps: 4\n")), "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    assert (captured[1][1].lora, captured[1][1].max_steps, captured[1][1].seed) == (False, 4, 1)
+    # "none" unsets an optional value the YAML set
+    result = CliRunner().invoke(app, ["sft", "--config", str(tmp_path / "igdrec.yaml"), "--max-steps", "none"])
+    assert result.exit_code == 0 and captured[2][1].max_steps is None
 
 
 def test_cli_reports_unknown_yaml_key_on_one_line(tmp_path):
     path = write(tmp_path, "preprocess:\n  colour: red\n")
     result = CliRunner().invoke(app, ["preprocess", "--config", str(path)])
     assert result.exit_code != 0 and str(path) in result.output and len(result.output.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Every field of every stage config: settable from the CLI and from YAML, with a cache-key role
+
+
+def other_value(opt: cfg.Option):
+    """A valid value of the field that differs from its default."""
+    if opt.choices:
+        return next(c for c in opt.choices if c != opt.default)
+    if opt.kind is bool:
+        return not opt.default
+    if opt.kind is list:
+        return [2, 3] if opt.element is int else ["alpha_proj", "beta_proj"]
+    if opt.kind is str:
+        return "some-value"
+    base = opt.default if opt.default is not None else (opt.min if opt.min is not None else 1)
+    low = opt.min if opt.min is not None else opt.gt
+    candidates = [base + 1, base + 0.5, base / 2, (low or 0) + 0.25]
+    for value in candidates:
+        value = int(value) if opt.kind is int else float(value)
+        try:
+            cfg.validate(opt, value, opt.cli_name)
+        except IgdrecError:
+            continue
+        if value != opt.default:
+            return value
+    raise AssertionError(f"no valid non-default value for {opt.name}")
+
+
+def cli_args(opt: cfg.Option, value) -> list[str]:
+    if opt.kind is bool:
+        on, off = (opt.flags or f"{opt.cli_name}/--no-{opt.cli_name[2:]}").split("/")
+        return [on if value else off]
+    text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    return [opt.cli_name, text]
+
+
+def config_where_it_applies(cls, opt: cfg.Option):
+    """A config of `cls` for which `opt` has an effect (its `only` condition holds)."""
+    config = cls()
+    if isinstance(opt.only, dict):
+        config = dataclasses.replace(config, **{k: v[0] if isinstance(v, tuple) else v for k, v in opt.only.items()})
+    if not opt.applies(config):  # a callable condition: try setting one other field
+        for other in cfg.options(cls):
+            candidate = dataclasses.replace(config, **{other.name: other_value(other)})
+            if other.name != opt.name and opt.applies(candidate):
+                return candidate
+    assert opt.applies(config), opt.name
+    return config
+
+
+def test_stages_commands_and_configs_are_registered_together():
+    assert set(cfg.STAGE_CONFIGS) == set(cli.STAGE_MODULES)
+    commands = {c.name for c in app.registered_commands}
+    assert set(cfg.STAGE_CONFIGS) <= commands
+    assert cfg.STAGE_ORDER == tuple(cfg.STAGE_CONFIGS)
+
+
+def test_source_and_weighting_choices_match_their_implementations():
+    from igdrec import weighting
+    from igdrec.sources import SOURCE_MODULES
+
+    assert cfg.SOURCES == tuple(SOURCE_MODULES)
+    assert cfg.WEIGHTINGS == tuple(weighting.SCHEMES)
+    from igdrec import training
+
+    assert cfg.PRECISIONS == training.PRECISIONS
+
+
+@pytest.mark.parametrize("stage", list(cfg.STAGE_CONFIGS))
+def test_every_field_is_settable_from_cli_and_yaml_and_has_a_key_role(stage, tmp_path, captured):
+    cls = cfg.STAGE_CONFIGS[stage]
+    runner = CliRunner()
+    for opt in cfg.options(cls):
+        assert opt.declared, f"{cls.__name__}.{opt.name}: declare it with option(default, help, key=...)"
+        assert opt.role in (cfg.KEY, cfg.RUN_SETTING, cfg.INPUT_FILE)
+        value = other_value(opt)
+
+        # the settings under which the option acts (e.g. --weighting cft for --alpha)
+        conditions = {k: v[0] if isinstance(v, tuple) else v for k, v in opt.only.items()} if isinstance(opt.only, dict) else {}
+        by_name = {o.name: o for o in cfg.options(cls)}
+        condition_args = [arg for k, v in conditions.items() for arg in cli_args(by_name[k], v)]
+
+        # command line
+        captured.clear()
+        result = runner.invoke(app, [stage, *condition_args, *cli_args(opt, value), "--run-dir", str(tmp_path)])
+        assert result.exit_code == 0, f"{stage} {opt.cli_name}: {result.output}"
+        assert getattr(captured[0][1], opt.name) == value, opt.name
+        # YAML
+        path = write(tmp_path, yaml.safe_dump({stage: {**conditions, opt.name: value}}))
+        assert getattr(cfg.load_pipeline(path).stage_config(stage), opt.name) == value, opt.name
+        # cache key: a key field changes the key wherever it has an effect; anything else never does
+        base = config_where_it_applies(cls, opt)
+        changed = dataclasses.replace(base, **{opt.name: value if value != getattr(base, opt.name) else opt.default})
+        if opt.role == cfg.KEY:
+            assert cfg.key_params(base)[opt.name] != cfg.key_params(changed)[opt.name], f"{stage}.{opt.name}"
+        else:  # a run setting or an input file (keyed by its content fingerprint) never is a key parameter
+            assert opt.name not in cfg.key_params(base) and opt.name not in cfg.key_params(changed), f"{stage}.{opt.name}"
+
+
+def test_inert_fields_stay_out_of_the_key():
+    plain = cfg.key_params(cfg.SFTConfig(weighting="plain"))
+    assert "beta" not in plain and "alpha" not in plain
+    assert "alpha" in cfg.key_params(cfg.SFTConfig(weighting="cft"))
+    full = cfg.key_params(cfg.SFTConfig(lora=False))
+    assert not any(k.startswith("lora_") for k in full) and full["lora"] is False
+    assert set(cfg.key_params(cfg.PreprocessConfig())) == {"source", "history_len", "category_word"}
+    d3 = cfg.key_params(cfg.PreprocessConfig(source="d3-csv", train="a.csv"))
+    assert set(d3) == {"source", "category_word"}  # d3-csv keeps its histories; files enter by content
+    assert "grounding_model" not in cfg.key_params(cfg.RerankConfig())
+    assert cfg.key_params(cfg.RerankConfig(grounding=True, grounding_model="m"))["grounding_model"] == "m"
+
+
+def test_a_new_stage_gets_its_command_from_its_config(monkeypatch):
+    """What another engineer does to add a stage: a config class with option() fields, registered."""
+    import typer
+
+    @dataclasses.dataclass
+    class ToyConfig:
+        """Do toy things."""
+
+        size: int = cfg.option(3, "How big.", min=1)
+        mode: str = cfg.option("fast", "How.", choices=("fast", "slow"))
+        tags: list[str] = cfg.option(factory=lambda: ["a"], help="Tags.")
+        verbose: bool = cfg.option(False, "Talk.", key=False)
+        limit: float | None = cfg.option(None, "Cap.", gt=0.0)
+
+    monkeypatch.setitem(cfg.STAGE_CONFIGS, "toy", ToyConfig)
+    seen = []
+    toy_app = typer.Typer()
+    cli.stage_command("toy", target=toy_app, handler=lambda config, run_dir, force: seen.append(config))
+    runner = CliRunner()
+    ok = runner.invoke(toy_app, ["--size", "5", "--mode", "slow", "--tags", "x,y", "--verbose", "--limit", "0.5"])
+    assert ok.exit_code == 0, ok.output
+    assert seen == [ToyConfig(size=5, mode="slow", tags=["x", "y"], verbose=True, limit=0.5)]
+    bad = runner.invoke(toy_app, ["--mode", "slwo"])
+    assert bad.exit_code != 0 and "--mode 'slwo': expected one of fast, slow (did you mean 'slow'?)" in bad.output
+    assert "How big." in runner.invoke(toy_app, ["--help"]).output
+    assert cfg.key_params(ToyConfig()) == {"size": 3, "mode": "fast", "tags": ["a"], "limit": None}
+
+
+def test_a_plain_dataclass_field_is_caught_by_the_coverage_test():
+    @dataclasses.dataclass
+    class Sloppy:
+        forgotten: int = 3
+
+    (opt,) = cfg.options(Sloppy)
+    assert not opt.declared and opt.role == cfg.KEY  # counted in the key until declared otherwise

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import polars as pl
 import pytest
-from decode_helpers import publish_ig, save_peaked_model
+from decode_helpers import CacheIgnoringModel, publish_ig, save_peaked_model
 from fixtures import synthetic_run
 from tiny_model import build_tokenizer
 from typer.testing import CliRunner
@@ -13,6 +15,7 @@ from typer.testing import CliRunner
 from igdrec import schema
 from igdrec.cli import app
 from igdrec.config import DecodeConfig
+from igdrec.beam import CacheMismatchError
 from igdrec.errors import IgdrecError
 from igdrec.ig import CatalogTrie
 from igdrec.modeling import load_tokenizer
@@ -94,6 +97,18 @@ def test_refuses_an_ig_index_from_another_tokenizer(tmp_path, model_dir):
     assert run.manifest(f"decode/{decode.default_name('peaked', DecodeConfig(limit=1))}") is None
 
 
+def test_decode_refuses_a_model_that_ignores_the_kv_cache(run, model_dir, monkeypatch):
+    from igdrec import modeling
+
+    real_load = modeling.load_model
+    monkeypatch.setattr(modeling, "load_model", lambda *args, **kwargs: CacheIgnoringModel(real_load(*args, **kwargs)))
+    config = DecodeConfig(model=str(model_dir), limit=3, num_beams=4, name="ignored-cache")
+    with pytest.raises(CacheMismatchError, match="KV-cache self-check failed"):
+        decode.run(config, run)
+    assert run.manifest("decode/ignored-cache") is None
+    assert not run.stage_dir("decode/ignored-cache").exists()
+
+
 def test_cli_chains_default_names(run, model_dir):
     runner = CliRunner()
     common = ["--run-dir", str(run.root)]
@@ -107,7 +122,7 @@ def test_cli_chains_default_names(run, model_dir):
     assert result.exit_code == 0, result.output
     assert "NDCG@K" in result.output and "4 of" in result.output
     summary = (run.root / "metrics" / f"{name}.json").read_text()
-    assert '"NDCG@10"' in summary and '"limited": true' in summary
+    assert '"NDCG@3"' in summary and '"NDCG@10"' not in summary and '"limited": true' in summary  # 3 beams: @10 dropped
     result = runner.invoke(app, ["decode", "--split", "train", *common])
     assert result.exit_code != 0 and "--split" in result.output
 
@@ -124,5 +139,195 @@ def test_unconstrained_decode_then_l2_grounding_lands_on_catalog_items(run, mode
     grounded = rerank.run(RerankConfig(decode=name, grounding=True), run)
     top = schema.read(run.artifact(grounded["stage_path"], "topk.parquet"), "topk")
     items = schema.read(run.artifact("data", "items.parquet"), "items")
-    assert top["sample_id"].n_unique() == 2 and set(top["item_id"]) <= set(items["item_id"])
+    # a top-1 generation that is only whitespace has no text to embed: that sample is a miss
+    empty = beams.filter(pl.col("rank") == 0)["title"].str.strip_chars().eq("").sum()
+    assert grounded["stats"]["empty_generations"] == empty
+    assert top["sample_id"].n_unique() == 2 - empty and set(top["item_id"]) <= set(items["item_id"])
     assert top.group_by("sample_id").agg(pl.col("item_id").n_unique() == pl.len())["item_id"].all()
+
+
+def test_cache_key_holds_the_fine_tunes_fingerprint_not_the_run_dirs_spelling(tmp_path, model_dir, monkeypatch):
+    from decode_helpers import publish_sft
+
+    from igdrec.rundir import RunDir
+
+    run = synthetic_run(tmp_path / "runs" / "x")
+    publish_ig(run, load_tokenizer(str(model_dir)), str(model_dir))
+    publish_sft(run, model_dir, "ft")
+    config = DecodeConfig(sft="ft", limit=6, num_beams=3, shard_size=2, batch_size=2, name="d")
+    real = decode._decode_shard
+    calls = []
+
+    def dies_on_second_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    # Interrupted under an absolute spelling, resumed under a relative one: the finished shard is reused.
+    monkeypatch.setattr(decode, "_decode_shard", dies_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        decode.run(config, RunDir(run.root.resolve()))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(decode, "_decode_shard", real)
+    manifest = decode.run(config, RunDir("runs/x"))
+    assert manifest["stats"]["resumed_samples"] == 2
+    assert not list((run.root / ".partial").glob("decode*"))
+    assert str(tmp_path) not in json.dumps(manifest["params"]) and manifest["params"]["sft"] == "ft"
+    assert manifest["inputs"]["sft"] == run.manifest("sft/ft")["fingerprint"]
+
+    # Another spelling, then a moved run directory: still cached, nothing decoded.
+    monkeypatch.setattr(decode, "_decode_shard", lambda *a, **k: pytest.fail("decoded again"))
+    assert decode.run(config, RunDir("runs/../runs/x"))["key"] == manifest["key"]
+    (tmp_path / "runs" / "x").rename(tmp_path / "moved")
+    assert decode.run(config, RunDir(tmp_path / "moved"))["key"] == manifest["key"]
+
+    # A different fine-tune under the same name is a different decode.
+    publish_sft(RunDir(tmp_path / "moved"), save_peaked_model(tmp_path / "other", seed=1), "ft")
+    monkeypatch.setattr(decode, "_decode_shard", real)
+    assert decode.run(config, RunDir(tmp_path / "moved"))["key"] != manifest["key"]
+
+
+def test_cache_params_cover_every_keyed_field():
+    import dataclasses
+
+    from igdrec.decoding import ModelSource
+
+    source = ModelSource(label="m", spec="m", sft=None, inputs={}, key={"model": "m"})
+    params = decode.cache_params(DecodeConfig(), source)
+    keyed = {f.name for f in dataclasses.fields(DecodeConfig) if f.metadata["key"]}
+    assert keyed - {"tfa_guidance"} <= params.keys()  # the guidance is inert without an assistant
+    assert keyed <= decode.cache_params(DecodeConfig(tfa="sasrec"), source).keys()
+    assert not {"batch_size", "device", "name", "jump_forward", "jump_fill"} & params.keys()
+    changed = decode.cache_params(DecodeConfig(batch_size=3, device="cpu", jump_fill=0.5), source)
+    assert changed == params
+
+
+def test_batch_size_auto_is_eight_on_cpu_and_fits_free_memory_on_cuda():
+    from types import SimpleNamespace
+
+    from igdrec.decoding import AUTO_MEMORY_SHARE, auto_batch_size, parse_batch_size, sample_memory_bytes
+
+    assert parse_batch_size("auto") is None and parse_batch_size(12) == 12 and parse_batch_size("3") == 3
+    for bad in ("0", "-1", "many", 2.5):
+        with pytest.raises(IgdrecError, match="--batch-size"):
+            parse_batch_size(bad)
+    # SmolLM2-135M's shape
+    shape = SimpleNamespace(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
+                            head_dim=64, intermediate_size=1536, vocab_size=49152)
+    # by hand: KV = 2·30·3·64·2 B · (10+1) beams · (200+30) tokens; logits = 10 · 31 · 49152 · (2+8) B
+    kv = 2 * 30 * 3 * 64 * 2 * 11 * 230
+    logits = 10 * 31 * 49152 * 10
+    assert sample_memory_bytes(shape, 10, 200, 30, 2) == kv + logits
+    free = 40 << 30  # an H100 with a large model loaded: below the cap
+    batch = auto_batch_size(shape, 10, 200, 30, 2, free)
+    assert batch % 8 == 0 and batch * (kv + logits) <= AUTO_MEMORY_SHARE * free < (batch + 8) * (kv + logits)
+    assert auto_batch_size(shape, 10, 2000, 30, 2, free) < batch  # longer prompts, fewer samples
+    assert auto_batch_size(shape, 10, 200, 30, 2, 1 << 20) == 1  # never below one
+    assert auto_batch_size(shape, 1, 10, 5, 2, 1 << 40) == 256  # capped
+
+
+def test_decoder_on_cpu_keeps_fp32_and_batches_eight(run, model_dir):
+    import torch
+
+    from igdrec.decoding import Decoder
+
+    decoder = Decoder.from_run(run.root, model=str(model_dir), device="cpu")
+    assert next(decoder.model.parameters()).dtype == torch.float32
+    assert decoder.batch_size(prompt_len=100) == 8
+    assert Decoder(decoder.model, decoder.tokenizer, decoder.catalog, DecodeConfig(batch_size="5")).batch_size(100) == 5
+
+
+def test_merged_lora_is_cast_after_merging(tmp_path, model_dir):
+    """A LoRA adapter is folded into the fp32 base, then the merged weights are cast once."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from igdrec.modeling import load_model
+
+    base = load_model(str(model_dir))
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged32 = load_model(str(tmp_path / "adapter"), merge_adapter=True)
+    merged16 = load_model(str(tmp_path / "adapter"), dtype=torch.bfloat16, merge_adapter=True)
+    state32, state16 = merged32.state_dict(), merged16.state_dict()
+    assert state16.keys() == state32.keys()
+    for key, value in state16.items():
+        assert value.dtype == torch.bfloat16
+        assert torch.equal(value, state32[key].to(torch.bfloat16)), key
+    q32 = state32["model.layers.0.self_attn.q_proj.weight"]
+    assert not torch.equal(q32, load_model(str(model_dir)).state_dict()["model.layers.0.self_attn.q_proj.weight"])
+
+
+def _publish_baseline(run, name: str, n_items: int, seed: int = 0):
+    from igdrec.rundir import StageWriter
+
+    samples = schema.read(run.artifact("data", "test.parquet"), "samples")
+    rng = np.random.default_rng(seed)
+    probs = rng.dirichlet(np.ones(n_items), size=samples.height).astype(np.float32)
+    with StageWriter(run, f"baseline/{name}", stage="baseline", params={}, inputs={}, force=True) as out:
+        frame = pl.DataFrame({"sample_id": samples["sample_id"], "probs": [list(p) for p in probs]},
+                             schema={"sample_id": pl.Int64, "probs": pl.List(pl.Float32)})
+        frame.reverse().write_parquet(out.path("probs_test.parquet"))  # any row order
+    return dict(zip(samples["sample_id"].to_list(), probs))
+
+
+def test_assistant_probabilities_reach_the_search_aligned_with_prompts_and_trie(run, model_dir, monkeypatch):
+    """D3's text-free assistant: each prompt's search gets its own sample's row, in trie item order."""
+    from igdrec import beam, decoding
+
+    trie = CatalogTrie.load(run.artifact("ig", "trie_nodes.parquet"), run.artifact("ig", "item_paths.parquet"))
+    n_items = int(schema.read(run.artifact("data", "items.parquet"), "items")["item_id"].max()) + 1
+    by_sample = _publish_baseline(run, "pop", n_items)
+    loaded = decoding.load_assistant_probs(run, "pop", "test", [3, 1], trie)
+    np.testing.assert_array_equal(loaded, np.stack([by_sample[3], by_sample[1]])[:, trie.item_ids])
+    with pytest.raises(IgdrecError, match="probs_test.parquet: no probabilities for test sample_id 99999"):
+        decoding.load_assistant_probs(run, "pop", "test", [1, 99999], trie)
+
+    seen = []
+
+    class RecordingSearch(beam.BeamSearch):  # stands in for a search that uses the assistant
+        def search(self, prompts, assistant_probs=None):
+            seen.extend(zip(map(tuple, prompts), assistant_probs, [self.tfa_guidance] * len(prompts)))
+            return super().search(prompts)
+
+    RecordingSearch.tfa_guidance = None
+    monkeypatch.setattr(beam, "BeamSearch", RecordingSearch)
+    config = DecodeConfig(model=str(model_dir), limit=5, num_beams=2, batch_size=2, shard_size=3, tfa="pop", tfa_guidance=0.7)
+    manifest = decode.run(config, run)
+    assert manifest["inputs"]["tfa"] == run.manifest("baseline/pop")["fingerprint"]
+    assert "tfa-pop-g0.7" in manifest["stage_path"]
+    decoder = decoding.Decoder.from_run(run, config)
+    samples = schema.read(run.artifact("data", "test.parquet"), "samples").sort("sample_id").head(5)
+    expected = sorted((tuple(decoder.prompt(h)[0]), tuple(by_sample[s][trie.item_ids].tolist()))
+                      for s, h in zip(samples["sample_id"], samples["history_item_ids"]))
+    assert sorted((p, tuple(np.asarray(row).tolist())) for p, row, _ in seen) == expected
+    assert all(guidance == 0.7 for _, _, guidance in seen)
+
+
+def test_two_process_decode_writes_the_same_beams_as_one(run, model_dir):
+    """`torchrun --nproc_per_node 2 igdrec decode` (gloo, CPU): disjoint shards, one assembled file."""
+    import os
+    import subprocess
+    import sys
+
+    config = DecodeConfig(model=str(model_dir), limit=7, num_beams=3, shard_size=2, batch_size=2, alpha=0.2, name="one")
+    single = decode.run(config, run)
+    args = ["decode", "--model", str(model_dir), "--run-dir", str(run.root), "--limit", "7", "--num-beams", "3",
+            "--shard-size", "2", "--batch-size", "2", "--alpha", "0.2", "--name", "two"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "IGDREC_NO_PROGRESS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "igdrec.cli", *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = run.manifest("decode/two")
+    assert two["stats"]["world_size"] == 2 and two["key"] == single["key"]
+    expected = schema.read(run.artifact("decode/one", "beams.parquet"), "beams")
+    got = schema.read(run.artifact("decode/two", "beams.parquet"), "beams")
+    assert got.drop("score", "step_logprobs").equals(expected.drop("score", "step_logprobs"))
+    np.testing.assert_allclose(got["score"].to_numpy(), expected["score"].to_numpy(), rtol=1e-5)
+    assert two["stats"]["forward_calls"] == single["stats"]["forward_calls"]
+    assert not list((run.root / ".partial").glob("*"))

@@ -77,9 +77,16 @@ def test_node_layout_and_sibling_normalisation(seed):
         assert (trie.parent[children] == v).all()
         assert (np.diff(trie.token[children]) > 0).all()
         if len(children):
-            sibling_ig = trie.ig[children]
-            lo, hi = sibling_ig.min(), sibling_ig.max()
-            expected = (sibling_ig - lo) / (hi - lo) if hi > lo else np.zeros(len(children))
+            # min-max over the siblings with reference mass; zero-mass branches get 0 (docs/method.md §4.1)
+            known = np.array([
+                any(c > 0 and tuple(s[: trie.depth[child]]) == tuple(_prefix(trie, child)) for s, c in zip(seqs, counts))
+                for child in children
+            ])
+            expected = np.zeros(len(children))
+            if known.any():
+                lo, hi = trie.ig[children][known].min(), trie.ig[children][known].max()
+                if hi > lo:
+                    expected[known] = (trie.ig[children][known] - lo) / (hi - lo)
             np.testing.assert_allclose(trie.ig_norm[children], expected, atol=1e-12)
     assert (np.bincount(trie.parent[1:], minlength=trie.num_nodes) == trie.child_count).all()
     # mass under a node = sum of its children's mass; the root holds all of it
@@ -87,6 +94,52 @@ def test_node_layout_and_sibling_normalisation(seed):
     assert trie.mass[0] == pytest.approx(1.0)
     for item_id, seq, c in zip(ids, seqs, counts):
         assert trie.mass[trie.item_leaf[trie.item_index(np.array([item_id]))[0]]] >= c / total - 1e-12
+
+
+def _prefix(trie, node):
+    """Token sequence leading from the root to `node`."""
+    tokens = []
+    while node > 0:
+        tokens.append(int(trie.token[node]))
+        node = trie.parent[node]
+    return tokens[::-1]
+
+
+def test_zero_mass_branches_get_no_calibration_boost_by_hand():
+    # Root children: token 5 (items A, B), token 6 (item C), token 7 (item D, never a training target).
+    # counts A=3, B=1, C=1, D=0 -> p = 0.6, 0.2, 0.2, 0.
+    trie = build_catalog_trie([0, 1, 2, 3], [[5, 9, EOS], [5, 8, EOS], [6, EOS], [7, EOS]], [3, 1, 1, 0])
+    h = lambda *ps: -sum(p * math.log(p) for p in ps)  # noqa: E731
+    a, c, d = (trie.path(i)[0] for i in (0, 2, 3))
+    h_root = h(0.6, 0.2, 0.2)
+    # raw IG is as defined: the unknown branch gets IG = H(root), the largest of its siblings
+    assert trie.ig[a] == pytest.approx(h_root - h(0.6, 0.2))
+    assert trie.ig[c] == pytest.approx(h_root - h(0.2))
+    assert trie.ig[a] < trie.ig[c]
+    assert trie.ig[d] == pytest.approx(h_root)
+    assert trie.ig[d] > max(trie.ig[a], trie.ig[c])
+    # IG~ is min-max over the known siblings 5 and 6 only; 7 gets 0 (w_d = 1)
+    assert trie.ig_norm[a] == 0.0 and trie.ig_norm[c] == 1.0 and trie.ig_norm[d] == 0.0
+    # below token 5, both children are known: plain min-max; IG(9) = H(5) - h(0.6) > IG(8) = H(5) - h(0.2)
+    nine, eight = trie.path(0)[1], trie.path(1)[1]
+    assert trie.ig[nine] == pytest.approx(h(0.6, 0.2) - h(0.6)) and trie.ig[eight] == pytest.approx(h(0.6, 0.2) - h(0.2))
+    assert trie.ig_norm[nine] == 1.0 and trie.ig_norm[eight] == 0.0
+    # a group whose only known child is forced: everything 0 (the unknown sibling included)
+    lone = build_catalog_trie([0, 1], [[5, 6, EOS], [5, 7, EOS]], [3, 0])
+    assert (lone.ig_norm == 0).all()
+    assert lone.ig[lone.path(1)[1]] == pytest.approx(lone.entropy[lone.path(0)[0]])
+
+
+def test_smoothing_leaves_unseen_branches_at_the_top_of_their_siblings():
+    """Why zero-mass branches are excluded rather than smoothed (docs/method.md §4.1): with additive
+    smoothing the unseen branch has mass > 0, so it takes part in min-max, but H(branch) is tiny and its
+    IG = H(parent) - H(branch) stays close to H(parent), the largest among its siblings: IG~ = 1."""
+    seqs = [[5, 9, EOS], [5, 8, EOS], [6, EOS], [7, EOS]]
+    for smoothing in (0.01, 0.1, 1.0):
+        trie = build_catalog_trie([0, 1, 2, 3], seqs, np.array([20, 10, 10, 0]) + smoothing)
+        unseen = trie.path(3)[0]
+        assert trie.ig_norm[unseen] == 1.0
+        assert trie.ig[unseen] > 0.9 * trie.entropy[0]
 
 
 def test_prefix_titles_are_separated_by_eos(tiny_tokenizer):

@@ -94,7 +94,8 @@ def read_outputs(run: RunDir):
 
 
 def test_ml100k_atomic_files(tmp_path, monkeypatch):
-    ratings = [(7, 10, 5), (7, 30, 1), (8, 10, 2), (7, 20, 3), (8, 20, 9), (9, 30, 4), (9, 10, 6)]
+    # user 99 only brings the windows to six, the fewest whose 80/10/10 split leaves no split empty
+    ratings = [(7, 10, 5), (7, 30, 1), (8, 10, 2), (7, 20, 3), (8, 20, 9), (9, 30, 4), (9, 10, 6), (99, 10, 100), (99, 20, 101), (99, 30, 102)]
     movies = [(10, "Toy Story", 1995), (20, "Heat", "unkonwn"), (30, "Se7en, \"the\" film", 1995), (40, "Never Rated", 1999)]
     files = write_recbole(tmp_path, ratings, movies)
     monkeypatch.setattr(assets, "fetch", lambda asset: files)
@@ -104,10 +105,11 @@ def test_ml100k_atomic_files(tmp_path, monkeypatch):
     assert items.rows() == [(0, "Toy Story (1995)"), (1, "Heat"), (2, 'Se7en, "the" film (1995)')]
     stats = manifest["stats"]
     assert stats["source"] == "ml-100k" and stats["category_word"] == "movies"
-    assert (stats["users"], stats["interactions"], stats["windows"], stats["items_without_interactions"]) == (3, 7, 4, 1)
-    # user 7: 30@1, 20@3, 10@5 ; user 8: 10@2, 20@9 ; user 9: 30@4, 10@6 (ids: 10->0, 20->1, 30->2)
+    assert (stats["users"], stats["interactions"], stats["windows"], stats["items_without_interactions"]) == (4, 10, 6, 1)
+    # user 7: 30@1, 20@3, 10@5 ; user 8: 10@2, 20@9 ; user 9: 30@4, 10@6 ; user 99: 10@100, 20@101, 30@102
+    # (ids: 10->0, 20->1, 30->2)
     windows = [(r[1], r[2], r[3], r[4]) for s in ("train", "valid", "test") for r in splits[s].rows()]
-    assert windows == [("7", [2], 1, 3), ("7", [2, 1], 0, 5), ("9", [2], 0, 6), ("8", [0], 1, 9)]
+    assert windows == [("7", [2], 1, 3), ("7", [2, 1], 0, 5), ("9", [2], 0, 6), ("8", [0], 1, 9), ("99", [0], 1, 101), ("99", [0, 1], 2, 102)]
 
 
 # ---------------------------------------------------------------- amazon2018
@@ -161,7 +163,8 @@ def amazon_inputs(tmp_path):
     """Two items in the default window; two more only when the window starts a year earlier."""
     meta = [{"asin": a, "title": f"Game {a}"} for a in ("A", "B", "C", "D")] + [{"asin": "E"}]
     reviews = []
-    for user in ("u1", "u2"):
+    # six users of A and B: enough windows for an 80/10/10 split with no empty part, even in the narrow window
+    for user in ("u1", "u2", "u6", "u7", "u8", "u9"):
         reviews += [{"reviewerID": user, "asin": a, "unixReviewTime": day(d), "overall": 5.0, "reviewText": "ok, \"fine\""}
                     for a, d in (("A", "2018-01-05"), ("B", "2018-02-05"))]
     for user in ("u3", "u4"):
@@ -183,7 +186,7 @@ def test_amazon_year_extension_and_ids(tmp_path):
     manifest, run = run_stage(tmp_path, source="amazon2018", k_core=2, min_items=3, **files)
     stats = manifest["stats"]
     assert stats["window"] == "2016-10-01 .. 2018-11-01" and stats["window_years_extended"] == 1
-    assert stats["category_word"] == "video games" and stats["items"] == 4 and stats["interactions"] == 8
+    assert stats["category_word"] == "video games" and stats["items"] == 4 and stats["interactions"] == 16
     items, splits = read_outputs(run)
     first_seen = ["A", "B", "C", "D"]
     random.Random(42).shuffle(first_seen)  # the reference numbering: first-review order, seeded shuffle
@@ -233,8 +236,9 @@ def test_d3_csv_renumbers_sparse_ids(tmp_path):
 # ---------------------------------------------------------------- interactions (CSV and Parquet)
 
 
-INTERACTIONS = {"uid": ["x", "y", "x", "y", "x", "x"], "iid": ["i2", "i1", "i1", "i2", "i3", "i1"],
-                "when": [5, 1, 7, 3, 9, 9]}
+# user z only brings the windows to six, the fewest whose 80/10/10 split leaves no split empty
+INTERACTIONS = {"uid": ["x", "y", "x", "y", "x", "x", "z", "z", "z"], "iid": ["i2", "i1", "i1", "i2", "i3", "i1", "i1", "i2", "i3"],
+                "when": [5, 1, 7, 3, 9, 9, 20, 21, 22]}
 ITEMS = {"iid": ["i1", "i2", "i3", "i9"], "name": ["One, \"first\"", "Two", "Three", "Unused"]}
 
 
@@ -248,14 +252,16 @@ def test_interactions_csv_and_parquet(tmp_path, fmt):
     items_out, splits = read_outputs(run)
     assert items_out.rows() == [(0, 'One, "first"'), (1, "Two"), (2, "Three")]
     windows = [r[1:] for s in ("train", "valid", "test") for r in splits[s].rows()]
-    # x: i2@5, i1@7, i3@9, i1@9 (tie: input order) ; y: i1@1, i2@3 -- a duplicate (x, i1) is kept
-    assert windows == [("y", [0], 1, 3), ("x", [1], 0, 7), ("x", [1, 0], 2, 9), ("x", [1, 0, 2], 0, 9)]
+    # x: i2@5, i1@7, i3@9, i1@9 (tie: input order) ; y: i1@1, i2@3 -- a duplicate (x, i1) is kept ; z: i1, i2, i3
+    assert windows == [("y", [0], 1, 3), ("x", [1], 0, 7), ("x", [1, 0], 2, 9), ("x", [1, 0, 2], 0, 9), ("z", [0], 1, 21), ("z", [0, 1], 2, 22)]
     assert manifest["stats"]["items_without_interactions"] == 1
 
 
 def test_interactions_drop_unknown_and_date_strings(tmp_path):
     inter = tmp_path / "inter.csv"
-    inter.write_text("user_id,item_id,timestamp\nu,a,2020-01-02\nu,zz,2020-01-03\nu,b,2020-01-01T12:00:00\n")
+    # user w's five earlier windows make the split's parts non-empty; u's one window is the test split
+    earlier = "".join(f"w,{'ab'[d % 2]},2019-01-0{d}\n" for d in range(1, 7))
+    inter.write_text("user_id,item_id,timestamp\nu,a,2020-01-02\nu,zz,2020-01-03\nu,b,2020-01-01T12:00:00\n" + earlier)
     items = tmp_path / "items.csv"
     items.write_text("item_id,title\na,Alpha\nb,Beta\n")
     manifest, run = run_stage(tmp_path, source="interactions", interactions=str(inter), items=str(items), drop_unknown=True)
@@ -273,11 +279,12 @@ def test_d3_csv_accepts_quoted_id_lists(tmp_path):
 
 def test_interactions_parquet_datetimes(tmp_path):
     stamps = [datetime(2021, 5, d, tzinfo=timezone.utc) for d in (3, 1, 2)]
-    pl.DataFrame({"user_id": [1, 1, 1], "item_id": [10, 11, 12], "timestamp": stamps}).write_parquet(tmp_path / "i.parquet")
+    earlier = [datetime(2021, 4, d, tzinfo=timezone.utc) for d in range(1, 6)]  # user 2: four windows before user 1's
+    pl.DataFrame({"user_id": [1, 1, 1] + [2] * 5, "item_id": [10, 11, 12] + [10, 11] * 2 + [12], "timestamp": stamps + earlier}).write_parquet(tmp_path / "i.parquet")
     pl.DataFrame({"item_id": [10, 11, 12], "title": ["A", "B", "C"]}).write_parquet(tmp_path / "t.parquet")
     _, run = run_stage(tmp_path, source="interactions", interactions=str(tmp_path / "i.parquet"), items=str(tmp_path / "t.parquet"))
     rows = [r[1:] for s in ("train", "valid", "test") for r in read_outputs(run)[1][s].rows()]
-    assert rows == [("1", [1], 2, day("2021-05-02")), ("1", [1, 2], 0, day("2021-05-03"))]
+    assert rows[-2:] == [("1", [1], 2, day("2021-05-02")), ("1", [1, 2], 0, day("2021-05-03"))] and len(rows) == 6
 
 
 def test_input_fingerprint_is_memoised_by_stat(tmp_path, monkeypatch):

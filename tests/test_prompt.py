@@ -73,3 +73,29 @@ def test_encode_prompt_drops_oldest_history_to_fit(tiny_tokenizer):
     # one more title would not have fitted
     longer = tiny_tokenizer(render_prompt(history[10 - used - 1:], "movies"), add_special_tokens=False)["input_ids"]
     assert len(longer) > limit
+
+
+def test_a_prompt_that_cannot_fit_is_refused_not_returned_long(tiny_tokenizer):
+    """Dropping history stops at one title; if that prompt is still over budget it is an error naming
+    the title, never a prompt longer than the budget."""
+    import pytest
+
+    from igdrec.errors import IgdrecError
+
+    huge = "Heat " * 400
+    plain, _ = encode_prompt(tiny_tokenizer, ["Fargo"], "movies", None)
+    ids, used = encode_prompt(tiny_tokenizer, [huge, "Fargo"], "movies", len(plain))  # the huge oldest title is dropped
+    assert (ids, used) == (plain, 1)
+    needed = len(encode_prompt(tiny_tokenizer, [huge], "movies", None)[0])  # "Fargo", the older, is dropped first
+    with pytest.raises(IgdrecError, match=rf"prompt with the single history title 'Heat Heat .*'… is {needed:,} tokens, over its budget of 512"):
+        encode_prompt(tiny_tokenizer, ["Fargo", huge], "movies", 512)
+    empty, _ = encode_prompt(tiny_tokenizer, [], "movies", None)
+    with pytest.raises(IgdrecError, match=rf"prompt without history is {len(empty)} tokens, over its budget of 5\b"):
+        encode_prompt(tiny_tokenizer, [], "movies", 5)
+    # every prompt returned fits its budget, whatever the budget
+    for budget in range(len(empty), needed + 5, 97):
+        try:
+            ids, _ = encode_prompt(tiny_tokenizer, ["Fargo", huge, "Heat"], "movies", budget)
+        except IgdrecError:
+            continue
+        assert len(ids) <= budget

@@ -1,8 +1,6 @@
-"""Rerank: dedup and ties, D3's text-free assistant against hand computation, L2 grounding."""
+"""Rerank: dedup and ties; BIGRec's grounding (whole-catalog L2 ranking) against brute force."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import polars as pl
@@ -14,7 +12,6 @@ from fixtures import TITLES, synthetic_run
 from igdrec import reranking, schema
 from igdrec.config import RerankConfig
 from igdrec.errors import IgdrecError
-from igdrec.ig import build_catalog_trie
 from igdrec.rundir import StageWriter
 from igdrec.stages import rerank
 
@@ -36,75 +33,99 @@ def test_dedup_keeps_best_entry_per_item_and_title_and_breaks_ties_by_item_id():
     assert reranking.dedup_topk(tie, 10)["item_id"].to_list() == [3, 5, 8]
 
 
-@pytest.fixture()
-def small_trie():
-    # eos = 0; items 0: [5, 6, 0], 1: [5, 7, 0], 2: [8, 0]
-    return build_catalog_trie([0, 1, 2], [[5, 6, 0], [5, 7, 0], [8, 0]], [1, 1, 1])
-
-
-def test_tfa_step_scores_match_hand_computation(small_trie, tmp_path):
-    scores = [0.3, 1.2, -0.4]
-    tfa = pl.DataFrame({"sample_id": [7, 7, 7], "item_id": [0, 1, 2], "score": scores})
-    q = np.exp(scores) / np.exp(scores).sum()
-    llm = [-0.7, -1.1, -0.05]
-    beams = pl.DataFrame({"sample_id": [7, 7], "item_id": [1, 2], "step_logprobs": [llm, llm[:2]]})
-    probabilities = reranking.tfa_probabilities(tfa, small_trie, tmp_path / "tfa.parquet")
-    g = 0.5
-    got = reranking.tfa_rescore(beams, small_trie, probabilities, g, tmp_path / "tfa.parquet")
-    tfa_item1 = [math.log(q[0] + q[1]), math.log(q[1] / (q[0] + q[1])), 0.0]
-    tfa_item2 = [math.log(q[2]), 0.0]
-    expected1 = sum(g * (l - t) + t for l, t in zip(llm, tfa_item1))
-    expected2 = sum(g * (l - t) + t for l, t in zip(llm[:2], tfa_item2))
-    np.testing.assert_allclose(got, [expected1, expected2], rtol=1e-12)
-    plain = reranking.tfa_rescore(beams, small_trie, probabilities, 1.0, tmp_path / "tfa.parquet")
-    np.testing.assert_allclose(plain, [sum(llm), sum(llm[:2])], rtol=1e-12)
-
-
-def test_tfa_rejects_unknown_items_and_duplicates(small_trie, tmp_path):
-    source = tmp_path / "tfa.parquet"
-    bad = pl.DataFrame({"sample_id": [0, 0], "item_id": [0, 99], "score": [0.0, 0.0]})
-    with pytest.raises(IgdrecError, match="tfa.parquet: row 1: item_id 99"):
-        reranking.tfa_probabilities(bad, small_trie, source)
-    dup = pl.DataFrame({"sample_id": [0, 0], "item_id": [1, 1], "score": [0.0, 1.0]})
-    with pytest.raises(IgdrecError, match="tfa.parquet: row 0: sample 0 scores item 1 twice"):
-        reranking.tfa_probabilities(dup, small_trie, source)
-
-
-def test_rerank_stage_with_tfa_reorders_by_combined_score(tmp_path, tiny_tokenizer):
-    run = synthetic_run(tmp_path / "run")
-    trie = publish_ig(run, tiny_tokenizer, "tiny")
-    items = [0, 5, 12, 15]  # 12 and 15 share the title "Fargo (1996)": beams carry its group id 12
-    rows = []
-    for rank, item in enumerate([0, 5, 12]):
-        path = trie.path(item)
-        rows.append({"sample_id": 3, "rank": rank, "item_id": item, "title": TITLES[item], "score": -1.0 - rank,
-                     "tokens": trie.token[path].tolist(), "step_logprobs": [-0.1 - 0.1 * rank] * len(path),
-                     "prefix_entropy": trie.entropy[path].tolist()})
-    beams = schema.conform(pl.DataFrame(rows), "beams")
-    with StageWriter(run, "decode/hand", stage="decode", params={"split": "test", "limit": None, "model": "tiny"}) as out:
-        beams.write_parquet(out.path("beams.parquet"))
-        out.stats = {"n_samples": 1}
-    tfa_path = tmp_path / "tfa.parquet"
-    tfa = pl.DataFrame({"sample_id": [3] * 4, "item_id": items, "score": [0.0, 0.5, 3.0, 3.0]})
-    tfa.write_parquet(tfa_path)
-    manifest = rerank.run(RerankConfig(decode="hand", tfa_scores=str(tfa_path), tfa_guidance=0.3), run)
-    top = schema.read(run.artifact(manifest["stage_path"], "topk.parquet"), "topk")
-    q = reranking.tfa_probabilities(schema.read(tfa_path, "tfa_scores"), trie, tfa_path)
-    expected = reranking.tfa_rescore(beams, trie, q, 0.3, tfa_path)
-    order = np.argsort(-expected, kind="stable")
-    assert top["item_id"].to_list() == [beams["item_id"][int(i)] for i in order]
-    np.testing.assert_allclose(top["score"].to_numpy(), expected[order])
-    assert top["item_id"][0] == 12  # the assistant's favourite title wins despite the lowest LLM score
-    plain = rerank.run(RerankConfig(decode="hand", top_k=2), run)
-    assert schema.read(run.artifact(plain["stage_path"], "topk.parquet"), "topk")["item_id"].to_list() == [0, 5]
-
-
-def test_l2_grounding_is_nearest_neighbour():
+def test_l2_topk_equals_a_brute_force_sort_with_ties_to_the_lower_row():
     rng = np.random.default_rng(0)
-    catalog = torch.tensor(rng.normal(size=(30, 8)))
-    generated = torch.tensor(rng.normal(size=(12, 8)))
-    brute = [int(np.argmin(((catalog.numpy() - g) ** 2).sum(1))) for g in generated.numpy()]
-    assert reranking.l2_grounding(generated, catalog).tolist() == brute
+    catalog = rng.normal(size=(30, 8))
+    catalog[17] = catalog[4]  # an exact tie: row 4 must come first
+    generated = rng.normal(size=(12, 8))
+    generated[3] = catalog[4]
+    rows, distances = reranking.l2_topk(torch.tensor(generated), torch.tensor(catalog), top_k=10)
+    for g, got_rows, got_distances in zip(generated, rows, distances):
+        brute = np.sqrt(((catalog - g) ** 2).sum(1))
+        order = sorted(range(len(catalog)), key=lambda r: (brute[r], r))[:10]
+        assert got_rows.tolist() == order
+        np.testing.assert_allclose(got_distances, brute[order], atol=1e-12)
+    assert rows[3][:2].tolist() == [4, 17] and distances[3][0] == 0.0
+    assert reranking.l2_topk(torch.tensor(generated), torch.tensor(catalog), top_k=99)[0].shape == (12, 30)
+
+
+def test_catalog_titles_keep_one_row_per_stripped_title_with_its_smallest_id():
+    items = pl.DataFrame({"item_id": [0, 1, 2, 3, 4], "title": ["B", " A", "A ", "C", "A"]})
+    titles = reranking.catalog_titles(items, np.array([1, 2, 3, 4]))  # item 0 is outside the catalog
+    assert titles.rows() == [(1, "A"), (3, "C")]
+
+
+def publish_free_decode(run, name: str, top1_texts: dict[int, str], model_spec: str, inputs: dict | None = None, source: str | None = None):
+    """A decode of unconstrained generations written by hand: per sample, a rank-0 text and a rank-1 decoy."""
+    rows = []
+    for sample_id, text in top1_texts.items():
+        for rank, title in enumerate([text, "Decoy text that must be ignored"]):
+            rows.append({"sample_id": sample_id, "rank": rank, "item_id": None, "title": title, "score": -1.0 - rank,
+                         "tokens": [1, 2], "step_logprobs": [-0.5, -0.5], "prefix_entropy": [float("nan")] * 2})
+    params = {"source": source or name, "model": model_spec, "split": "test", "limit": None}
+    with StageWriter(run, f"decode/{name}", stage="decode", params=params, inputs=inputs or {}, force=True) as out:
+        schema.conform(pl.DataFrame(rows, schema_overrides={"item_id": pl.Int64}), "beams").write_parquet(out.path("beams.parquet"))
+        out.stats = {"n_samples": len(top1_texts)}
+
+
+def embed_alone(model, tokenizer, text: str) -> np.ndarray:
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        return model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1].double().numpy()
+
+
+def test_grounding_ranks_the_whole_catalog_by_l2_to_the_top1_generation(tmp_path, tiny_model_dir, monkeypatch):
+    from igdrec.modeling import load_model, load_tokenizer
+
+    run = synthetic_run(tmp_path / "run")
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    publish_ig(run, tokenizer, str(tiny_model_dir))
+    texts = {0: "The Godfather (1972)", 1: "Fargo (1996)", 2: "a space movie with robots", 3: "  "}
+    publish_free_decode(run, "free", texts, str(tiny_model_dir))
+    manifest = rerank.run(RerankConfig(decode="free", grounding=True, top_k=20, grounding_batch_size=4), run)
+    top = schema.read(run.artifact(manifest["stage_path"], "topk.parquet"), "topk")
+    assert manifest["params"]["grounding_model"] == str(tiny_model_dir)  # a --model decode embeds with its model
+    assert manifest["stats"]["empty_generations"] == 1 and set(top["sample_id"]) == {0, 1, 2}
+
+    # brute force: every distinct title embedded alone (no padding), sorted by L2 to the generation's embedding
+    model = load_model(str(tiny_model_dir))
+    distinct = {}
+    for item_id, title in enumerate(TITLES):
+        distinct.setdefault(title.strip(), item_id)  # "Fargo (1996)" is items 12 and 15: it counts once, as 12
+    catalog = {title: embed_alone(model, tokenizer, title) for title in distinct}
+    for sample_id, text in list(texts.items())[:3]:
+        g = embed_alone(model, tokenizer, text)
+        brute = sorted(distinct, key=lambda t: (np.linalg.norm(catalog[t] - g), distinct[t]))
+        got = top.filter(pl.col("sample_id") == sample_id).sort("rank")
+        assert got["item_id"].to_list() == [distinct[t] for t in brute]  # all 19 distinct titles, nearest first
+        np.testing.assert_allclose(-got["score"].to_numpy(), [np.linalg.norm(catalog[t] - g) for t in brute], rtol=1e-4, atol=1e-4)
+        assert 15 not in got["item_id"].to_list()
+    first = dict(top.filter(pl.col("rank") == 0).select("sample_id", "item_id").iter_rows())
+    assert first[0] == TITLES.index("The Godfather (1972)") and first[1] == 12  # a generation equal to a title: that title first
+
+    # the catalog's embeddings are cached per model: a second decode grounded with it embeds only its generations
+    embedded = []
+    original = reranking.last_token_embeddings
+    monkeypatch.setattr(reranking, "last_token_embeddings", lambda m, t, texts, *a: embedded.extend(texts) or original(m, t, texts, *a))
+    publish_free_decode(run, "free2", {5: "Heat"}, str(tiny_model_dir))
+    second = rerank.run(RerankConfig(decode="free2", grounding=True, top_k=3), run)
+    assert embedded == ["Heat"]
+    again = schema.read(run.artifact(second["stage_path"], "topk.parquet"), "topk")
+    assert again["item_id"][0] == TITLES.index("Heat") and again.height == 3
+
+
+def test_grounding_model_defaults_to_the_fine_tunes_base(tmp_path):
+    run = synthetic_run(tmp_path / "run")
+    with StageWriter(run, "sft/lora", stage="sft", params={"model": "org/base-model", "lora": True}) as out:
+        out.path("model/adapter_config.json").write_text('{"base_model_name_or_path": "org/base-model"}')
+    sft = run.require("sft/lora", hint="test")
+    model_dir = str(run.stage_dir("sft/lora") / "model")
+    publish_free_decode(run, "from-sft", {0: "x"}, model_dir, inputs={"sft": sft["fingerprint"]}, source="lora")
+    publish_free_decode(run, "from-model", {0: "x"}, "org/plain-model")
+    assert rerank.base_model(run, run.require("decode/from-sft", hint="test")) == "org/base-model"
+    assert rerank.base_model(run, run.require("decode/from-model", hint="test")) == "org/plain-model"
+    with pytest.raises(IgdrecError, match="only used with --grounding"):
+        rerank.run(RerankConfig(decode="from-model", grounding_model="org/other"), run)
 
 
 def test_last_token_embeddings_ignore_left_padding(tiny_model_dir):

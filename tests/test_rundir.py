@@ -1,6 +1,7 @@
 """Caching and atomic publishing of stage artifacts (rundir.StageWriter), through the preprocess stage."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -24,7 +25,8 @@ def private_cache(tmp_path, monkeypatch):
 
 
 def write_inputs(directory: Path, extra: str = "") -> PreprocessConfig:
-    (directory / "inter.csv").write_text("user_id,item_id,timestamp\nu,a,1\nu,b,2\nv,b,3\nv,a,4\n" + extra)
+    # six windows: the fewest whose 80/10/10 split leaves no split empty
+    (directory / "inter.csv").write_text("user_id,item_id,timestamp\nu,a,1\nu,b,2\nu,a,3\nu,b,4\nv,b,5\nv,a,6\nv,b,7\nv,a,8\n" + extra)
     (directory / "items.csv").write_text("item_id,title\na,Alpha\nb,Beta\n")
     return PreprocessConfig(source="interactions", interactions=str(directory / "inter.csv"), items=str(directory / "items.csv"))
 
@@ -39,9 +41,9 @@ def test_second_run_is_cached_and_changes_rerun(tmp_path):
     shorter = preprocess.run(PreprocessConfig(**{**config.__dict__, "history_len": 1}), run)
     assert shorter["key"] != first["key"]
 
-    write_inputs(tmp_path, extra="v,b,5\n")  # new input content
+    write_inputs(tmp_path, extra="v,b,9\n")  # new input content
     grown = preprocess.run(config, run)
-    assert grown["key"] != shorter["key"] and grown["stats"]["interactions"] == 5
+    assert grown["key"] != shorter["key"] and grown["stats"]["interactions"] == 9
 
     forced = preprocess.run(config, run, force=True)
     assert forced["key"] == grown["key"] and forced["created_at"] >= grown["created_at"]
@@ -138,3 +140,52 @@ def test_cached_cli_run_imports_no_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "cached" in proc.stdout
+
+
+def test_edited_manifest_is_detected_and_rebuilt(tmp_path):
+    """A hand-edited stage.json (here the category word the prompts use) is not trusted downstream, and
+    the stage rebuilds it; the fingerprint downstream stages key on covers the manifest's statistics."""
+    config = write_inputs(tmp_path)
+    run = RunDir(tmp_path / "run")
+    good = preprocess.run(config, run)
+    path = run.stage_dir("data") / "stage.json"
+    original = path.read_text()
+    edited = json.loads(original)
+    edited["stats"]["category_word"] = "books"
+    path.write_text(json.dumps(edited, indent=2, sort_keys=True) + "\n")
+    assert run.manifest("data") is None
+    with pytest.raises(IgdrecError, match=r"data/stage\.json was changed after its stage wrote it .*run `igdrec preprocess` first"):
+        run.require("data", hint="igdrec preprocess")
+    rebuilt = preprocess.run(config, run)
+    assert rebuilt["created_at"] >= good["created_at"] and rebuilt["stats"]["category_word"] == good["stats"]["category_word"]
+    assert rebuilt["fingerprint"] == good["fingerprint"]  # same content, same key downstream
+
+    # Had the edit come with a matching digest, it would still change what downstream stages key on.
+    from igdrec.rundir import manifest_digest, manifest_fingerprint
+
+    edited = json.loads(path.read_text())
+    assert manifest_fingerprint(edited) == edited["fingerprint"]
+    edited["stats"]["category_word"] = "books"
+    assert manifest_fingerprint(edited) != good["fingerprint"]
+    edited["digest"] = manifest_digest(edited)
+    path.write_text(json.dumps(edited))
+    assert run.manifest("data")["stats"]["category_word"] == "books"  # a deliberate, consistent re-sign is accepted
+
+
+def test_manifest_without_digest_is_not_trusted(tmp_path):
+    config = write_inputs(tmp_path)
+    run = RunDir(tmp_path / "run")
+    preprocess.run(config, run)
+    path = run.stage_dir("data") / "stage.json"
+    manifest = json.loads(path.read_text())
+    del manifest["digest"]
+    path.write_text(json.dumps(manifest))
+    assert run.manifest("data") is None
+
+
+def test_run_dir_that_is_a_file_is_named_as_such(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for root, says in ((blocker, f"run directory {blocker} is a file"), (blocker / "run", f"cannot be created: {blocker} is a file")):
+        with pytest.raises(IgdrecError, match=re.escape(says)):
+            RunDir(root).ensure_writable()

@@ -15,19 +15,40 @@ starts a forced (single-child) chain feeds the whole chain in the same forward p
 (rows with shorter chains are padded and masked), so later steps of that chain read their log-probs from
 that pass and need no forward call while every live beam is still on its chain. A forced token has
 IG~ = 0, so w_d = 1. None of this changes a score (beyond float noise of other batch shapes).
+
+With a text-free assistant (`search(prompts, assistant_probs=q)`) every step score, forced ones included,
+is D3's g·(llm − tfa) + tfa (igdrec.assistant); hypotheses still carry the model's own log p per token.
+`self_check` verifies once that the model really uses the shared cache (CacheMismatchError otherwise).
 """
 
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 
+from igdrec.assistant import MassTree, guided_step, node_mass, tfa_log_share
+from igdrec.errors import IgdrecError
 from igdrec.ig import CatalogTrie
+from igdrec.modeling import kv_cache_kwargs
 
 NEG_INF = float("-inf")
+
+# Cache self-check tolerance on next-token logits, relative to the logit scale max(1, max |logit|).
+# Between a pass through the KV cache and a plain pass the logits differ only by float noise of a few
+# units in the last place of that scale (measured on SmolLM2-135M, CPU, logit scale 28: fp32 4e-5,
+# fp16 autocast 0.027, bf16 autocast 0.25), while a cache the model ignored moves them by most of the
+# scale (22 of 28 there, 0.24 of 47 on the tests' tiny model). fp32 allows ~1e-3 at a typical scale of
+# 30; half types 16 units in the last place (fp16 2^-11, bf16 2^-8): ~10x margin on either side.
+CACHE_CHECK_TOLERANCE = {torch.float32: 3e-5, torch.float64: 3e-5, torch.float16: 16 * 2.0**-11, torch.bfloat16: 16 * 2.0**-8}
+
+
+class CacheMismatchError(IgdrecError):
+    """The model's logits through the shared KV cache differ from a plain forward pass: every decoded
+    token would be conditioned on the wrong context (e.g. a transformers version ignoring the cache keyword)."""
 
 
 @dataclass
@@ -59,6 +80,8 @@ class TrieTensors:
     token: torch.Tensor
     ig_norm: torch.Tensor
     max_depth: int
+    mass_tree: MassTree | None = None  # for a text-free assistant's item probabilities
+
 
     @classmethod
     def from_trie(cls, trie: CatalogTrie, device: torch.device | str = "cpu") -> "TrieTensors":
@@ -71,7 +94,116 @@ class TrieTensors:
             token=as_long(trie.token),
             ig_norm=torch.tensor(np.asarray(trie.ig_norm, dtype=np.float32), device=device),
             max_depth=trie.max_depth,
+            mass_tree=MassTree.from_trie(trie, device),
         )
+
+
+@dataclass
+class _ModelRows:
+    """What the model has been fed, per cache row: the shared KV cache and what extending it needs.
+
+    Besides the cache it keeps what was computed but not yet consumed by a decoding step: the logits
+    after each row's last fed token (`last_logits`) and the model's log p of a forced chain pre-fed by
+    jump-forward (`forced_lp[r, :chain_len[r]]`).
+    """
+
+    cache: object  # transformers DynamicCache
+    attention: torch.Tensor  # (R, fed positions) 1 where a real token was fed
+    next_position: torch.Tensor  # (R,) position id of the row's next token
+    last_logits: torch.Tensor  # (R, V)
+    forced_lp: torch.Tensor  # (R, longest chain)
+    chain_len: torch.Tensor  # (R,)
+    group: int  # rows [g·group, (g+1)·group) belong to one sample...
+    shared: int  # ...and hold the same keys and values at the first `shared` (prompt) positions
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Reindex every row-wise tensor and the cache so that row i becomes old row rows[i]."""
+        count = len(self.chain_len)
+        index = torch.arange(count, device=rows.device)
+        if len(rows) == count and bool((rows == index).all()):
+            return
+        if len(rows) == count and bool((rows // self.group == index // self.group).all()) and _plain_layers(self.cache):
+            # Beams only move within their sample, whose rows share the prompt's keys and values: copying
+            # the generated positions is enough, a fraction of the cache.
+            for layer in self.cache.layers:
+                layer.keys[:, :, self.shared:] = layer.keys[rows, :, self.shared:]
+                layer.values[:, :, self.shared:] = layer.values[rows, :, self.shared:]
+        else:
+            self.cache.reorder_cache(rows)
+        for name in ("attention", "next_position", "last_logits", "forced_lp", "chain_len"):
+            setattr(self, name, getattr(self, name)[rows])
+
+
+@dataclass
+class _Beams:
+    """Per active sample (dim 0) and beam (dim 1): the live beams, the finished hypotheses, and where
+    each live beam's context lives in the model cache."""
+
+    sample_of: torch.Tensor  # (A,) index of the sample in the `search` call
+    running: torch.Tensor  # (A, K) accumulated score of each live beam, -inf for none
+    tokens: torch.Tensor  # (A, K, T) generated tokens
+    logps: torch.Tensor  # (A, K, T) model log p of each
+    nodes: torch.Tensor  # (A, K, T) trie node after each (-1 without a trie)
+    node: torch.Tensor  # (A, K) current trie node
+    cache_row: torch.Tensor  # (A, K) the _ModelRows row holding the beam's context
+    consumed: torch.Tensor  # (A, K) pre-fed chain entries of that row the beam has used
+    improvable: torch.Tensor  # (A,) whether a live beam can still beat the worst finished hypothesis
+    fin_scores: torch.Tensor  # (A, K) S / L^lp, -inf for none
+    fin_len: torch.Tensor  # (A, K)
+    fin_tokens: torch.Tensor  # (A, K, T)
+    fin_logps: torch.Tensor  # (A, K, T)
+    fin_nodes: torch.Tensor  # (A, K, T)
+
+    @classmethod
+    def start(cls, B: int, K: int, T: int, pad_token_id: int, device) -> "_Beams":
+        running = torch.full((B, K), NEG_INF, device=device)
+        running[:, 0] = 0.0  # only the first beam is live at the start: the others would duplicate it
+        tokens = torch.full((B, K, T), pad_token_id, dtype=torch.long, device=device)
+        logps = torch.zeros((B, K, T), device=device)
+        nodes = torch.full((B, K, T), -1, dtype=torch.long, device=device)
+        return cls(
+            sample_of=torch.arange(B, device=device),
+            running=running,
+            tokens=tokens,
+            logps=logps,
+            nodes=nodes,
+            node=torch.zeros((B, K), dtype=torch.long, device=device),
+            cache_row=torch.arange(B * K, device=device).reshape(B, K),
+            consumed=torch.zeros((B, K), dtype=torch.long, device=device),
+            improvable=torch.ones(B, dtype=torch.bool, device=device),
+            fin_scores=torch.full((B, K), NEG_INF, device=device),
+            fin_len=torch.zeros((B, K), dtype=torch.long, device=device),
+            fin_tokens=tokens.clone(),
+            fin_logps=logps.clone(),
+            fin_nodes=nodes.clone(),
+        )
+
+    def keep(self, samples: torch.Tensor) -> "_Beams":
+        """The state of the samples selected by `samples` (a mask or indices over dim 0)."""
+        return _Beams(**{f.name: getattr(self, f.name)[samples] for f in fields(self)})
+
+
+@dataclass
+class _Candidates:
+    """Every continuation of every live beam, (A*K, M): M allowed tokens per beam (the vocabulary
+    without a trie), -inf step score where a column is not allowed."""
+
+    token: torch.Tensor
+    node: torch.Tensor  # trie node after the token (-1 without a trie)
+    step_score: torch.Tensor  # calibrated step score
+    model_lp: torch.Tensor  # model log p
+
+
+@dataclass
+class _Top:
+    """The best 2K continuations of each active sample, (A, 2K), best first."""
+
+    score: torch.Tensor  # accumulated score
+    beam: torch.Tensor  # the live beam each extends
+    token: torch.Tensor
+    node: torch.Tensor
+    model_lp: torch.Tensor
+    finishes: torch.Tensor  # ends the hypothesis (EOS, or max_new_tokens reached without a trie)
 
 
 @dataclass
@@ -91,22 +223,62 @@ class BeamSearch:
     # lower values trade padding for fewer passes where a pass costs more than its tokens (GPU).
     jump_fill: float = 1.0
     autocast_dtype: torch.dtype | None = None
+    # Once per BeamSearch (first forward pass at step >= 2): compare one beam's next-token logits through
+    # the cache with a plain forward pass over its prompt and tokens; CacheMismatchError if they differ.
+    self_check: bool = False
+    tfa_guidance: float = 1.0  # g in D3's g·(llm − tfa) + tfa, used when search() gets assistant_probs
     stats: SearchStats = field(default_factory=SearchStats)
+    cache_check_gap: float | None = field(default=None, init=False)  # max |logit difference| the check saw
 
     @torch.no_grad()
-    def search(self, prompts: list[list[int]]) -> list[list[Hypothesis]]:
-        """The finished hypotheses of each prompt, best first (at most num_beams of them)."""
+    def search(self, prompts: list[list[int]], assistant_probs: torch.Tensor | np.ndarray | None = None) -> list[list[Hypothesis]]:
+        """The finished hypotheses of each prompt, best first (at most num_beams of them).
+
+        `assistant_probs` (len(prompts), n catalog items), aligned with the trie's item rows, turns on
+        D3's text-free assistant: every step score becomes g·(llm − tfa) + tfa (igdrec.assistant).
+        """
         if not prompts:
             return []
         device = next(self.model.parameters()).device
-        K = self.num_beams
         T = self.max_new_tokens or (self.trie.max_depth if self.trie is not None else None)
         if T is None:
             raise ValueError("unconstrained search needs max_new_tokens")
-        B = len(prompts)
-        results: list[list[Hypothesis]] = [[] for _ in range(B)]
+        mass = None
+        if assistant_probs is not None:
+            if self.trie is None or self.trie.mass_tree is None:
+                raise ValueError("a text-free assistant needs the catalog trie (TrieTensors.from_trie)")
+            mass = node_mass(self.trie.mass_tree, assistant_probs)
+            if mass.shape[0] != len(prompts):
+                raise ValueError(f"assistant probabilities for {mass.shape[0]} samples, but {len(prompts)} prompts")
+        results: list[list[Hypothesis]] = [[] for _ in prompts]
+        rows = self._prefill(prompts, T, device)
+        beams = _Beams.start(len(prompts), self.num_beams, T, self.pad_token_id, device)
+        for t in range(T):
+            fed = self._feed(rows, beams, t, T)
+            if fed is None:
+                if t > 0:
+                    self.stats.forward_calls_saved += 1  # every live beam's next log p was already computed
+            elif self.self_check and self.cache_check_gap is None and t >= 2:
+                self._check_cache(prompts, rows, beams, fed, t)
+            self.stats.steps += 1
+            candidates = self._candidates(rows, beams, mass)
+            top = self._best_continuations(beams, candidates, t, T)
+            beams = self._advance(beams, top, t)
+            done = ~beams.improvable | ~torch.isfinite(beams.running).any(dim=1) | (t + 1 == T)
+            if done.any():
+                for a in torch.nonzero(done).flatten().tolist():
+                    results[int(beams.sample_of[a])] = self._collect(beams, a)
+                if bool(done.all()):
+                    break
+                beams = beams.keep(~done)
+        return results
 
-        # --- prefill: the left-padded prompts once, then the cache is shared by each sample's K beams.
+    # --- the steps of a search -----------------------------------------------------------------------
+    def _prefill(self, prompts: list[list[int]], T: int, device) -> _ModelRows:
+        """Encode the left-padded prompts once; the cache is then shared by each sample's K beams."""
+        from transformers import DynamicCache
+
+        K, B = self.num_beams, len(prompts)
         width = max(len(p) for p in prompts)
         input_ids = torch.full((B, width), self.pad_token_id, dtype=torch.long, device=device)
         attention = torch.zeros((B, width), dtype=torch.long, device=device)
@@ -114,166 +286,195 @@ class BeamSearch:
             input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
             attention[i, width - len(p):] = 1
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        from transformers import DynamicCache
-
         cache = DynamicCache()
         logits = self._forward(input_ids, attention, positions, cache, keep=1)
         cache.batch_repeat_interleave(K)
-        attention = attention.repeat_interleave(K, dim=0)
-        next_position = positions[:, -1].repeat_interleave(K) + 1
-        # What was fed but not yet consumed, per cache row c: the model's log p of a pre-fed forced chain
-        # (forced_lp[c, :chain_len[c]]) and the logits after the row's last fed token (last_logits[c]).
-        last_logits = logits[:, -1].repeat_interleave(K, dim=0)
-        forced_lp = torch.zeros((B * K, 0), device=device)
-        chain_len = torch.zeros(B * K, dtype=torch.long, device=device)
-        cache_rows = torch.arange(B * K, device=device)  # state row r lives in cache row cache_rows[r]
-        consumed = torch.zeros(B * K, dtype=torch.long, device=device)  # queue entries state row r has used
+        _append_in_place(cache, room=T + 1)
+        return _ModelRows(
+            cache=cache,
+            attention=attention.repeat_interleave(K, dim=0),
+            next_position=positions[:, -1].repeat_interleave(K) + 1,
+            last_logits=logits[:, -1].repeat_interleave(K, dim=0),
+            forced_lp=torch.zeros((B * K, 0), device=device),
+            chain_len=torch.zeros(B * K, dtype=torch.long, device=device),
+            group=K,
+            shared=width,
+        )
 
-        # --- per-sample state, (active samples, K, ...)
-        sample_of = torch.arange(B, device=device)
-        running = torch.full((B, K), NEG_INF, device=device)
-        running[:, 0] = 0.0  # only the first beam is live at the start: the others would duplicate it
-        run_tokens = torch.full((B, K, T), self.pad_token_id, dtype=torch.long, device=device)
-        run_logps = torch.zeros((B, K, T), device=device)
-        run_nodes = torch.full((B, K, T), -1, dtype=torch.long, device=device)
-        node = torch.zeros((B, K), dtype=torch.long, device=device)
-        fin_scores = torch.full((B, K), NEG_INF, device=device)
-        fin_len = torch.zeros((B, K), dtype=torch.long, device=device)
-        fin_tokens = run_tokens.clone()
-        fin_logps = run_logps.clone()
-        fin_nodes = run_nodes.clone()
-        improvable = torch.ones(B, dtype=torch.bool, device=device)
+    def _feed(self, rows: _ModelRows, beams: _Beams, t: int, T: int):
+        """Run the model for every live beam whose next log-probs are not computed yet.
 
-        for t in range(T):
-            needs = torch.isfinite(running).flatten() & (consumed > chain_len[cache_rows])
-            if needs.any():
-                # Bring the cache into state-row order and feed each row that needs logits the token it
-                # chose last step plus, with jump-forward, the forced chain after it; others feed nothing.
-                cache.reorder_cache(cache_rows)
-                attention, next_position = attention[cache_rows], next_position[cache_rows]
-                last_logits, forced_lp, chain_len = last_logits[cache_rows], forced_lp[cache_rows], chain_len[cache_rows]
-                chain, lengths = self._forced_chains(node.flatten(), needs, T - t)
-                lengths = self._affordable(lengths, needs, int(torch.isfinite(running).sum()))
-                chain = chain[:, : int(lengths.max())]
-                feed = torch.cat([run_tokens[:, :, t - 1].reshape(-1, 1), chain], dim=1)
-                n = feed.shape[1]
-                fed = needs[:, None] & (torch.arange(n, device=device)[None, :] <= lengths[:, None])
-                feed = torch.where(fed, feed, self.pad_token_id)
-                attention = torch.cat([attention, fed.long()], dim=1)
-                positions = next_position[:, None] + torch.arange(n, device=device)
-                next_position = next_position + fed.sum(dim=1)
-                logits = self._forward(feed, attention, positions, cache, keep=n)
-                rows_fed = torch.nonzero(needs).flatten()
-                last_logits[rows_fed] = logits[rows_fed, lengths[rows_fed]].to(last_logits.dtype)
-                if n > 1:
-                    chain_lp = torch.log_softmax(logits[rows_fed, : n - 1].float(), dim=-1)
-                    chain_lp = chain_lp.gather(2, chain[rows_fed][:, :, None])[:, :, 0]
-                    width = max(forced_lp.shape[1], n - 1)
-                    forced_lp = torch.nn.functional.pad(forced_lp, (0, width - forced_lp.shape[1]))
-                    forced_lp[rows_fed] = torch.nn.functional.pad(chain_lp, (0, width - (n - 1)))
-                chain_len[rows_fed] = lengths[rows_fed]
-                consumed = torch.where(needs, 0, consumed)
-                cache_rows = torch.arange(len(cache_rows), device=device)
-            elif t > 0:
-                self.stats.forward_calls_saved += 1  # every live beam's next log p was already computed
-            from_chain = consumed < chain_len[cache_rows]  # this step's (forced) token was pre-fed
-            log_probs = torch.log_softmax(last_logits[cache_rows].float(), dim=-1)
-            if forced_lp.shape[1]:
-                chained = forced_lp[cache_rows].gather(1, consumed.clamp(max=forced_lp.shape[1] - 1)[:, None])
-            else:
-                chained = log_probs.new_zeros((len(cache_rows), 1))
-            self.stats.steps += 1
-            A = running.shape[0]
+        The cache is first brought into beam order (cache row = flat beam index); each beam that needs
+        logits feeds the token it chose last step plus, with jump-forward, the forced chain after it;
+        the others feed nothing. Returns None when no beam needed the model, else (needs, fed tokens,
+        fed mask) over the flat beams.
+        """
+        live = torch.isfinite(beams.running).flatten()
+        cache_row = beams.cache_row.flatten()
+        needs = live & (beams.consumed.flatten() > rows.chain_len[cache_row])
+        if not needs.any():
+            return None
+        device = needs.device
+        rows.select(cache_row)
+        chain, lengths = self._forced_chains(beams.node.flatten(), needs, T - t)
+        lengths = self._affordable(lengths, needs, int(live.sum()))
+        chain = chain[:, : int(lengths.max())]
+        feed = torch.cat([beams.tokens[:, :, t - 1].reshape(-1, 1), chain], dim=1)
+        n = feed.shape[1]
+        fed = needs[:, None] & (torch.arange(n, device=device)[None, :] <= lengths[:, None])
+        feed = torch.where(fed, feed, self.pad_token_id)
+        rows.attention = torch.cat([rows.attention, fed.long()], dim=1)
+        positions = rows.next_position[:, None] + torch.arange(n, device=device)
+        rows.next_position = rows.next_position + fed.sum(dim=1)
+        logits = self._forward(feed, rows.attention, positions, rows.cache, keep=n)
+        rows_fed = torch.nonzero(needs).flatten()
+        rows.last_logits[rows_fed] = logits[rows_fed, lengths[rows_fed]].to(rows.last_logits.dtype)
+        if n > 1:
+            chain_lp = torch.log_softmax(logits[rows_fed, : n - 1].float(), dim=-1)
+            chain_lp = chain_lp.gather(2, chain[rows_fed][:, :, None])[:, :, 0]
+            width = max(rows.forced_lp.shape[1], n - 1)
+            rows.forced_lp = torch.nn.functional.pad(rows.forced_lp, (0, width - rows.forced_lp.shape[1]))
+            rows.forced_lp[rows_fed] = torch.nn.functional.pad(chain_lp, (0, width - (n - 1)))
+        rows.chain_len[rows_fed] = lengths[rows_fed]
+        A, K = beams.running.shape
+        beams.consumed = torch.where(needs, 0, beams.consumed.flatten()).reshape(A, K)
+        beams.cache_row = torch.arange(A * K, device=device).reshape(A, K)
+        return needs, feed, fed
 
-            # --- candidate continuations: allowed children of each beam's node (or the vocabulary)
-            if self.trie is not None:
-                flat_node = node.flatten()
-                count = torch.where(torch.isfinite(running).flatten(), self.trie.child_count[flat_node], 0)
-                M = max(int(count.max()), 1)
-                offset = torch.arange(M, device=device)
-                allowed = offset[None, :] < count[:, None]
-                child = torch.where(allowed, self.trie.child_start[flat_node][:, None] + offset, 0)
-                cand_token = torch.where(allowed, self.trie.token[child], 0)
-                # a pre-fed row has exactly one allowed token, in column 0
-                model_lp = torch.where(from_chain[:, None], chained, log_probs.gather(1, cand_token))
-                step = model_lp
-                if self.alpha:
-                    step = step * (1.0 - self.alpha * self.trie.ig_norm[child])
-                step = torch.where(allowed, step, NEG_INF)
-            else:
-                M = log_probs.shape[1]
-                child = torch.full((A * K, M), -1, dtype=torch.long, device=device)
-                cand_token = torch.arange(M, device=device).expand(A * K, M)
-                step = model_lp = log_probs
-            scores = (running.reshape(-1, 1) + step).reshape(A, K * M)
-            step_lp = model_lp.reshape(A, K * M)
+    def _candidates(self, rows: _ModelRows, beams: _Beams, mass: torch.Tensor | None) -> _Candidates:
+        """Allowed children of each beam's node (or the whole vocabulary) with their step scores; `mass`
+        (samples, trie nodes) is the assistant's Q per node, None without an assistant."""
+        cache_row = beams.cache_row.flatten()
+        consumed = beams.consumed.flatten()
+        from_chain = consumed < rows.chain_len[cache_row]  # this step's (forced) token was pre-fed
+        log_probs = torch.log_softmax(rows.last_logits[cache_row].float(), dim=-1)
+        if rows.forced_lp.shape[1]:
+            chained = rows.forced_lp[cache_row].gather(1, consumed.clamp(max=rows.forced_lp.shape[1] - 1)[:, None])
+        else:
+            chained = log_probs.new_zeros((len(cache_row), 1))
+        if self.trie is None:
+            M = log_probs.shape[1]
+            node = torch.full((len(cache_row), M), -1, dtype=torch.long, device=log_probs.device)
+            token = torch.arange(M, device=log_probs.device).expand(len(cache_row), M)
+            return _Candidates(token=token, node=node, step_score=log_probs, model_lp=log_probs)
+        flat_node = beams.node.flatten()
+        count = torch.where(torch.isfinite(beams.running).flatten(), self.trie.child_count[flat_node], 0)
+        M = max(int(count.max()), 1)
+        offset = torch.arange(M, device=count.device)
+        allowed = offset[None, :] < count[:, None]
+        child = torch.where(allowed, self.trie.child_start[flat_node][:, None] + offset, 0)
+        token = torch.where(allowed, self.trie.token[child], 0)
+        # a pre-fed row has exactly one allowed token, in column 0
+        model_lp = torch.where(from_chain[:, None], chained, log_probs.gather(1, token))
+        step = model_lp
+        if self.alpha:
+            step = step * (1.0 - self.alpha * self.trie.ig_norm[child])
+        if mass is not None:
+            sample = beams.sample_of.repeat_interleave(beams.running.shape[1])
+            step = guided_step(step, tfa_log_share(mass[sample[:, None], child], allowed), self.tfa_guidance)
+        step = torch.where(allowed, step, NEG_INF)
+        return _Candidates(token=token, node=child, step_score=step, model_lp=model_lp)
 
-            width2 = min(2 * K, K * M)
-            top_scores, top_index = torch.topk(scores, width2, dim=1)
-            if width2 < 2 * K:  # fewer continuations than 2K exist: the missing ones are -inf
-                pad = 2 * K - width2
-                top_scores = torch.cat([top_scores, top_scores.new_full((A, pad), NEG_INF)], dim=1)
-                top_index = torch.cat([top_index, top_index[:, :1].expand(A, pad)], dim=1)
-            top_beam = top_index // M
-            top_token = cand_token.reshape(A, K * M).gather(1, top_index)
-            top_node = child.reshape(A, K * M).gather(1, top_index)
-            top_lp = step_lp.gather(1, top_index)
-            finishes = top_token == self.eos_token_id
-            if self.trie is None and t + 1 == T:
-                finishes = torch.ones_like(finishes)  # max_new_tokens reached: every continuation stops
+    def _best_continuations(self, beams: _Beams, candidates: _Candidates, t: int, T: int) -> _Top:
+        """Each sample's 2K best continuations by accumulated score (missing ones are -inf)."""
+        A, K = beams.running.shape
+        M = candidates.token.shape[1]
+        scores = (beams.running.reshape(-1, 1) + candidates.step_score).reshape(A, K * M)
+        width = min(2 * K, K * M)
+        top_scores, top_index = torch.topk(scores, width, dim=1)
+        if width < 2 * K:
+            pad = 2 * K - width
+            top_scores = torch.cat([top_scores, top_scores.new_full((A, pad), NEG_INF)], dim=1)
+            top_index = torch.cat([top_index, top_index[:, :1].expand(A, pad)], dim=1)
+        token = candidates.token.reshape(A, K * M).gather(1, top_index)
+        finishes = token == self.eos_token_id
+        if self.trie is None and t + 1 == T:
+            finishes = torch.ones_like(finishes)  # max_new_tokens reached: every continuation stops
+        return _Top(
+            score=top_scores,
+            beam=top_index // M,
+            token=token,
+            node=candidates.node.reshape(A, K * M).gather(1, top_index),
+            model_lp=candidates.model_lp.reshape(A, K * M).gather(1, top_index),
+            finishes=finishes,
+        )
 
-            def extend(history: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-                out = history.gather(1, top_beam[:, :, None].expand(-1, -1, T)).clone()
-                out[:, :, t] = new
-                return out
+    def _advance(self, beams: _Beams, top: _Top, t: int) -> _Beams:
+        """The state after step t: the best K continuations that did not finish become the live beams,
+        EOS continuations within the first K join the finished set, and the stopping rule is updated."""
+        A, K = beams.running.shape
+        T = beams.tokens.shape[2]
+        beam3 = top.beam[:, :, None].expand(-1, -1, T)
 
-            cand_tokens, cand_logps, cand_nodes = extend(run_tokens, top_token), extend(run_logps, top_lp), extend(run_nodes, top_node)
+        def extend(history: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            out = history.gather(1, beam3).clone()
+            out[:, :, t] = new
+            return out
 
-            # --- the next live beams: the best K continuations that did not finish
-            live_scores = torch.where(finishes, NEG_INF, top_scores)
-            keep_scores, keep = torch.topk(live_scores, K, dim=1)
-            running = keep_scores
-            run_tokens = cand_tokens.gather(1, keep[:, :, None].expand(-1, -1, T))
-            run_logps = cand_logps.gather(1, keep[:, :, None].expand(-1, -1, T))
-            run_nodes = cand_nodes.gather(1, keep[:, :, None].expand(-1, -1, T))
-            node = top_node.gather(1, keep).clamp(min=0)
-            source_beam = top_beam.gather(1, keep)
+        cand_tokens, cand_logps, cand_nodes = extend(beams.tokens, top.token), extend(beams.logps, top.model_lp), extend(beams.nodes, top.node)
 
-            # --- finished hypotheses: EOS within the first K, while the sample can still improve
-            new_fin = finishes & torch.isfinite(top_scores) & improvable[:, None]
-            new_fin[:, K:] = False
-            fin_candidates = torch.where(new_fin, top_scores / ((t + 1) ** self.length_penalty), NEG_INF)
-            merged = torch.cat([fin_scores, fin_candidates], dim=1)
-            fin_scores, pick = torch.topk(merged, K, dim=1)
-            pick3 = pick[:, :, None].expand(-1, -1, T)
-            fin_tokens = torch.cat([fin_tokens, cand_tokens], dim=1).gather(1, pick3)
-            fin_logps = torch.cat([fin_logps, cand_logps], dim=1).gather(1, pick3)
-            fin_nodes = torch.cat([fin_nodes, cand_nodes], dim=1).gather(1, pick3)
-            fin_len = torch.cat([fin_len, fin_len.new_full((A, 2 * K), t + 1)], dim=1).gather(1, pick)
+        # --- the next live beams: the best K continuations that did not finish
+        running, keep = torch.topk(torch.where(top.finishes, NEG_INF, top.score), K, dim=1)
+        keep3 = keep[:, :, None].expand(-1, -1, T)
+        source_beam = top.beam.gather(1, keep)
 
-            # --- stopping rule (transformers' early_stopping=False heuristic)
-            best_possible = running[:, 0] / ((t + 1) ** self.length_penalty)
-            improvable = improvable & (best_possible > fin_scores.min(dim=1).values)
-            done = ~improvable | ~torch.isfinite(running).any(dim=1) | (t + 1 == T)
+        # --- finished hypotheses: EOS within the first K, while the sample can still improve
+        new_fin = top.finishes & torch.isfinite(top.score) & beams.improvable[:, None]
+        new_fin[:, K:] = False
+        fin_candidates = torch.where(new_fin, top.score / ((t + 1) ** self.length_penalty), NEG_INF)
+        fin_scores, pick = torch.topk(torch.cat([beams.fin_scores, fin_candidates], dim=1), K, dim=1)
+        pick3 = pick[:, :, None].expand(-1, -1, T)
 
-            rows = (torch.arange(A, device=device)[:, None] * K + source_beam).flatten()
-            if done.any():
-                for a in torch.nonzero(done).flatten().tolist():
-                    results[int(sample_of[a])] = self._collect(fin_scores[a], fin_len[a], fin_tokens[a], fin_logps[a], fin_nodes[a])
-                stay = ~done
-                if not stay.any():
-                    break
-                rows = rows.reshape(A, K)[stay].flatten()
-                sample_of, running, node, improvable = sample_of[stay], running[stay], node[stay], improvable[stay]
-                run_tokens, run_logps, run_nodes = run_tokens[stay], run_logps[stay], run_nodes[stay]
-                fin_scores, fin_len = fin_scores[stay], fin_len[stay]
-                fin_tokens, fin_logps, fin_nodes = fin_tokens[stay], fin_logps[stay], fin_nodes[stay]
-            cache_rows = cache_rows[rows]
-            consumed = (consumed + 1)[rows]
-        return results
+        # --- stopping rule (transformers' early_stopping=False heuristic)
+        best_possible = running[:, 0] / ((t + 1) ** self.length_penalty)
+        improvable = beams.improvable & (best_possible > fin_scores.min(dim=1).values)
+
+        return _Beams(
+            sample_of=beams.sample_of,
+            running=running,
+            tokens=cand_tokens.gather(1, keep3),
+            logps=cand_logps.gather(1, keep3),
+            nodes=cand_nodes.gather(1, keep3),
+            node=top.node.gather(1, keep).clamp(min=0),
+            cache_row=beams.cache_row.gather(1, source_beam),
+            consumed=(beams.consumed + 1).gather(1, source_beam),
+            improvable=improvable,
+            fin_scores=fin_scores,
+            fin_len=torch.cat([beams.fin_len, beams.fin_len.new_full((A, 2 * K), t + 1)], dim=1).gather(1, pick),
+            fin_tokens=torch.cat([beams.fin_tokens, cand_tokens], dim=1).gather(1, pick3),
+            fin_logps=torch.cat([beams.fin_logps, cand_logps], dim=1).gather(1, pick3),
+            fin_nodes=torch.cat([beams.fin_nodes, cand_nodes], dim=1).gather(1, pick3),
+        )
+
+    # --- helpers ----------------------------------------------------------------------------------------
+    def _check_cache(self, prompts: list[list[int]], rows: _ModelRows, beams: _Beams, fed, t: int) -> None:
+        """Raise CacheMismatchError unless the logits the last pass computed through the cache for the first
+        fed beam match a plain forward pass over its prompt and every token it has fed."""
+        needs, feed, fed_mask = fed
+        r = int(torch.nonzero(needs)[0])
+        a, k = divmod(r, beams.running.shape[1])
+        sequence = prompts[int(beams.sample_of[a])] + beams.tokens[a, k, : t - 1].tolist() + feed[r][fed_mask[r]].tolist()
+        ids = torch.tensor([sequence], dtype=torch.long, device=needs.device)
+        plain = self._forward(ids, torch.ones_like(ids), torch.arange(len(sequence), device=ids.device)[None, :], None, keep=1)
+        plain, cached = plain[0, -1].float(), rows.last_logits[r].float()
+        gap = float((cached - plain).abs().max())
+        dtype = self.autocast_dtype or next(self.model.parameters()).dtype
+        tolerance = CACHE_CHECK_TOLERANCE.get(dtype, CACHE_CHECK_TOLERANCE[torch.bfloat16]) * max(1.0, float(plain.abs().max()))
+        if not gap <= tolerance:  # NaN fails too
+            import transformers
+
+            raise CacheMismatchError(
+                f"KV-cache self-check failed for model {_model_name(self.model)!r} (torch {torch.__version__}, "
+                f"transformers {transformers.__version__}): next-token logits through the cache differ from a plain "
+                f"forward pass by {gap:.3g} (tolerance {tolerance:.2g} for {str(dtype).removeprefix('torch.')}); "
+                "this transformers version likely ignores the cache keyword, so every decoded token would be wrong"
+            )
+        self.cache_check_gap = gap
 
     def _forward(self, input_ids, attention, positions, cache, keep: int) -> torch.Tensor:
-        self.stats.forward_calls += 1
+        """The one place the model is called; `cache` None is a plain pass (the self-check's), not counted."""
+        if cache is not None:
+            self.stats.forward_calls += 1
         autocast = (
             torch.autocast(device_type=input_ids.device.type, dtype=self.autocast_dtype)
             if self.autocast_dtype is not None
@@ -284,8 +485,8 @@ class BeamSearch:
                 input_ids=input_ids,
                 attention_mask=attention,
                 position_ids=positions,
-                cache=cache,
-                use_cache=True,
+                **kv_cache_kwargs(self.model, cache),
+                use_cache=cache is not None,
                 logits_to_keep=keep,
             )
         return out.logits[:, -keep:]
@@ -319,19 +520,91 @@ class BeamSearch:
         return lengths.clamp(max=width - 1)
 
     @staticmethod
-    def _collect(scores, lengths, tokens, logps, nodes) -> list[Hypothesis]:
+    def _collect(beams: _Beams, a: int) -> list[Hypothesis]:
+        """The finished hypotheses of active sample a, best first."""
         out = []
-        for k in range(len(scores)):
-            score = float(scores[k])
+        for k in range(beams.fin_scores.shape[1]):
+            score = float(beams.fin_scores[a, k])
             if not np.isfinite(score):
                 continue
-            n = int(lengths[k])
+            n = int(beams.fin_len[a, k])
             out.append(
                 Hypothesis(
-                    tokens=tokens[k, :n].tolist(),
+                    tokens=beams.fin_tokens[a, k, :n].tolist(),
                     score=score,
-                    step_logprobs=logps[k, :n].double().tolist(),
-                    nodes=nodes[k, :n].tolist(),
+                    step_logprobs=beams.fin_logps[a, k, :n].double().tolist(),
+                    nodes=beams.fin_nodes[a, k, :n].tolist(),
                 )
             )
         return out
+
+
+def _plain_layers(cache) -> bool:
+    """Whether every cache layer is a plain DynamicLayer (or our in-place one): (batch, heads, positions,
+    dim) keys and values holding every fed position (no sliding window, no extra state), safe to reindex
+    in place."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(
+        type(layer) in (DynamicLayer, _appending_layer_class()) and layer.keys is not None and layer.keys.dim() == 4 for layer in layers
+    )
+
+
+@functools.cache
+def _appending_layer_class():
+    """A DynamicLayer that writes new positions into spare room of preallocated key/value buffers instead
+    of concatenating: DynamicLayer copies the whole cache on every forward pass, this only the new tokens.
+
+    (Built on first use so that importing igdrec.beam does not import transformers.)"""
+    from transformers.cache_utils import DynamicLayer
+
+    class AppendingLayer(DynamicLayer):
+        room = 0  # spare positions a (re)allocation reserves
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            buffers = getattr(self, "buffers", None)
+            length, new = self.keys.shape[-2], key_states.shape[-2]
+            if (
+                buffers is None
+                or self.keys.data_ptr() != buffers[0].data_ptr()
+                or self.values.data_ptr() != buffers[1].data_ptr()
+                or self.keys.shape[:2] != buffers[0].shape[:2]
+                or length + new > buffers[0].shape[2]
+            ):  # first use, a reorder made new tensors, or out of room: start new buffers
+                buffers = tuple(
+                    torch.cat([old, fresh, fresh.new_empty((*fresh.shape[:2], max(self.room, new), fresh.shape[3]))], dim=2)
+                    for old, fresh in ((self.keys, key_states), (self.values, value_states))
+                )
+                self.buffers = buffers
+            else:
+                buffers[0][:, :, length:length + new] = key_states
+                buffers[1][:, :, length:length + new] = value_states
+            self.keys = buffers[0][:, :, :length + new]
+            self.values = buffers[1][:, :, :length + new]
+            return self.keys, self.values
+
+    return AppendingLayer
+
+
+def _append_in_place(cache, room: int) -> None:
+    """Turn a filled cache's plain DynamicLayers into appending ones with `room` spare positions."""
+    from transformers.cache_utils import DynamicLayer
+
+    layer_class = _appending_layer_class()
+    for i, layer in enumerate(getattr(cache, "layers", [])):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4:
+            appending = layer_class.__new__(layer_class)
+            appending.__dict__.update(layer.__dict__)
+            appending.room = room
+            appending.buffers = None
+            cache.layers[i] = appending
+
+
+def _model_name(model: torch.nn.Module) -> str:
+    """The checkpoint a model (or a wrapper around one) was loaded from."""
+    for module in model.modules():
+        name = getattr(module, "name_or_path", None) or getattr(getattr(module, "config", None), "_name_or_path", None)
+        if name:
+            return str(name)
+    return type(model).__name__

@@ -1,11 +1,19 @@
-"""The `igdrec` command line. Each command only parses options and calls its stage's `run`."""
+"""The `igdrec` command line. Each command only parses options and calls its stage's `run`.
+
+The stage commands are derived from the stage configs (`config.py`): every field declared there with
+`option()` becomes an option of its stage's command (`stage_command`), so a field or a stage is added in
+one place. A stage is registered by naming its config class in `config.STAGE_CONFIGS` and its module in
+`STAGE_MODULES`. Commands that are not stages (`run`, `prompt`, `ig show`, ...) are written by hand
+below the derived ones, as ordinary Typer commands.
+"""
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
@@ -34,17 +42,20 @@ STAGE_MODULES = {
     "metrics": "igdrec.stages.metrics",
 }
 
+COMMON_PANEL = "Run directory and config"
+RUN_SETTINGS_PANEL = "Run settings (not part of the cache key)"
 RunDirOpt = Annotated[
-    Optional[Path], typer.Option("--run-dir", envvar="IGDREC_RUN_DIR", help="Run directory (default: runs/default).")
+    Optional[Path],
+    typer.Option("--run-dir", envvar="IGDREC_RUN_DIR", help="Run directory (default: runs/default).", rich_help_panel=COMMON_PANEL),
 ]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config; its section for this stage is the base, flags override it.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun even if the stage is cached.")]
-_COMMON = ("run_dir", "config", "force")
-
-
-def _default(stage: str, name: str) -> str:
-    value = getattr(cfg.STAGE_CONFIGS[stage](), name)
-    return f" (default: {value})"
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help="YAML config; its section for this stage is the base, flags override it.", rich_help_panel=COMMON_PANEL),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Rerun even if the stage is cached.", rich_help_panel=COMMON_PANEL)]
+# Where a value came from (click's ParameterSource names; typer may ship its own copy of click).
+_TYPED = ("COMMANDLINE", "ENVIRONMENT")
+_COMMON = {"run_dir": (RunDirOpt, None), "config": (ConfigOpt, None), "force": (ForceOpt, False)}
 
 
 def _fail(exc: IgdrecError) -> None:
@@ -53,15 +64,113 @@ def _fail(exc: IgdrecError) -> None:
 
 
 def run_stage(stage: str, config, run_dir: Path | None, force: bool):
+    cfg.check(config)
     module = importlib.import_module(STAGE_MODULES[stage])
     return module.run(config, RunDir(run_dir), force=force)
 
 
-def _invoke(stage: str, options: dict) -> None:
-    common = {k: options.pop(k) for k in _COMMON}
+# ---------------------------------------------------------------------------------------------------
+# Stage commands, derived from the stage configs
+
+
+def _metavar(opt: cfg.Option) -> str:
+    if opt.choices:
+        return "|".join(map(str, opt.choices))
+    names = {int: "INT", float: "FLOAT", str: "TEXT"}
+    if opt.kind is list:
+        return f"{names.get(opt.element, 'TEXT')},..."
+    return names.get(opt.kind, "VALUE")
+
+
+def _default_text(opt: cfg.Option) -> str | None:
+    """The field's default as the user would type it (what `--help` shows)."""
+    if opt.default is None:
+        return None
+    if opt.kind is list:
+        return ",".join(map(str, opt.default))
+    return str(opt.default)
+
+
+def _panel(opt: cfg.Option) -> str | None:
+    """Options that only act under a setting of another option get a heading of their own."""
+    if opt.role == cfg.RUN_SETTING:
+        return RUN_SETTINGS_PANEL
+    if isinstance(opt.only, dict):
+        conditions = []
+        for other, wanted in opt.only.items():
+            flag = "--" + other.replace("_", "-")
+            if wanted is True:
+                conditions.append(flag)
+            else:
+                values = wanted if isinstance(wanted, (tuple, list, set)) else (wanted,)
+                conditions.append(f"{flag} {'|'.join(map(str, values))}")
+        return "With " + ", ".join(conditions)
+    return None
+
+
+def _parameter(opt: cfg.Option) -> inspect.Parameter:
+    """The Typer option of one config field. Only values the user typed are used (see `command`); they
+    arrive as raw strings and are parsed by `config.parse`, the code that reads YAML, so both give the
+    same one-line errors."""
+    if opt.kind is bool:
+        flags = opt.flags or f"{opt.cli_name}/--no-{opt.cli_name[2:]}"
+        info = typer.Option(flags, help=opt.help, rich_help_panel=_panel(opt))
+        return inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, default=opt.default, annotation=Annotated[bool, info])
+    info = typer.Option(opt.cli_name, help=opt.help, metavar=_metavar(opt), show_default=opt.default is not None, rich_help_panel=_panel(opt))
+    return inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, default=_default_text(opt), annotation=Annotated[Optional[str], info])
+
+
+def field_option(config_cls: type, name: str, panel: str | None = None):
+    """A stage-config field as an option of a hand-written command (same name, help and metavar):
+
+        alpha: cli.field_option(cfg.DecodeConfig, "alpha") = None
+
+    The value arrives raw (None = not given); `cfg.apply_cli(cfg.DecodeConfig(), {"alpha": alpha})` parses
+    and checks it with the stage's own rules and one-line errors."""
+    opt = cfg.option_named(config_cls, name)
+    if opt.kind is bool:
+        flags = opt.flags or f"{opt.cli_name}/--no-{opt.cli_name[2:]}"
+        return Annotated[Optional[bool], typer.Option(flags, help=opt.help, show_default=False, rich_help_panel=panel)]
+    return Annotated[Optional[str], typer.Option(opt.cli_name, help=opt.help, metavar=_metavar(opt), show_default=False, rich_help_panel=panel)]
+
+
+def stage_command(
+    stage: str, *, extra: tuple[inspect.Parameter, ...] = (), handler: Callable | None = None, target: typer.Typer = app
+) -> None:
+    """Register `igdrec STAGE` on `target`: one option per field of the stage's config, `extra`
+    parameters, and --run-dir/--config/--force. The command loads the `--config` section, applies the
+    options given and calls `handler(config, run_dir, force, **extra values)` (default: `run_stage`)."""
+    config_cls = cfg.STAGE_CONFIGS[stage]
+    opts = cfg.options(config_cls)
+    extra_names = [p.name for p in extra]
+    clash = {o.name for o in opts} & (set(_COMMON) | set(extra_names))
+    if clash:
+        raise TypeError(f"{config_cls.__name__}: field(s) {', '.join(sorted(clash))} clash with options of the `{stage}` command")
+    common = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a) for n, (a, d) in _COMMON.items()]
+    context = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+    parameters = [context] + [_parameter(o) for o in opts] + list(extra) + common
+
+    def command(ctx: typer.Context, **values: Any) -> None:
+        settings = {name: values.pop(name) for name in _COMMON}
+        extras = {name: values.pop(name) for name in extra_names}
+        # Defaults are for --help only: an option left out keeps the --config value (or the default).
+        given = {name: value for name, value in values.items() if getattr(ctx.get_parameter_source(name), "name", None) in _TYPED}
+        _invoke(stage, given, settings, handler, extras)
+
+    command.__signature__ = inspect.Signature(parameters)
+    command.__annotations__ = {p.name: p.annotation for p in parameters}
+    command.__name__ = command.__qualname__ = stage.replace("-", "_")
+    command.__doc__ = cfg.describe(config_cls)
+    target.command(stage)(command)
+
+
+def _invoke(stage: str, given: dict, settings: dict, handler: Callable | None = None, extras: dict | None = None) -> None:
     try:
-        stage_config = cfg.override(cfg.load_stage_config(stage, common["config"]), **options)
-        run_stage(stage, stage_config, common["run_dir"], common["force"])
+        stage_config = cfg.apply_cli(cfg.load_stage_config(stage, settings["config"]), given)
+        if handler is None:
+            run_stage(stage, stage_config, settings["run_dir"], settings["force"])
+        else:
+            handler(stage_config, settings["run_dir"], settings["force"], **(extras or {}))
     except IgdrecError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -69,156 +178,39 @@ def _invoke(stage: str, options: dict) -> None:
         raise typer.Exit(130)
 
 
-@app.command()
-def preprocess(
-    source: Annotated[Optional[str], typer.Option(help="ml-100k | amazon2018 | d3-csv | interactions" + _default("preprocess", "source"))] = None,
-    reviews: Annotated[Optional[str], typer.Option(help="amazon2018: reviews JSON lines ({Category}.json[.gz]).")] = None,
-    meta: Annotated[Optional[str], typer.Option(help="amazon2018: metadata JSON lines (meta_{Category}.json[.gz]).")] = None,
-    category: Annotated[Optional[str], typer.Option(help="amazon2018: category name, e.g. Video_Games.")] = None,
-    start: Annotated[Optional[str], typer.Option(help="amazon2018: window start date" + _default("preprocess", "start"))] = None,
-    end: Annotated[Optional[str], typer.Option(help="amazon2018: window end date" + _default("preprocess", "end"))] = None,
-    k_core: Annotated[Optional[int], typer.Option(help="amazon2018: iterative K-core" + _default("preprocess", "k_core"))] = None,
-    min_items: Annotated[Optional[int], typer.Option(help="amazon2018: extend the window a year back while fewer items remain" + _default("preprocess", "min_items"))] = None,
-    seed: Annotated[Optional[int], typer.Option(help="amazon2018: item-id shuffle seed" + _default("preprocess", "seed"))] = None,
-    train: Annotated[Optional[str], typer.Option(help="d3-csv: train CSV.")] = None,
-    valid: Annotated[Optional[str], typer.Option(help="d3-csv: valid CSV.")] = None,
-    test: Annotated[Optional[str], typer.Option(help="d3-csv: test CSV.")] = None,
-    info: Annotated[Optional[str], typer.Option(help="d3-csv: info file (title<TAB>id per line).")] = None,
-    interactions: Annotated[Optional[str], typer.Option(help="interactions: CSV or Parquet of user, item, timestamp.")] = None,
-    items: Annotated[Optional[str], typer.Option(help="interactions: CSV or Parquet of item, title.")] = None,
-    user_col: Annotated[Optional[str], typer.Option(help="interactions: user column" + _default("preprocess", "user_col"))] = None,
-    item_col: Annotated[Optional[str], typer.Option(help="interactions: item column" + _default("preprocess", "item_col"))] = None,
-    time_col: Annotated[Optional[str], typer.Option(help="interactions: timestamp column" + _default("preprocess", "time_col"))] = None,
-    title_col: Annotated[Optional[str], typer.Option(help="interactions: title column" + _default("preprocess", "title_col"))] = None,
-    drop_unknown: Annotated[Optional[bool], typer.Option("--drop-unknown", help="Drop interactions whose item has no title (default: error).")] = None,
-    history_len: Annotated[Optional[int], typer.Option(help="Most recent items in a history" + _default("preprocess", "history_len"))] = None,
-    category_word: Annotated[Optional[str], typer.Option(help="Word for the items in the prompt (default per dataset, e.g. movies).")] = None,
-    run_dir: RunDirOpt = None,
-    config: ConfigOpt = None,
-    force: ForceOpt = False,
-):
-    """Turn a dataset into items.parquet and temporally split train/valid/test windows (<run>/data)."""
-    _invoke("preprocess", dict(locals()))
-
-
-@app.command("build-ig-index")
-def build_ig_index(
-    model: Annotated[Optional[str], typer.Option(help="Model whose tokenizer defines the item tokens" + _default("build-ig-index", "model"))] = None,
-    reference: Annotated[Optional[str], typer.Option(help="Reference distribution: train (target frequencies) | uniform" + _default("build-ig-index", "reference"))] = None,
-    smoothing: Annotated[Optional[float], typer.Option(help="Additive smoothing of reference counts" + _default("build-ig-index", "smoothing"))] = None,
-    catalog: Annotated[Optional[str], typer.Option(help="Catalog: all items | train (items seen as training targets)" + _default("build-ig-index", "catalog"))] = None,
-    run_dir: RunDirOpt = None,
-    config: ConfigOpt = None,
-    force: ForceOpt = False,
-):
-    """Build the catalog trie with entropy and information gain per token (<run>/ig)."""
-    _invoke("build-ig-index", dict(locals()))
-
-
-@app.command()
-def sft(
-    weighting: Annotated[Optional[str], typer.Option(help="plain | pos | cft | igd" + _default("sft", "weighting"))] = None,
-    beta: Annotated[Optional[float], typer.Option(help="IGD: weight of zero-IG tokens; Pos/CFT: weight of the last token" + _default("sft", "beta"))] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="CFT: weight of the causal loss" + _default("sft", "alpha"))] = None,
-    model: Annotated[Optional[str], typer.Option(help="smollm2-135m, a Hugging Face id or a local directory" + _default("sft", "model"))] = None,
-    name: Annotated[Optional[str], typer.Option(help="Name of this fine-tune (default from weighting and parameters).")] = None,
-    sample: Annotated[Optional[int], typer.Option(help="Train on a seeded random subset of N training samples.")] = None,
-    valid_sample: Annotated[Optional[int], typer.Option(help="Validate on a seeded subset of N valid samples" + _default("sft", "valid_sample"))] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs" + _default("sft", "epochs"))] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after N optimiser steps.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate" + _default("sft", "lr"))] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Effective batch size (samples per step)" + _default("sft", "batch_size"))] = None,
-    micro_batch_size: Annotated[Optional[int], typer.Option(help="Samples per forward pass" + _default("sft", "micro_batch_size"))] = None,
-    cutoff_len: Annotated[Optional[int], typer.Option(help="Max tokens of prompt + target" + _default("sft", "cutoff_len"))] = None,
-    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warm-up steps, at most a tenth of the run" + _default("sft", "warmup_steps"))] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed" + _default("sft", "seed"))] = None,
-    lora: Annotated[Optional[bool], typer.Option("--lora/--full", help="LoRA adapters (default) or full fine-tuning.")] = None,
-    lora_r: Annotated[Optional[int], typer.Option(help="LoRA rank" + _default("sft", "lora_r"))] = None,
-    lora_alpha: Annotated[Optional[int], typer.Option(help="LoRA alpha" + _default("sft", "lora_alpha"))] = None,
-    lora_dropout: Annotated[Optional[float], typer.Option(help="LoRA dropout" + _default("sft", "lora_dropout"))] = None,
-    lora_target_modules: Annotated[Optional[str], typer.Option(help="Comma-separated LoRA target modules (default: all linear layers).")] = None,
-    save_every: Annotated[Optional[int], typer.Option(help="Steps between resumable checkpoints" + _default("sft", "save_every"))] = None,
-    resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue from the last checkpoint of an interrupted run.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda" + _default("sft", "device"))] = None,
-    run_dir: RunDirOpt = None,
-    config: ConfigOpt = None,
-    force: ForceOpt = False,
-):
-    """Fine-tune the LLM on next-item titles with plain, Pos, CFT or IGD token weights (<run>/sft/NAME)."""
-    options = dict(locals())
-    if options["lora_target_modules"] is not None:
-        options["lora_target_modules"] = [m.strip() for m in options["lora_target_modules"].split(",") if m.strip()]
-    _invoke("sft", options)
-
-
-@app.command()
-def decode(
-    sft: Annotated[Optional[str], typer.Option(help="Name of a fine-tune in this run directory.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Decode with an un-fine-tuned model instead of --sft.")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Name of this decode (default from the model and parameters).")] = None,
-    split: Annotated[Optional[str], typer.Option(help="test | valid" + _default("decode", "split"))] = None,
-    limit: Annotated[Optional[int], typer.Option(help="Decode only the first N samples in sample_id order.")] = None,
-    num_beams: Annotated[Optional[int], typer.Option(help="Beams = items returned" + _default("decode", "num_beams"))] = None,
-    length_penalty: Annotated[Optional[float], typer.Option(help="1.0 = BIGRec, 0.0 = D3" + _default("decode", "length_penalty"))] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="IGD decoding calibration w_d = 1 - alpha*IG~ (0 = off)" + _default("decode", "alpha"))] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Samples per batch" + _default("decode", "batch_size"))] = None,
-    shard_size: Annotated[Optional[int], typer.Option(help="Samples per resumable shard" + _default("decode", "shard_size"))] = None,
-    jump_forward: Annotated[Optional[bool], typer.Option("--jump-forward/--no-jump-forward", help="Feed forced token chains in one forward pass (same results).")] = None,
-    constrained: Annotated[Optional[bool], typer.Option("--constrained/--unconstrained", help="Constrain beams to catalog titles (default) or generate freely (then rerank --grounding).")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Unconstrained: most tokens generated (default: longest catalog title).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda" + _default("decode", "device"))] = None,
-    run_dir: RunDirOpt = None,
-    config: ConfigOpt = None,
-    force: ForceOpt = False,
-):
-    """Constrained, IG-calibrated beam search over the catalog (<run>/decode/NAME)."""
-    _invoke("decode", dict(locals()))
-
-
-@app.command()
-def rerank(
-    decode: Annotated[Optional[str], typer.Option(help="Name of a decode in this run directory.")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Name of this rerank (default: the decode's name + options).")] = None,
-    top_k: Annotated[Optional[int], typer.Option(help="Items kept per sample" + _default("rerank", "top_k"))] = None,
-    tfa_scores: Annotated[Optional[str], typer.Option(help="D3 text-free assistant: Parquet of sample_id, item_id, score from a traditional model.")] = None,
-    tfa_guidance: Annotated[Optional[float], typer.Option(help="D3 guidance g in g*(llm - tfa) + tfa" + _default("rerank", "tfa_guidance"))] = None,
-    grounding: Annotated[Optional[bool], typer.Option("--grounding", help="BIGRec L2 grounding for unconstrained generations.")] = None,
-    run_dir: RunDirOpt = None,
-    config: ConfigOpt = None,
-    force: ForceOpt = False,
-):
-    """Turn beams into the final deduplicated top-K per sample (<run>/rerank/NAME)."""
-    _invoke("rerank", dict(locals()))
-
-
-@app.command()
-def metrics(
-    rerank: Annotated[Optional[str], typer.Option(help="Name of a rerank in this run directory.")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Name of the metrics file (default: the rerank's name).")] = None,
-    ks: Annotated[Optional[str], typer.Option(help="Comma-separated cut-offs" + _default("metrics", "ks"))] = None,
-    compare: Annotated[bool, typer.Option("--compare", help="Compare the two metrics results named as arguments: `igdrec metrics --compare A B`.")] = False,
-    names: Annotated[Optional[list[str]], typer.Argument(help="With --compare: the two metrics names A B.", show_default=False)] = None,
-    bootstrap: Annotated[Optional[int], typer.Option(help="Paired bootstrap resamples for --compare" + _default("metrics", "bootstrap"))] = None,
-    run_dir: RunDirOpt = None,
-    config: ConfigOpt = None,
-    force: ForceOpt = False,
-):
-    """NDCG@K, HR@K, diversity and per-step entropy of a rerank (<run>/metrics/NAME.json)."""
-    options = dict(locals())
-    if options["ks"] is not None:
-        options["ks"] = [int(k) for k in options["ks"].split(",")]
-    comparing, names = options.pop("compare"), options.pop("names")
-    if comparing or names:
-        try:
-            from igdrec.stages import metrics as metrics_stage
-
-            if not comparing:
-                raise IgdrecError(f"unexpected arguments {' '.join(names)}; to compare two results: igdrec metrics --compare A B")
-            metrics_stage.compare(names or [], RunDir(run_dir), bootstrap=bootstrap)
-        except IgdrecError as exc:
-            _fail(exc)
+def _metrics_or_compare(config, run_dir: Path | None, force: bool, *, compare: bool, names: list[str] | None) -> None:
+    """`igdrec metrics` evaluates a rerank; `igdrec metrics --compare A B` compares two results."""
+    if not compare and not names:
+        run_stage("metrics", config, run_dir, force)
         return
-    _invoke("metrics", options)
+    if not compare:
+        raise IgdrecError(f"unexpected arguments {' '.join(names)}; to compare two results: igdrec metrics --compare A B")
+    from igdrec.stages import metrics as metrics_stage
+
+    metrics_stage.compare(names or [], RunDir(run_dir), bootstrap=config.bootstrap, seed=config.seed)
+
+
+# Stage commands with parameters beyond their config's fields.
+STAGE_COMMAND_EXTRAS: dict[str, dict] = {
+    "metrics": {
+        "extra": (
+            inspect.Parameter("compare", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+                bool, typer.Option("--compare", help="Compare the two metrics results named as arguments: `igdrec metrics --compare A B`.")
+            ]),
+            inspect.Parameter("names", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+                Optional[list[str]], typer.Argument(help="With --compare: the two metrics names A B.", show_default=False)
+            ]),
+        ),
+        "handler": _metrics_or_compare,
+    },
+}
+
+for _stage in STAGE_MODULES:
+    stage_command(_stage, **STAGE_COMMAND_EXTRAS.get(_stage, {}))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hand-written commands
 
 
 @app.command("run")
@@ -228,14 +220,26 @@ def run_pipeline(
     force: ForceOpt = False,
 ):
     """Run the stages a YAML config names, in order (each one cached as if run on its own)."""
+    stage, number, total = None, 0, 0
     try:
         pipeline = cfg.load_pipeline(config_file)
+        if not pipeline.stages:
+            raise IgdrecError(f"{config_file}: no stages to run; list them in `stages: [...]`")
         directory = run_dir or (Path(pipeline.run_dir) if pipeline.run_dir else None)
-        for stage in pipeline.stages:
-            err_console.rule(f"[bold]{stage}")
+        total = len(pipeline.stages)
+        for number, stage in enumerate(pipeline.stages, 1):
+            err_console.rule(f"[bold]{stage}[/] ({number}/{total})")
             run_stage(stage, pipeline.stage_config(stage), directory, force)
     except IgdrecError as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        where = f"stage {stage} ({number} of {total}) stopped" if stage else "stopped before the first stage"
+        err_console.print(
+            f"[bold red]interrupted:[/] {where}; finished stages stay cached and nothing half-written was published; "
+            f"`igdrec run {config_file}` again continues",
+            soft_wrap=True,
+        )
+        raise typer.Exit(130)
 
 
 @app.command()
@@ -248,9 +252,9 @@ def prompt(
 ):
     """Print the exact prompt the model sees for a sample (the contract between SFT and decode)."""
     try:
-        from igdrec import inspect
+        from igdrec import inspect as inspection
 
-        inspect.show_prompt(RunDir(run_dir), split=split, sample_id=sample_id, as_ids=ids, model=model)
+        inspection.show_prompt(RunDir(run_dir), split=split, sample_id=sample_id, as_ids=ids, model=model)
     except IgdrecError as exc:
         _fail(exc)
 
@@ -263,11 +267,81 @@ def ig_show(
 ):
     """Show an item's token path with each token's IG, normalised IG and prefix entropy."""
     try:
-        from igdrec import inspect
+        from igdrec import inspect as inspection
 
-        inspect.show_item_ig(RunDir(run_dir), item_id=item_id, title=title)
+        inspection.show_item_ig(RunDir(run_dir), item_id=item_id, title=title)
     except IgdrecError as exc:
         _fail(exc)
+
+
+@app.command()
+def recommend(
+    sft: Annotated[Optional[str], typer.Option(help="Name of a fine-tune in this run directory (default: the only one).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Recommend with an un-fine-tuned model instead of --sft.")] = None,
+    history: Annotated[Optional[list[str]], typer.Option("--history", help="A catalog title the user interacted with; repeat it, oldest first.")] = None,
+    history_ids: Annotated[Optional[str], typer.Option(help="Or the history as comma-separated item ids, oldest first, e.g. 12,7,301.")] = None,
+    top_k: Annotated[int, typer.Option(help="Items to recommend.")] = 10,
+    alpha: field_option(cfg.DecodeConfig, "alpha") = None,
+    length_penalty: field_option(cfg.DecodeConfig, "length_penalty") = None,
+    exclude_history: Annotated[bool, typer.Option(
+        "--exclude-history/--no-exclude-history",
+        help="Leave out items of the history. The search then runs top-k + (distinct history items) beams, "
+        "at most the catalog size, so that top-k remain after the filter; with --no-exclude-history it runs "
+        "top-k beams, as `decode --num-beams K` does.")] = True,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the list as JSON instead of a table.")] = False,
+    device: field_option(cfg.DecodeConfig, "device") = None,
+    run_dir: RunDirOpt = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config; its decode section gives the defaults (alpha, length penalty, cutoff).")] = None,
+):
+    """Recommend the next items for one user's history with a fine-tuned model of the run."""
+    import json
+
+    from rich.table import Table
+
+    from igdrec.console import console
+
+    try:
+        if history and history_ids:
+            raise IgdrecError("give the history as --history TITLE ... or as --history-ids, not both")
+        entries: list = list(history or [])
+        if history_ids:
+            try:
+                entries = [int(x) for x in history_ids.split(",") if x.strip()]
+            except ValueError as exc:
+                raise IgdrecError(f"--history-ids {history_ids!r}: expected comma-separated integers") from exc
+        if not entries:
+            raise IgdrecError("empty history: give at least one --history TITLE (or --history-ids 12,7,301)")
+        if top_k < 1:
+            raise IgdrecError(f"--top-k {top_k}: must be at least 1")
+        from igdrec.api import Recommender
+
+        settings = cfg.apply_cli(cfg.load_stage_config("decode", config),
+                                 {"alpha": alpha, "length_penalty": length_penalty, "device": device})
+        recommender = Recommender.load(run_dir, sft=sft, model=model, config=settings)
+        prepared = recommender.prepare(entries)
+        if prepared.dropped:
+            err_console.print(
+                f"[yellow]note:[/] the history has {len(prepared.item_ids)} items; the prompt holds the most recent "
+                f"{prepared.kept}, as in training (older ones are still excluded from the list)", soft_wrap=True)
+        found = recommender.recommend(prepared, k=top_k, exclude_history=exclude_history)
+    except IgdrecError as exc:
+        _fail(exc)
+    if json_output:
+        rows = [{"rank": r + 1, "item_id": x.item_id, "title": x.title, "score": x.score} for r, x in enumerate(found)]
+        sys.stdout.write(json.dumps(rows, ensure_ascii=False) + "\n")
+        return
+    decoding = recommender.decoder.config
+    table = Table(title=f"{recommender.decoder.source.label}: next items after {len(prepared.item_ids)} "
+                        f"(alpha {decoding.alpha:g}, length penalty {decoding.length_penalty:g})")
+    table.add_column("rank", justify="right")
+    table.add_column("title")
+    table.add_column("item id", justify="right")
+    table.add_column("score", justify="right")
+    for rank, item in enumerate(found, start=1):
+        table.add_row(str(rank), item.title, str(item.item_id), f"{item.score:.4f}")
+    console.print(table)
+    if len(found) < top_k:
+        err_console.print(f"[yellow]note:[/] only {len(found)} items left after leaving out the history")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -1,18 +1,30 @@
-"""Typed stage configs: plain dataclasses, loadable from a YAML file, overridable from the CLI.
+"""Typed stage configs, every option written once.
 
-A YAML config has one section per stage (keys = the dataclass field names) plus `run_dir` and
-`stages` (the order `igdrec run` executes). The CLI loads the section for its stage (from `--config`,
-if given) and then applies the options the user passed explicitly.
+Each field of a stage config is declared with `option()`: its default, help text, cache-key role and the
+values it accepts. Everything else is derived from these declarations:
+
+- the command line: `cli.py` builds every stage command's options from its dataclass (`options(cls)`);
+- the YAML loader: one section per stage, keys = field names (`load_pipeline`, `build`);
+- the cache key: `key_params(config)` = the key=True fields that have an effect for this config;
+- validation: `parse` (types), `check` (choices, bounds, a config's own cross-field rules), with
+  one-line errors that name the option (`--max-steps`) or the file and key (`x.yaml:sft.max_steps`).
+
+A YAML config has one section per stage plus `run_dir` and `stages` (the stages `igdrec run` executes,
+in order; default: those with a section, in pipeline order). A stage command loads its section (from
+`--config`, if given) and then applies the options the user passed explicitly.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -20,133 +32,239 @@ from igdrec.errors import IgdrecError
 
 EMBEDDED_MODEL = "smollm2-135m"
 
+# Cache-key roles of a field (see `option`).
+KEY, RUN_SETTING, INPUT_FILE = "key", "run setting", "input file"
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, key: bool = True, factory: Any = None):
-    """A stage-config field with its help text and its cache-key role, written once.
+
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    key: bool = True,
+    factory: Any = None,
+    choices: tuple | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    gt: float | None = None,
+    only: dict | Callable | None = None,
+    input: bool = False,
+    flags: str | None = None,
+):
+    """A stage-config field with its help text, cache-key role and accepted values, written once.
 
     `key=True`: the value changes what the stage computes, so it belongs to the stage's cache key;
-    `key=False`: a run setting (name, device, batch size, logging...) that leaves the result unchanged.
-    The CLI options, the YAML loader and the cache keys are all derived from these fields.
+    `key=False`: a run setting (name, device, batch size, logging...) that leaves the result unchanged;
+    `input=True`: the value names an input file; the stage keys on the file's content fingerprint (its
+    `inputs`), never on the path's spelling, so the field stays out of `key_params`.
+    `choices`: the allowed values (a near miss is answered with the closest one).
+    `min`/`max`: inclusive bounds, `gt`: exclusive lower bound (of a number, or of each list element).
+    `only`: the field has an effect only when `{other_field: value or tuple of values}` holds (or when
+    `only(config)` is true); otherwise it is inert and left out of the cache key. The CLI lists such
+    options under their own heading.
+    `flags`: the command-line spelling of a bool, e.g. "--lora/--full" (default "--name/--no-name").
+    The CLI options, the YAML loader, the validation and the cache keys are all derived from these fields.
     """
-    metadata = {"help": help, "key": key}
+    role = INPUT_FILE if input else KEY if key else RUN_SETTING
+    metadata = {
+        "help": help, "key": role == KEY, "role": role, "choices": tuple(choices) if choices else None,
+        "min": min, "max": max, "gt": gt, "only": only, "flags": flags,
+    }
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Stage configs. A docstring is the help of the stage's command. `cross_check` (optional) holds the
+# rules that involve several fields.
+
+# Kept equal to igdrec.sources.SOURCE_MODULES and igdrec.weighting.SCHEMES by tests/test_config.py
+# (importing those modules here would load polars / torch for every `igdrec --help`).
+SOURCES = ("ml-100k", "amazon2018", "d3-csv", "interactions")
+WEIGHTINGS = ("plain", "pos", "cft", "igd")
+PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")  # kept equal to igdrec.training.PRECISIONS by tests/test_config.py
+_AMAZON = {"source": "amazon2018"}
+_D3 = {"source": "d3-csv"}
+_INTERACTIONS = {"source": "interactions"}
+
+
 @dataclass
 class PreprocessConfig:
-    source: str = "ml-100k"  # ml-100k | amazon2018 | d3-csv | interactions
-    history_len: int = 10
-    category_word: str | None = None  # word used in the prompt; default per source
+    """Turn a dataset into items.parquet and temporally split train/valid/test windows (<run>/data)."""
+
+    source: str = option("ml-100k", "Dataset format.", choices=SOURCES)
+    history_len: int = option(10, "Most recent items in a history.", min=1, only=lambda c: c.source != "d3-csv")
+    category_word: str | None = option(None, "Word for the items in the prompt (default per dataset, e.g. movies).")
+    # Refuses, never alters, so the artifacts of a run that passes do not depend on it: not in the key.
+    max_title_chars: int = option(
+        500, "Refuse item titles longer than this many characters (a title is both a prompt part and a decoding target).",
+        key=False, min=1,
+    )
     # amazon2018
-    reviews: str | None = None
-    meta: str | None = None
-    category: str | None = None
-    start: str = "2017-10-01"
-    end: str = "2018-11-01"
-    k_core: int = 5
-    min_items: int = 10000
-    earliest_year: int = 1996
-    seed: int = 42
+    reviews: str | None = option(None, "Reviews JSON lines ({Category}.json[.gz]).", input=True, only=_AMAZON)
+    meta: str | None = option(None, "Metadata JSON lines (meta_{Category}.json[.gz]).", input=True, only=_AMAZON)
+    category: str | None = option(None, "Category name, e.g. Video_Games.", only=_AMAZON)
+    start: str = option("2017-10-01", "Window start date (UTC, inclusive).", only=_AMAZON)
+    end: str = option("2018-11-01", "Window end date (UTC, inclusive).", only=_AMAZON)
+    k_core: int = option(5, "Iterative K-core on users and items.", min=1, only=_AMAZON)
+    min_items: int = option(10000, "Extend the window a year back while fewer items remain.", min=0, only=_AMAZON)
+    earliest_year: int = option(1996, "Extend the window back no further than this year.", min=1970, only=_AMAZON)
+    seed: int = option(42, "Item-id shuffle seed.", only=_AMAZON)
     # d3-csv
-    train: str | None = None
-    valid: str | None = None
-    test: str | None = None
-    info: str | None = None
+    train: str | None = option(None, "Train CSV.", input=True, only=_D3)
+    valid: str | None = option(None, "Valid CSV.", input=True, only=_D3)
+    test: str | None = option(None, "Test CSV.", input=True, only=_D3)
+    info: str | None = option(None, "Info file (title<TAB>id per line).", input=True, only=_D3)
     # interactions
-    interactions: str | None = None
-    items: str | None = None
-    user_col: str = "user_id"
-    item_col: str = "item_id"
-    time_col: str = "timestamp"
-    title_col: str = "title"
-    drop_unknown: bool = False
+    interactions: str | None = option(None, "CSV or Parquet of user, item, timestamp.", input=True, only=_INTERACTIONS)
+    items: str | None = option(None, "CSV or Parquet of item, title.", input=True, only=_INTERACTIONS)
+    user_col: str = option("user_id", "User column.", only=_INTERACTIONS)
+    item_col: str = option("item_id", "Item column.", only=_INTERACTIONS)
+    time_col: str = option("timestamp", "Timestamp column.", only=_INTERACTIONS)
+    title_col: str = option("title", "Title column.", only=_INTERACTIONS)
+    drop_unknown: bool = option(False, "Drop interactions whose item has no title (default: error).", only=_INTERACTIONS)
 
 
 @dataclass
 class IGIndexConfig:
-    model: str = EMBEDDED_MODEL  # only its tokenizer is used
-    reference: str = "train"  # train (target frequencies) | uniform
-    smoothing: float = 0.0  # additive smoothing of the reference counts
-    catalog: str = "all"  # all | train (items seen as a training target)
+    """Build the catalog trie with entropy and information gain per token (<run>/ig)."""
+
+    model: str = option(EMBEDDED_MODEL, "Model whose tokenizer defines the item tokens (only the tokenizer is used).")
+    reference: str = option("train", "Reference distribution: train (target frequencies) or uniform.", choices=("train", "uniform"))
+    smoothing: float = option(0.0, "Additive smoothing of the reference counts.", min=0.0)
+    catalog: str = option("all", "Catalog: all items, or train (items seen as a training target).", choices=("all", "train"))
 
 
 @dataclass
 class SFTConfig:
-    weighting: str = "igd"  # plain | pos | cft | igd
-    beta: float = 0.1  # IGD: weight of zero-IG tokens; Pos/CFT: weight of the last target token
-    alpha: float = 0.0  # CFT: weight of the causal loss
-    model: str = EMBEDDED_MODEL
-    name: str | None = None  # default derived from weighting and parameters
-    sample: int | None = None  # seeded random subset of train
-    valid_sample: int | None = 256  # seeded subset of valid for the per-epoch validation loss
-    epochs: int = 3
-    max_steps: int | None = None
-    lr: float = 1e-4
-    batch_size: int = 128  # effective batch (samples per optimiser step)
-    micro_batch_size: int = 4
-    cutoff_len: int = 512
-    warmup_steps: int = 20  # linear warm-up, capped at a tenth of the planned steps
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # gradient clipping, as the reference (HF Trainer default); 0 = off
-    seed: int = 42
-    lora: bool = True
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    """Fine-tune the LLM on next-item titles with plain, Pos, CFT or IGD token weights (<run>/sft/NAME)."""
+
+    weighting: str = option("igd", "Token weighting (docs/method.md §5).", choices=WEIGHTINGS)
+    beta: float = option(0.1, "IGD: weight of zero-IG tokens; Pos/CFT: weight of the last target token.",
+                         min=0.0, max=1.0, only=lambda c: c.weighting != "plain")
+    alpha: float = option(0.0, "CFT: weight of the causal loss.", min=0.0, only={"weighting": "cft"})
+    model: str = option(EMBEDDED_MODEL, "smollm2-135m, a Hugging Face id or a local directory.")
+    name: str | None = option(None, "Name of this fine-tune (default from weighting and parameters).", key=False)
+    sample: int | None = option(None, "Train on a seeded random subset of N training samples (default: all).", min=1)
+    valid_sample: int | None = option(256, "Validate on a seeded subset of N valid samples (none: all, 0: no validation).", min=0)
+    epochs: int = option(3, "Epochs.", min=1)
+    max_steps: int | None = option(None, "Stop after N optimiser steps.", min=1)
+    lr: float = option(1e-4, "Peak learning rate.", gt=0.0)
+    batch_size: int = option(128, "Effective batch size (samples per optimiser step).", min=1)
+    micro_batch_size: int = option(4, "Samples per forward pass.", min=1)
+    cutoff_len: int = option(512, "Most tokens of prompt + target.", min=1)
+    warmup_steps: int = option(20, "Linear warm-up steps, capped at a tenth of the planned steps.", min=0)
+    min_lr_ratio: float = option(0.1, "Floor of the cosine decay, as a share of the peak learning rate.", min=0.0, max=1.0)
+    weight_decay: float = option(0.0, "AdamW weight decay.", min=0.0)
+    max_grad_norm: float = option(1.0, "Gradient clipping norm, as the reference (HF Trainer default); 0 = off.", min=0.0)
+    seed: int = option(42, "Seed of the sample subsets, the data order and the LoRA initialisation.")
+    lora: bool = option(True, "LoRA adapters, or full fine-tuning.", flags="--lora/--full")
+    lora_r: int = option(8, "LoRA rank.", min=1, only={"lora": True})
+    lora_alpha: int = option(16, "LoRA alpha.", min=1, only={"lora": True})
+    lora_dropout: float = option(0.05, "LoRA dropout.", min=0.0, max=1.0, only={"lora": True})
+    lora_target_modules: list[str] = option(
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        help="Comma-separated LoRA target modules (default: all linear layers).", only={"lora": True},
     )
-    log_every: int = 1
-    save_every: int = 50  # optimiser steps between resumable checkpoints
-    patience: int = 1
-    resume: bool = False
-    device: str = "auto"  # auto | cpu | cuda
+    patience: int = option(1, "Early stopping: validations without improvement before stopping.", min=1)
+    log_every: int = option(1, "Optimiser steps between training-log rows.", min=1, key=False)
+    save_every: int = option(50, "Optimiser steps between resumable checkpoints (0 = none).", min=0, key=False)
+    resume: bool = option(False, "Continue from the last checkpoint of an interrupted run.", key=False)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.", key=False)
+    ig_group_threshold: float | None = option(
+        None, "IG above which a positive-IG target token counts as high IG in the CE-by-group logs "
+        "(default: the median positive IG of the training targets used; docs/method.md §5).", gt=0.0)
+    precision: str = option(
+        "auto", "auto = fp32 weights under bf16 autocast on CUDA (fp16 without bf16 support), fp32 on CPU; "
+        "bf16 = pure bf16 weights and optimiser state, as the reference trains.", choices=PRECISIONS)
+    length_grouping: bool = option(
+        True, "Sort each effective batch by length before splitting it into micro-batches (less padding; "
+        "the same gradient up to float rounding, but LoRA dropout masks fall on other rows).",
+        flags="--grouping/--no-grouping")
+    share_prefix: bool = option(
+        True, "Compute the prompt prefix common to a micro-batch once (exact; used only when no dropout is active).",
+        key=False)
+    compile: bool = option(False, "torch.compile the decoder blocks (pays off on GPU for long runs).", key=False)
+
+    def cross_check(self) -> None:
+        if self.alpha != 0.0 and self.weighting != "cft":
+            raise IgdrecError(f"--alpha {self.alpha}: only the cft weighting has a causal loss (use --weighting cft)")
 
 
 @dataclass
 class DecodeConfig:
-    sft: str | None = None  # name of an sft run in this run directory
-    model: str | None = None  # or an un-fine-tuned model
-    name: str | None = None
-    split: str = "test"
-    limit: int | None = None
-    num_beams: int = 10
-    length_penalty: float = 1.0  # 1.0 = BIGRec, 0.0 = D3
-    alpha: float = 0.0  # IGD decoding calibration; 0 = off
-    batch_size: int = 8  # samples per batch (each with num_beams beams); 8 measured fastest on 2 CPU cores
-    shard_size: int = 64  # samples per resumable shard
-    jump_forward: bool = True
-    cutoff_len: int = 512
-    device: str = "auto"
-    constrained: bool = True  # False: free generation (BIGRec's grounding then maps text to items)
-    max_new_tokens: int | None = None  # default: the longest catalog sequence
-    jump_fill: float = 1.0  # least share of real (not pad) tokens in a jump-forward pass; lower suits GPUs
+    """Constrained, IG-calibrated beam search over the catalog (<run>/decode/NAME)."""
+
+    sft: str | None = option(None, "Name of a fine-tune in this run directory.")
+    model: str | None = option(None, "Decode with an un-fine-tuned model instead of --sft.")
+    name: str | None = option(None, "Name of this decode (default from the model and parameters).", key=False)
+    split: str = option("test", "Split to decode.", choices=("test", "valid"))
+    limit: int | None = option(None, "Decode only the first N samples in sample_id order.", min=1)
+    num_beams: int = option(10, "Beams = items returned per sample.", min=1)
+    length_penalty: float = option(1.0, "Final score S / L^lp: 1.0 = BIGRec, 0.0 = D3 (docs/method.md §6).")
+    alpha: float = option(0.0, "IGD decoding calibration w_d = 1 - alpha * IG~ (0 = off); must stay in [0, 1] so "
+                               "step scores stay ≤ 0 (docs/method.md §6).", min=0.0, max=1.0)
+    batch_size: str | int = option(
+        "auto", "Samples per batch (each with num_beams beams), or auto: 8 on CPU (measured fastest on 2 cores), "
+        "on CUDA the most that fit into free memory.", key=False,
+    )
+    shard_size: int = option(64, "Samples per resumable shard.", min=1)
+    jump_forward: bool = option(True, "Feed forced token chains in one forward pass (same results).", key=False)
+    jump_fill: float = option(1.0, "Least share of real (not pad) tokens in a jump-forward pass; lower suits GPUs.",
+                              gt=0.0, max=1.0, key=False)
+    cutoff_len: int = option(512, "Most prompt tokens (the oldest history items are cut first).", min=1)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.", key=False)
+    constrained: bool = option(True, "Constrain beams to catalog titles, or generate freely (then rerank --grounding).",
+                               flags="--constrained/--unconstrained")
+    max_new_tokens: int | None = option(None, "Unconstrained: most tokens generated (default: the longest catalog title).", min=1)
+    tfa: str | None = option(None, "D3 text-free assistant inside the search: a baseline of this run (<run>/baseline/NAME); "
+                                   "docs/method.md §6.4.")
+    tfa_guidance: float = option(1.0, "D3 guidance g in g * (llm - tfa) + tfa.", only=lambda c: c.tfa is not None)
+
+    def cross_check(self) -> None:
+        if self.tfa is not None and not self.constrained:
+            raise IgdrecError("--tfa scores catalog items: it needs a constrained search (drop --unconstrained)")
 
 
 @dataclass
 class RerankConfig:
-    decode: str | None = None
-    name: str | None = None
-    top_k: int = 20
-    tfa_scores: str | None = None  # Parquet of a traditional model's item scores (D3 text-free assistant)
-    tfa_guidance: float = 1.0
-    grounding: bool = False  # BIGRec L2 grounding of unconstrained generations
+    """Turn beams into the final deduplicated top-K per sample (<run>/rerank/NAME)."""
+
+    decode: str | None = option(None, "Name of a decode in this run directory.")
+    name: str | None = option(None, "Name of this rerank (default: the decode's name + options).", key=False)
+    top_k: int = option(20, "Items kept per sample.", min=1)
+    grounding: bool = option(
+        False,
+        "BIGRec grounding: embed each sample's top-1 generation and rank every catalog title by L2 distance "
+        "(for unconstrained decodes; docs/method.md §6.5).",
+    )
+    grounding_model: str | None = option(
+        None, "Model that embeds texts for --grounding (default: the fine-tune's base model, or the decode's --model).",
+        only={"grounding": True},
+    )
+    grounding_batch_size: int = option(32, "Texts per forward pass when embedding for --grounding.", key=False, min=1)
+    device: str = option("auto", "auto | cpu | cuda (the grounding model's device).", key=False)
+
+    def cross_check(self) -> None:
+        if self.grounding_model and not self.grounding:
+            raise IgdrecError(f"--grounding-model {self.grounding_model}: only used with --grounding")
 
 
 @dataclass
 class MetricsConfig:
-    rerank: str | None = None
-    name: str | None = None
-    ks: list[int] = field(default_factory=lambda: [1, 3, 5, 10, 20])
-    bootstrap: int = 1000
-    seed: int = 0
-    diversity_k: int = 10  # list length the diversity and entropy statistics look at
+    """NDCG@K, HR@K, diversity and per-step entropy of a rerank (<run>/metrics/NAME.json).
+
+    `igdrec metrics --compare A B` compares two results with paired-bootstrap 95% intervals.
+    """
+
+    rerank: str | None = option(None, "Name of a rerank in this run directory.")
+    name: str | None = option(None, "Name of the metrics result (default: the rerank's name).", key=False)
+    ks: list[int] = option(factory=lambda: [1, 3, 5, 10, 20], help="Comma-separated cut-offs K (those beyond the list length are dropped).", min=1)
+    diversity_k: int = option(10, "List length the diversity and entropy statistics look at.", min=1)
+    bootstrap: int = option(1000, "Paired bootstrap resamples of --compare.", min=1, key=False)
+    seed: int = option(0, "Seed of the --compare bootstrap.", key=False)
 
 
-STAGE_ORDER = ("preprocess", "build-ig-index", "sft", "decode", "rerank", "metrics")
 STAGE_CONFIGS: dict[str, type] = {
     "preprocess": PreprocessConfig,
     "build-ig-index": IGIndexConfig,
@@ -155,94 +273,323 @@ STAGE_CONFIGS: dict[str, type] = {
     "rerank": RerankConfig,
     "metrics": MetricsConfig,
 }
+STAGE_ORDER = tuple(STAGE_CONFIGS)  # pipeline order
+
+
+# ---------------------------------------------------------------------------------------------------
+# Introspection: what the CLI, the loader and the cache keys are derived from.
+
+
+@dataclass(frozen=True)
+class Option:
+    """One stage-config field as declared with `option()`."""
+
+    name: str
+    annotation: Any  # the resolved type hint
+    default: Any
+    help: str
+    role: str  # KEY, RUN_SETTING or INPUT_FILE
+    declared: bool  # written with option() (a plain dataclass field is not)
+    choices: tuple | None = None
+    min: float | None = None
+    max: float | None = None
+    gt: float | None = None
+    only: dict | Callable | None = None
+    flags: str | None = None
+
+    @property
+    def cli_name(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def kind(self) -> type:
+        """bool, int, float, str or list (Optional stripped)."""
+        return _shape(self.annotation)[0]
+
+    @property
+    def element(self) -> type | None:
+        return _shape(self.annotation)[2]
+
+    @property
+    def optional(self) -> bool:
+        return _shape(self.annotation)[1]
+
+    def applies(self, config) -> bool:
+        """Whether the field has an effect for `config` (see `option(only=...)`)."""
+        if self.only is None:
+            return True
+        if callable(self.only):
+            return bool(self.only(config))
+        for other, wanted in self.only.items():
+            allowed = wanted if isinstance(wanted, (tuple, list, set)) else (wanted,)
+            if getattr(config, other) not in allowed:
+                return False
+        return True
+
+
+@functools.cache
+def options(cls: type) -> tuple[Option, ...]:
+    """The fields of a stage config, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    result = []
+    for f in fields(cls):
+        meta = f.metadata
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        role = meta.get("role") or (KEY if meta.get("key", True) else RUN_SETTING)
+        result.append(Option(
+            name=f.name, annotation=hints[f.name], default=default, help=meta.get("help", ""), role=role,
+            declared="help" in meta and bool(meta.get("help")), choices=meta.get("choices"), min=meta.get("min"),
+            max=meta.get("max"), gt=meta.get("gt"), only=meta.get("only"), flags=meta.get("flags"),
+        ))
+    return tuple(result)
+
+
+def option_named(cls: type, name: str) -> Option:
+    return next(o for o in options(cls) if o.name == name)
+
+
+def describe(cls: type) -> str:
+    """The help text of a stage's command: its config's docstring."""
+    doc = cls.__doc__ or ""
+    return "" if doc.startswith(f"{cls.__name__}(") else doc  # dataclasses invent a signature docstring
+
+
+def key_params(config) -> dict:
+    """The cache-key parameters of `config`: its key=True fields that have an effect for it.
+
+    A stage adds what only it can resolve (a resolved upstream name, a tokenizer identity) on top.
+    """
+    values = dataclasses.asdict(config)
+    return {o.name: values[o.name] for o in options(type(config)) if o.role == KEY and o.applies(config)}
+
+
+def _shape(annotation: Any) -> tuple[type, bool, type | None]:
+    """(kind, optional, list element type) of a field's type hint."""
+    optional = False
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(annotation))
+        annotation = args[0]
+        origin = typing.get_origin(annotation)
+    if origin is list or annotation is list:
+        args = typing.get_args(annotation)
+        return list, optional, args[0] if args else str
+    return annotation, optional, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parsing and validation: one path for YAML values and command-line strings.
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+_NONE = ("none", "null")
+
+
+def suggestion(value: Any, known) -> str:
+    """' (did you mean X?)' for the closest known value, or ''."""
+    close = difflib.get_close_matches(str(value), [str(k) for k in known], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse(opt: Option, value: Any, where: str) -> Any:
+    """A YAML value or command-line string converted to the field's type (lists: comma-separated)."""
+    if value is None or (opt.optional and isinstance(value, str) and value.strip().lower() in _NONE):
+        if opt.optional:
+            return None
+        raise IgdrecError(f"{where}: expected {_type_name(opt.kind, opt.element)}, got nothing")
+    if opt.kind is list:
+        items = value if isinstance(value, (list, tuple)) else [v.strip() for v in str(value).split(",") if v.strip()]
+        return [_scalar(opt.element, v, where) for v in items]
+    return _scalar(opt.kind, value, where)
+
+
+def _scalar(kind: type, value: Any, where: str) -> Any:
+    def wrong() -> IgdrecError:
+        return IgdrecError(f"{where}: expected {_type_name(kind)}, got {value!r}")
+
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise wrong()
+    if kind in (int, float):
+        if isinstance(value, bool) or isinstance(value, (list, dict)):
+            raise wrong()
+        try:
+            number = float(value) if kind is float else _as_int(value)
+        except (TypeError, ValueError):
+            raise wrong() from None
+        return number
+    if kind is str:
+        if isinstance(value, (list, dict, bool)):
+            raise wrong()
+        return str(value)  # YAML may read a date or a number where a string is meant
+    return value
+
+
+def _as_int(value: Any) -> int:
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    return int(str(value).strip()) if isinstance(value, str) else int(value)
+
+
+def _type_name(kind: type, element: type | None = None) -> str:
+    if kind is list:
+        return f"a comma-separated list of {_type_name(element or str)}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def validate(opt: Option, value: Any, where: str) -> None:
+    """Choices and bounds of one field's value (each element of a list)."""
+    if opt.kind is list and value is not None and len(value) == 0:
+        raise IgdrecError(f"{where}: expected at least one value")
+    for v in value if isinstance(value, list) else [value]:
+        if v is None:
+            continue
+        if opt.choices and v not in opt.choices:
+            raise IgdrecError(f"{where} {v!r}: expected one of {', '.join(map(str, opt.choices))}{suggestion(v, opt.choices)}")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if not math.isfinite(v):
+                raise IgdrecError(f"{where} {v}: must be a finite number")
+            low_ok = (opt.min is None or v >= opt.min) and (opt.gt is None or v > opt.gt)
+            if not low_ok or (opt.max is not None and v > opt.max):
+                raise IgdrecError(f"{where} {v:g}: must {_bounds(opt)}")
+
+
+def _bounds(opt: Option) -> str:
+    low = f"[{opt.min:g}" if opt.min is not None else f"({opt.gt:g}" if opt.gt is not None else None
+    if low and opt.max is not None:
+        return f"lie in {low}, {opt.max:g}]"
+    if opt.min is not None:
+        return f"be ≥ {opt.min:g}"
+    if opt.gt is not None:
+        return f"be > {opt.gt:g}"
+    return f"be ≤ {opt.max:g}"
+
+
+def check(config) -> None:
+    """Every field's choices and bounds, then the config's cross-field rules; errors name the option."""
+    for opt in options(type(config)):
+        validate(opt, getattr(config, opt.name), opt.cli_name)
+    cross_check = getattr(config, "cross_check", None)
+    if cross_check is not None:
+        cross_check()
+
+
+def override(config, **changes):
+    """A checked copy of `config` with every change that is not None applied (CLI flags win over YAML)."""
+    config = dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
+    check(config)
+    return config
+
+
+def apply_cli(config, given: dict[str, Any]):
+    """`config` with the options the user typed (raw strings, bools or lists, None = not given) applied."""
+    by_name = {o.name: o for o in options(type(config))}
+    changes = {name: parse(by_name[name], raw, by_name[name].cli_name) for name, raw in given.items() if raw is not None}
+    config = dataclasses.replace(config, **changes)
+    check(config)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------
+# YAML
 
 
 @dataclass
 class PipelineConfig:
     run_dir: str | None = None
-    stages: list[str] = field(default_factory=lambda: list(STAGE_ORDER))
+    stages: list[str] = field(default_factory=list)  # what `igdrec run` executes, in order
     sections: dict[str, Any] = field(default_factory=dict)  # stage name -> its config dataclass
 
     def stage_config(self, stage: str):
         return self.sections.get(stage) or STAGE_CONFIGS[stage]()
 
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Light type check/coercion of YAML values against dataclass field types."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing) | {"list": list, "dict": dict})  # noqa: S307 - our own annotations
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
-    if origin is list:
-        if not isinstance(value, list):
-            value = [v.strip() for v in str(value).split(",") if v.strip()]
-        return [_coerce(v, args[0], where) for v in value] if args else value
-    try:
-        if annotation is bool:
-            if isinstance(value, str):
-                if value.lower() in ("true", "yes", "1", "on"):
-                    return True
-                if value.lower() in ("false", "no", "0", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if annotation in (int, float, str):
-            if annotation is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return annotation(value)
-    except (TypeError, ValueError) as exc:
-        raise IgdrecError(f"{where}: expected {annotation.__name__}, got {value!r}") from exc
-    return value
-
-
 def build(cls: type, values: dict[str, Any], where: str):
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise IgdrecError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    hints = typing.get_type_hints(cls)
-    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()})
-
-
-def override(config, **options):
-    """Return a copy of `config` with every option that is not None applied (CLI flags win over YAML)."""
-    changes = {k: v for k, v in options.items() if v is not None}
-    return dataclasses.replace(config, **changes)
-
-
-def load_pipeline(path: str | Path) -> PipelineConfig:
-    path = Path(path)
+    """A stage config from one YAML section; `where` ("file:section") prefixes every error."""
+    known = {o.name: o for o in options(cls)}
+    parsed = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise IgdrecError(f"{where}: unknown key {key!r}{suggestion(name, known) or '; known: ' + ', '.join(known)}")
+        parsed[name] = parse(known[name], value, f"{where}.{name}")
+        validate(known[name], parsed[name], f"{where}.{name}")
+    config = cls(**parsed)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        check(config)
+    except IgdrecError as exc:
+        raise IgdrecError(f"{where}: {exc}") from None
+    return config
+
+
+def _read_yaml(path: Path) -> Any:
+    if path.is_dir():
+        raise IgdrecError(f"{path}: is a directory, not a YAML config file")
+    try:
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError as exc:
         raise IgdrecError(f"{path}: config file not found") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IgdrecError(f"{path}: cannot read the config file ({getattr(exc, 'strerror', None) or exc})") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
         raise IgdrecError(f"{path}:{line} is not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+
+
+def load_pipeline(path: str | Path) -> PipelineConfig:
+    path = Path(path)
+    raw = _read_yaml(path)
+    if raw is None or raw == {}:
+        raise IgdrecError(f"{path}: empty config; give a section per stage (e.g. `sft:`) and/or `stages: [...]`")
     if not isinstance(raw, dict):
-        raise IgdrecError(f"{path}: top level must be a mapping of stage sections")
-    stages = raw.pop("stages", list(STAGE_ORDER))
-    for stage in stages:
-        if stage not in STAGE_CONFIGS:
-            raise IgdrecError(f"{path}: unknown stage {stage!r} in `stages`; known: {', '.join(STAGE_ORDER)}")
+        raise IgdrecError(f"{path}: top level must be a mapping of stage sections, got {type(raw).__name__}")
+    raw = dict(raw)
     run_dir = raw.pop("run_dir", None)
+    if run_dir is not None and not isinstance(run_dir, str):
+        raise IgdrecError(f"{path}:run_dir: expected a path, got {run_dir!r}")
+    stages_value = raw.pop("stages", None)
     sections = {}
     for key, values in raw.items():
-        stage = key.replace("_", "-")
+        stage = str(key).replace("_", "-")
         if stage not in STAGE_CONFIGS:
-            raise IgdrecError(f"{path}: unknown section {key!r}; known: {', '.join(STAGE_ORDER)}, run_dir, stages")
+            known = [*STAGE_CONFIGS, "run_dir", "stages"]
+            raise IgdrecError(f"{path}: unknown section {key!r}{suggestion(stage, known) or '; known: ' + ', '.join(known)}")
+        if values is not None and not isinstance(values, dict):
+            raise IgdrecError(f"{path}:{key}: expected a mapping of {stage} options (`key: value` lines), got {values!r}")
         sections[stage] = build(STAGE_CONFIGS[stage], values or {}, f"{path}:{key}")
-    return PipelineConfig(run_dir=run_dir, stages=list(stages), sections=sections)
+    if stages_value is None:
+        stages = [stage for stage in STAGE_CONFIGS if stage in sections]
+    else:
+        stages = _stage_list(stages_value, path)
+    return PipelineConfig(run_dir=run_dir, stages=stages, sections=sections)
+
+
+def _stage_list(value: Any, path: Path) -> list[str]:
+    if isinstance(value, str):  # `stages: preprocess` or `stages: preprocess, sft`
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise IgdrecError(f"{path}:stages: expected a list of stage names, got {value!r}")
+    for stage in value:
+        if stage.replace("_", "-") not in STAGE_CONFIGS:
+            hint = suggestion(stage, STAGE_CONFIGS) or "; known: " + ", ".join(STAGE_CONFIGS)
+            raise IgdrecError(f"{path}: unknown stage {stage!r} in `stages`{hint}")
+    stages = [stage.replace("_", "-") for stage in value]
+    repeated = sorted({s for s in stages if stages.count(s) > 1})
+    if repeated:
+        raise IgdrecError(f"{path}:stages: {', '.join(repeated)} listed more than once")
+    return stages
 
 
 def load_stage_config(stage: str, path: str | Path | None):
     if path is None:
         return STAGE_CONFIGS[stage]()
     return load_pipeline(path).stage_config(stage)
-

@@ -10,6 +10,10 @@ Reference distribution p_r(i) ∝ count(i) (training-target frequency, optionall
 H(v) = -Σ_{i under v} p_r(i) log p_r(i) (not renormalised) and the edge into child c has
 IG(c) = H(v) - H(c). IG(c) = 0 exactly when every reference item under v lies under c; that is decided
 from integer counts of positive-mass items, so forced tokens are exactly zero, never 1e-17.
+
+The normalised IG~ that decoding calibrates with is min-max over siblings, except that a branch with zero
+reference mass (only never-trained items under it, `--catalog all` without smoothing) gets IG~ = 0 and
+does not take part in its siblings' min-max (docs/method.md §4.1).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ class CatalogTrie:
     mass: np.ndarray  # float64, reference mass under the node
     entropy: np.ndarray  # float64, H(node)
     ig: np.ndarray  # float64, IG of the incoming edge (0 for the root)
-    ig_norm: np.ndarray  # float64, ig min-max normalised among siblings
+    ig_norm: np.ndarray  # float64, IG~: ig min-max normalised among siblings (zero-mass branches: 0)
     zero_ig: np.ndarray  # bool
     # per catalog item, in item_id order
     item_ids: np.ndarray  # int64
@@ -313,13 +317,14 @@ def build_catalog_trie_flat(
 
     zero_ig = np.zeros(num_nodes, dtype=bool)
     zero_ig[1:] = n_positive[1:] == n_positive[parent[1:]]
+    has_reference = n_positive > 0
     del n_positive
     ig = np.zeros(num_nodes)
     np.subtract(entropy[parent[1:]], entropy[1:], out=ig[1:])
     # Forced tokens are exactly zero; elsewhere clip the rounding of near-equal float sums.
     ig[zero_ig] = 0.0
     np.maximum(ig, 0.0, out=ig)
-    ig_norm = _normalise_among_siblings(ig, child_start, child_count)
+    ig_norm = _normalise_among_siblings(ig, child_start, child_count, has_reference)
 
     leaf = path_flat[path_ptr[1:] - 1]
     return CatalogTrie(
@@ -330,20 +335,30 @@ def build_catalog_trie_flat(
     )
 
 
-def _normalise_among_siblings(ig: np.ndarray, child_start: np.ndarray, child_count: np.ndarray) -> np.ndarray:
-    """Min-max of IG within each sibling group (the allowed next tokens at a node); all equal -> 0."""
+def _normalise_among_siblings(
+    ig: np.ndarray, child_start: np.ndarray, child_count: np.ndarray, has_reference: np.ndarray
+) -> np.ndarray:
+    """IG~: min-max of IG within each sibling group (the allowed next tokens at a node); all equal -> 0.
+
+    `has_reference[v]`: some item under node v has positive reference mass. A child without any gets
+    IG~ = 0 (no calibration boost, w_d = 1) and is left out of its siblings' min and max (docs/method.md
+    §4.1): its raw IG is H(parent), the largest possible, only because the reference distribution knows
+    nothing under it. Calibration thus redistributes weight among the branches the reference knows.
+    With smoothing > 0 no node has zero mass and this is plain min-max.
+    """
     out = np.zeros_like(ig)
     counts = child_count[child_count > 0]
     if len(counts) == 0:
         return out
     # Nodes 1.. are exactly all children, grouped by parent in increasing parent order.
     group_starts = child_start[child_count > 0] - 1
-    lo = np.minimum.reduceat(ig[1:], group_starts)
-    span = np.maximum.reduceat(ig[1:], group_starts) - lo
-    np.subtract(ig[1:], np.repeat(lo, counts), out=out[1:])
-    child_span = np.repeat(span, counts)
-    np.divide(out[1:], child_span, out=out[1:], where=child_span > 0)
-    out[1:][child_span <= 0] = 0.0
+    known = has_reference[1:]
+    lo = np.minimum.reduceat(np.where(known, ig[1:], np.inf), group_starts)
+    hi = np.maximum.reduceat(np.where(known, ig[1:], -np.inf), group_starts)
+    child_lo, child_span = np.repeat(lo, counts), np.repeat(hi - lo, counts)
+    # Groups without any known child have lo = inf: every child there is unknown and stays 0.
+    scaled = known & (child_span > 0)
+    out[1:][scaled] = (ig[1:][scaled] - child_lo[scaled]) / child_span[scaled]
     return out
 
 

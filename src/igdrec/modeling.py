@@ -38,6 +38,12 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """The dtype inference weights are stored in: the compute dtype itself, so that no forward pass
+    re-casts fp32 weights under autocast (bf16 or fp16 on CUDA, fp32 on CPU)."""
+    return autocast_dtype(device) or torch.float32
+
+
 def resolve_model_path(spec: str) -> str:
     """A directory or hub id that `from_pretrained` accepts."""
     if spec in EMBEDDED_MODELS:
@@ -98,6 +104,54 @@ def require_same_tokenizer(expected: dict, tokenizer, where: str) -> None:
         )
 
 
+# transformers renamed the forward argument that carries the KV cache (`past_key_values` until 5.2x,
+# `cache` after). Models take **kwargs, so the wrong name is swallowed without a word and every call
+# starts a fresh cache: a decode that runs, exits 0 and is wrong. The name is therefore read off the
+# model's own forward signature, here and nowhere else.
+_CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+def kv_cache_kwargs(model, cache) -> dict:
+    """The keyword arguments that hand `cache` to `model`'s forward: `{"cache": cache}` or
+    `{"past_key_values": cache}`, whichever this transformers version's model declares.
+
+    Wrappers whose forward only forwards **kwargs (a PEFT model, DDP, `torch.compile`) are looked
+    through to the model that declares the argument. A model that declares neither name is refused
+    rather than guessed at.
+    """
+    import inspect
+
+    inner = model
+    for _ in range(8):  # PeftModel -> LoraModel -> the transformers model; DDP/compile add one level each
+        parameters = inspect.signature(inner.forward).parameters
+        for keyword in _CACHE_KEYWORDS:
+            if keyword in parameters:
+                return {keyword: cache}
+        unwrapped = _wrapped_model(inner)
+        if unwrapped is None:
+            break
+        inner = unwrapped
+    import transformers
+
+    raise IgdrecError(
+        f"model {type(model).__name__}: its forward takes neither {' nor '.join(map(repr, _CACHE_KEYWORDS))} "
+        f"(transformers {transformers.__version__}); igdrec cannot hand it a KV cache"
+    )
+
+
+def _wrapped_model(module):
+    """The model a wrapper delegates to: PEFT's base model, DDP's `module`, torch.compile's original."""
+    if hasattr(module, "get_base_model"):
+        base = module.get_base_model()
+        if base is not module:
+            return base
+    for attribute in ("module", "_orig_mod"):
+        inner = getattr(module, attribute, None)
+        if isinstance(inner, torch.nn.Module):
+            return inner
+    return None
+
+
 def quiet_transformers() -> None:
     """igdrec draws its own progress bars; transformers' per-load weight bars and a deprecation warning
     that peft triggers on every LoRA model would only bury them."""
@@ -122,25 +176,27 @@ def load_tokenizer(spec: str):
 
 
 def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, merge_adapter: bool = False):
-    """The causal LM named by `spec`. A directory holding a LoRA adapter loads its base under the adapter;
-    `merge_adapter` folds the adapter into the base weights (inference: no extra LoRA matmuls per step)."""
+    """The causal LM named by `spec`, its weights in `dtype` (default fp32). A directory holding a LoRA
+    adapter loads its base under the adapter; `merge_adapter` folds the adapter into the base weights
+    (inference: no extra LoRA matmuls per step). The merge happens in fp32 and only the merged weights are
+    cast to `dtype`, so a bf16 model carries one rounding, not a rounded base plus a rounded update."""
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
     path = resolve_model_path(spec)
     device = pick_device(device) if isinstance(device, str) else device
     base = _adapter_base(path)
-    kwargs = {"dtype": dtype or torch.float32}
+    dtype = dtype or torch.float32
     try:
         if base is not None:
             from peft import PeftModel
 
-            model = AutoModelForCausalLM.from_pretrained(resolve_model_path(base), **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(resolve_model_path(base), dtype=torch.float32 if merge_adapter else dtype)
             model = PeftModel.from_pretrained(model, path)
             if merge_adapter:
-                model = model.merge_and_unload()
+                model = model.merge_and_unload().to(dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except OSError as exc:
         raise IgdrecError(f"model {spec!r}: cannot load ({exc})") from exc
     return model.to(device).eval()
@@ -208,6 +264,36 @@ def _record_files(directory: Path) -> dict:
     return files
 
 
+# GGUF metadata key -> tokenizer attribute. transformers 5.17 reads SmolLM2's GGUF tokenizer with
+# EOS = <|im_start|> (id 1) although the file says id 2 (<|im_end|>); later versions read it right. The
+# file is the authority, so its ids are applied whatever transformers made of them.
+_GGUF_SPECIAL_TOKENS = {
+    "tokenizer.ggml.bos_token_id": "bos_token",
+    "tokenizer.ggml.eos_token_id": "eos_token",
+    "tokenizer.ggml.unknown_token_id": "unk_token",
+    "tokenizer.ggml.padding_token_id": "pad_token",
+}
+
+
+def gguf_special_token_ids(gguf_path: Path) -> dict[str, int]:
+    """The special-token ids a GGUF file declares, by tokenizer attribute (bos_token, eos_token, …)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf_path).fields
+    ids = {}
+    for key, attribute in _GGUF_SPECIAL_TOKENS.items():
+        field = fields.get(key)
+        if field is not None and field.data:
+            ids[attribute] = int(field.parts[field.data[0]][0])
+    return ids
+
+
+def _adopt_gguf_special_tokens(tokenizer, gguf_path: Path) -> None:
+    for attribute, token_id in gguf_special_token_ids(gguf_path).items():
+        if 0 <= token_id < len(tokenizer):
+            setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(token_id))
+
+
 def _convert_gguf(spec: str, target: Path) -> None:
     asset = EMBEDDED_MODELS[spec]
     (gguf_path,) = assets.fetch(asset).values()
@@ -217,6 +303,7 @@ def _convert_gguf(spec: str, target: Path) -> None:
 
     err_console.print(f"[dim]converting {gguf_path.name} to a cached safetensors checkpoint (once)…[/]")
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    _adopt_gguf_special_tokens(tokenizer, gguf_path)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     # transformers marks GGUF-loaded models as quantized and refuses to save them; the weights are
     # already de-quantised fp32 tensors, so clearing the marker is safe.

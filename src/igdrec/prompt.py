@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from igdrec.errors import IgdrecError
+
 RESPONSE_HEADER = "### Response:\n"
 UNKNOWN_HISTORY = "Unknown"  # CFT's reference prompt replaces the history with this word
 
@@ -91,15 +93,25 @@ class EncodedSample:
 
 
 def encode_prompt(tokenizer, history_titles: Sequence[str], category: str, max_tokens: int | None) -> tuple[list[int], int]:
-    """Prompt ids, dropping the oldest history titles until the prompt fits into `max_tokens`."""
+    """Prompt ids, dropping the oldest history titles until the prompt fits into `max_tokens`.
+
+    A prompt that does not fit even with a single history title (or none) is refused with an
+    IgdrecError naming that title: it is never returned longer than `max_tokens`.
+    """
     titles = list(history_titles)
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else []
     while True:
-        ids = tokenizer(render_prompt(titles, category), add_special_tokens=False)["input_ids"]
-        bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else []
-        ids = bos + ids
-        if max_tokens is None or len(ids) <= max_tokens or len(titles) <= 1:
+        ids = bos + tokenizer(render_prompt(titles, category), add_special_tokens=False)["input_ids"]
+        if max_tokens is None or len(ids) <= max_tokens:
             return ids, len(titles)
+        if len(titles) <= 1:
+            break
         titles = titles[1:]
+    what = f"with the single history title {titles[0][:40]!r}{'…' if len(titles[0]) > 40 else ''}" if titles else "without history"
+    raise IgdrecError(
+        f"prompt {what} is {len(ids):,} tokens, over its budget of {max_tokens:,} (cutoff_len, less the target's tokens in training); "
+        "raise cutoff_len or shorten the title (preprocess max_title_chars)"
+    )
 
 
 def encode_sample(tokenizer, history_titles: Sequence[str], category: str, target_ids: Sequence[int], cutoff_len: int | None) -> EncodedSample:

@@ -3,9 +3,11 @@
 Layout: `<run>/<stage dir>/…` holds a stage's artifacts and, written last, its `stage.json` manifest
 (parameters, input fingerprints, output fingerprints, package versions, wall time, row counts, stats).
 
-A stage is *cached* when its manifest exists, was made with the same key (its parameters plus the
-fingerprints of its inputs) and every output listed there still has the recorded size and content hash;
-anything else reruns it. A stage writes into a partial directory `<run>/.partial/<stage>-<key>` and only
+A stage is *cached* when its manifest exists, is unedited (it records a digest of its own content), was
+made with the same key (its parameters plus the fingerprints of its inputs) and every output listed there
+still has the recorded size and content hash; anything else reruns it. Downstream stages key on the
+manifest's `fingerprint`, which covers the outputs and the manifest's content (parameters, rows,
+statistics such as `category_word`), so nothing a later stage reads from a manifest escapes its key. A stage writes into a partial directory `<run>/.partial/<stage>-<key>` and only
 when it has finished is the manifest written and the directory renamed into place, so a killed stage
 never leaves an artifact that a later stage would accept. Resumable stages (sft, decode) keep their
 partial directory after a failure and pick it up again on the next run with the same key.
@@ -23,11 +25,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from igdrec.console import console
 from igdrec.errors import IgdrecError
 
 MANIFEST = "stage.json"
+# Manifest fields that describe a particular execution rather than what it produced: left out of the
+# fingerprint so that a rerun which writes the same artifacts keeps downstream stages cached.
+_RUN_RECORD_FIELDS = ("fingerprint", "digest", "versions", "wall_time_s", "created_at")
 DEFAULT_RUN_DIR = "runs/default"
 _TRACKED_PACKAGES = ("igdrec", "torch", "transformers", "peft", "polars", "numpy", "typer", "rich", "gguf")
 
@@ -62,15 +68,31 @@ def resolve_run_dir(run_dir: str | Path | None) -> Path:
     return Path(run_dir or os.environ.get("IGDREC_RUN_DIR") or DEFAULT_RUN_DIR)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
+    """Write a file through `write(temporary_path)`, then rename it onto `path` in one step.
 
-
-def write_json_atomic(path: Path, obj: Any) -> None:
+    The temporary file is a hidden sibling (same directory, so the rename is atomic), so a reader, or
+    a process killed mid-write, sees the old file or the new one, never half of one. A failed write
+    removes the temporary file and leaves `path` as it was.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json_atomic(path: Path, obj: Any) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 class RunDir:
@@ -81,6 +103,10 @@ class RunDir:
         return self.root / stage_path
 
     def ensure_writable(self) -> None:
+        existing = next((p for p in (self.root, *self.root.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            where = "is a file" if existing == self.root else f"cannot be created: {existing} is a file"
+            raise IgdrecError(f"run directory {self.root} {where}, not a directory; choose another --run-dir")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".write-probe-{os.getpid()}"
@@ -90,23 +116,33 @@ class RunDir:
             raise IgdrecError(f"run directory {self.root} is not writable: {exc.strerror or exc}") from exc
 
     def manifest(self, stage_path: str) -> dict | None:
-        """The stage's manifest if the stage finished and its outputs are intact, else None."""
-        path = self.stage_dir(stage_path) / MANIFEST
-        if not path.exists():
-            return None
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-        return manifest if outputs_intact(self.stage_dir(stage_path), manifest) else None
+        """The stage's manifest if the stage finished, its manifest is unedited and its outputs are intact, else None."""
+        return self._checked_manifest(stage_path)[0]
 
     def require(self, stage_path: str, hint: str) -> dict:
         """The manifest of an upstream stage, or a one-line error telling the user what to run first."""
-        manifest = self.manifest(stage_path)
+        manifest, problem = self._checked_manifest(stage_path)
         if manifest is None:
-            where = self.stage_dir(stage_path)
-            raise IgdrecError(f"{where} has no finished, intact artifacts; run `{hint}` first")
+            raise IgdrecError(f"{problem}; run `{hint}` first")
         return manifest
+
+    def _checked_manifest(self, stage_path: str) -> tuple[dict | None, str | None]:
+        """(manifest, None) when the stage's artifacts can be used, else (None, why not)."""
+        where = self.stage_dir(stage_path)
+        path = where / MANIFEST
+        try:
+            manifest = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None, f"{where} has no finished, intact artifacts"
+        except (OSError, ValueError):
+            return None, f"{path} is unreadable or not JSON"
+        if not isinstance(manifest, dict) or manifest.get("digest") != manifest_digest(manifest):
+            # Hand-edited (or from an igdrec that wrote no digest): its statistics and fingerprints
+            # can no longer be trusted, and stages downstream would not notice the change.
+            return None, f"{path} was changed after its stage wrote it (its content digest does not match)"
+        if not outputs_intact(where, manifest):
+            return None, f"{where} has no finished, intact artifacts (an output changed after the stage wrote it)"
+        return manifest, None
 
     def artifact(self, stage_path: str, name: str) -> Path:
         return self.stage_dir(stage_path) / name
@@ -127,6 +163,16 @@ class RunDir:
             found = ", ".join(names) or "none"
             raise IgdrecError(f"{self.stage_dir(stage_root)}: pass {option} NAME; finished: {found}")
         return names[0]
+
+
+def manifest_digest(manifest: dict) -> str:
+    """Digest of a manifest's content, excluding the digest itself (recorded in it as `digest`)."""
+    return fingerprint_obj({k: v for k, v in manifest.items() if k != "digest"})
+
+
+def manifest_fingerprint(manifest: dict) -> str:
+    """What downstream stages key on: the outputs and everything else the manifest says about them."""
+    return fingerprint_obj({k: v for k, v in manifest.items() if k not in _RUN_RECORD_FIELDS})
 
 
 def outputs_intact(directory: Path, manifest: dict) -> bool:
@@ -173,6 +219,10 @@ class StageWriter:
         if self.cached:
             self.manifest = existing
 
+    def report_cached(self) -> None:
+        """The one message every stage prints when it finds its result cached."""
+        console.print(f"{self.stage_path}: cached in {self.final_dir} (same parameters and inputs; --force reruns it)", soft_wrap=True)
+
     def __enter__(self) -> "StageWriter":
         if self.cached:
             return self
@@ -210,7 +260,6 @@ class StageWriter:
             "stage": self.stage,
             "stage_path": self.stage_path,
             "key": self.key,
-            "fingerprint": fingerprint_obj(outputs),
             "params": self.params,
             "inputs": self.inputs,
             "outputs": outputs,
@@ -220,6 +269,10 @@ class StageWriter:
             "wall_time_s": round(time.perf_counter() - self._started, 3),
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        # Fingerprint and digest are taken of the manifest as it will read back from JSON.
+        self.manifest = json.loads(json.dumps(self.manifest, sort_keys=True, default=str))
+        self.manifest["fingerprint"] = manifest_fingerprint(self.manifest)
+        self.manifest["digest"] = manifest_digest(self.manifest)
         # The manifest goes in last, then one rename publishes the whole directory.
         write_json_atomic(self.partial_dir / MANIFEST, self.manifest)
         self.final_dir.parent.mkdir(parents=True, exist_ok=True)

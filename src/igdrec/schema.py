@@ -28,7 +28,7 @@ TRIE_NODES = {
     "mass": pl.Float64,  # reference probability mass of the items under the node
     "entropy": pl.Float64,  # H(node) = -sum p log p over items under it (not renormalised)
     "ig": pl.Float64,  # IG of the incoming edge: H(parent) - H(node)
-    "ig_norm": pl.Float64,  # ig min-max normalised among siblings (all equal -> 0)
+    "ig_norm": pl.Float64,  # IG~: ig min-max normalised among siblings (all equal -> 0; zero-mass branches 0)
     "zero_ig": pl.Boolean,  # the incoming token is forced for every reference item under the parent
 }
 ITEM_PATHS = {
@@ -61,12 +61,21 @@ TRAIN_LOG = {
     "split": pl.String,  # train | valid
     "loss": pl.Float64,
     "lr": pl.Float64,
+    # mean CE of the target tokens in each IG group (null: no such token in the interval); low and high split
+    # the positive-IG tokens at the run's `ig_group_threshold` (stage.json stats): low ≤ threshold < high
     "ce_zero_ig": pl.Float64,
-    "ce_positive_ig": pl.Float64,
-    "tokens": pl.Int64,
+    "ce_low_ig": pl.Float64,
+    "ce_high_ig": pl.Float64,
+    "ce_positive_ig": pl.Float64,  # low and high together
+    "tokens": pl.Int64,  # target tokens (of every group, and of samples whose IG is unknown)
+    "tokens_zero_ig": pl.Int64,
+    "tokens_low_ig": pl.Int64,
+    "tokens_high_ig": pl.Int64,
     "seconds": pl.Float64,
 }
-TFA_SCORES = {"sample_id": pl.Int64, "item_id": pl.Int64, "score": pl.Float64}
+# rerank --grounding: every distinct catalog title (carried by its smallest item id) and its embedding by
+# the grounding model (last-layer hidden state of the last token), cached per model under <run>/grounding/
+GROUNDING_EMBEDDINGS = {"item_id": pl.Int64, "title": pl.String, "embedding": pl.List(pl.Float32)}
 # metrics: per evaluated sample, the rank of the first title match (null: none), then NDCG@K / HR@K columns
 PER_SAMPLE_METRICS = {"sample_id": pl.Int64, "match_rank": pl.Int32}
 
@@ -79,7 +88,7 @@ SCHEMAS = {
     "beams": BEAMS,
     "topk": TOPK,
     "train_log": TRAIN_LOG,
-    "tfa_scores": TFA_SCORES,
+    "grounding_embeddings": GROUNDING_EMBEDDINGS,
     "per_sample_metrics": PER_SAMPLE_METRICS,
 }
 

@@ -1,7 +1,7 @@
 """Data sources for `igdrec preprocess`: each turns one input format into the canonical tables (docs/method.md §2.1).
 
-A source module has three functions:
-  params(config) -> dict          the configuration that changes its output (part of the cache key)
+A source module has two functions (its options are fields of config.PreprocessConfig declared with
+`only={"source": NAME}`, which keeps them out of other sources' cache keys):
   input_files(config) -> dict     role -> fingerprint of the raw inputs (checked before any work)
   load(config) -> Dataset         items with dense ids, plus interactions to window or ready-made splits
 """

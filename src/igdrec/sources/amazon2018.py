@@ -30,18 +30,6 @@ REVIEW_FIELDS = {"reviewerID": pl.String, "asin": pl.String, "unixReviewTime": p
 META_FIELDS = {"asin": pl.String, "title": pl.String}
 
 
-def params(config) -> dict:
-    return {
-        "category": config.category,
-        "start": config.start,
-        "end": config.end,
-        "k_core": config.k_core,
-        "min_items": config.min_items,
-        "earliest_year": config.earliest_year,
-        "seed": config.seed,
-    }
-
-
 def input_files(config) -> dict[str, str]:
     _check_options(config)
     return {

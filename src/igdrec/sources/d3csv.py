@@ -18,6 +18,7 @@ from igdrec.sources.tables import (
     clean_titles,
     file_fingerprint,
     first_true,
+    gzip_errors,
     open_binary,
     parse_timestamps,
     read_table,
@@ -31,10 +32,6 @@ from igdrec.sources.windows import SPLITS, number_samples
 LIST_ELEMENT = r"""\s*['"]?-?\d+['"]?\s*"""
 INT_LIST = rf"^\s*\[({LIST_ELEMENT}(,{LIST_ELEMENT})*,?\s*)?\]\s*$"
 REQUIRED_COLUMNS = ["user_id", "history_item_id", "item_id"]
-
-
-def params(config) -> dict:
-    return {}
 
 
 def input_files(config) -> dict[str, str]:
@@ -56,7 +53,7 @@ def load(config) -> Dataset:
 def read_info(path: Path) -> pl.DataFrame:
     titles, ids = [], []
     seen: dict[int, int] = {}
-    with open_binary(path) as handle:
+    with gzip_errors(path), open_binary(path) as handle:
         for line_no, raw in enumerate(handle, start=1):
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")

@@ -24,16 +24,6 @@ from igdrec.sources.tables import (
 )
 
 
-def params(config) -> dict:
-    return {
-        "user_col": config.user_col,
-        "item_col": config.item_col,
-        "time_col": config.time_col,
-        "title_col": config.title_col,
-        "drop_unknown": config.drop_unknown,
-    }
-
-
 def input_files(config) -> dict[str, str]:
     return {
         "interactions": file_fingerprint(require_file(config.interactions, "--interactions")),

@@ -22,10 +22,6 @@ ITEM_MEMBER = "recbole/dataset_example/ml-100k/ml-100k.item"
 YEAR = r"^\d{4}$"
 
 
-def params(config) -> dict:
-    return {}
-
-
 def input_files(config) -> dict[str, str]:
     # The wheel is pinned by sha256 and its members are verified when fetched: its hash stands for them.
     return {"recbole-wheel": assets.ML100K.wheel_sha256}

@@ -11,6 +11,8 @@ import io
 import json
 import os
 import time
+import zlib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -22,7 +24,11 @@ from igdrec.rundir import fingerprint_file, write_json_atomic
 
 PARQUET_MAGIC = b"PAR1"
 GZIP_MAGIC = b"\x1f\x8b"
+PARQUET_SUFFIXES = (".parquet", ".pq")
 RECENT_S = 5.0  # files modified this recently are hashed every time, never memoised
+# Timestamps are UTC seconds since 1970. Anything past 2100 is no plausible interaction time in
+# seconds, but is what milliseconds look like (1.6e12 ms is 2020; as seconds it is year 52,000).
+LATEST_TIMESTAMP_S = 4_102_444_800  # 2100-01-01T00:00:00Z
 
 
 def require_file(path: str | None, option: str) -> Path:
@@ -84,7 +90,7 @@ def first_true(mask: pl.Series) -> int | None:
 
 def check_utf8(path: Path) -> None:
     """Raise naming the first line that is not UTF-8 (called after a reader has failed, to explain why)."""
-    with open_binary(path) as handle:
+    with gzip_errors(path), open_binary(path) as handle:
         for line_no, line in enumerate(handle, start=1):
             try:
                 line.decode("utf-8")
@@ -93,10 +99,27 @@ def check_utf8(path: Path) -> None:
 
 
 def open_binary(path: Path):
-    """Open a plain or gzip-compressed file for binary reading (decided by its magic bytes)."""
+    """Open a plain or gzip-compressed file for binary reading (decided by its magic bytes).
+
+    Read it inside `gzip_errors(path)`: a truncated or damaged .gz fails only while being read.
+    """
     with open(path, "rb") as handle:
         compressed = handle.read(2) == GZIP_MAGIC
     return gzip.open(path, "rb") if compressed else open(path, "rb")
+
+
+@contextmanager
+def gzip_errors(path: Path):
+    """Turn a truncated or corrupt gzip stream into one line naming the file.
+
+    gzip raises EOFError at a truncated end, which Click would otherwise report as a bare "Aborted.".
+    """
+    try:
+        yield
+    except EOFError as exc:
+        raise IgdrecError(f"{path}: truncated gzip file (it ends before the compressed data does); download it again") from exc
+    except (gzip.BadGzipFile, zlib.error) as exc:
+        raise IgdrecError(f"{path}: corrupt gzip file ({_first_line(exc)})") from exc
 
 
 def read_table(path: Path, columns: list[str], role: str) -> pl.DataFrame:
@@ -106,6 +129,14 @@ def read_table(path: Path, columns: list[str], role: str) -> pl.DataFrame:
             df = pl.read_parquet(path)
         except Exception as exc:  # polars raises several types for damaged files
             raise IgdrecError(f"{path}: cannot read Parquet ({_first_line(exc)})") from exc
+    elif path.suffix.lower() in PARQUET_SUFFIXES:
+        # Reading it as CSV anyway would only surface later as a baffling "lacks column(s)" error.
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+        raise IgdrecError(
+            f"{path}: named {path.suffix} but is not a Parquet file (it starts with {head!r}, not {PARQUET_MAGIC!r}); "
+            "rename a CSV file to .csv"
+        )
     else:
         df = read_csv_strings(path)
     missing = [c for c in columns if c not in df.columns]
@@ -121,8 +152,8 @@ def read_csv_strings(path: Path, **options) -> pl.DataFrame:
         return pl.read_csv(path, infer_schema=False, **options)
     except pl.exceptions.NoDataError as exc:
         raise IgdrecError(f"{path}: file is empty") from exc
-    except Exception as exc:  # ComputeError for bad bytes or ragged rows
-        check_utf8(path)
+    except Exception as exc:  # ComputeError for bad bytes, ragged rows or a damaged .gz
+        check_utf8(path)  # names the line of a non-UTF-8 byte, or the truncated/corrupt gzip stream
         raise IgdrecError(f"{path}: cannot parse as CSV ({_first_line(exc)})") from exc
 
 
@@ -140,6 +171,23 @@ def require_values(df: pl.DataFrame, column: str, path: Path, what: str) -> None
 def clean_titles(titles: pl.Expr) -> pl.Expr:
     """One line, no surrounding whitespace: a newline inside a title would end its token sequence early."""
     return titles.str.replace_all(r"[\r\n\t]+", " ").str.strip_chars()
+
+
+def require_title_lengths(items: pl.DataFrame, max_chars: int, origin: str) -> None:
+    """Refuse the first item (item_id, title) whose title is longer than `max_chars` characters.
+
+    An absurd title would be a prompt part and a decoding target of thousands of tokens; refusing it
+    here names the item, where a later stage could only fail on a sample.
+    """
+    if max_chars < 1:
+        raise IgdrecError(f"--max-title-chars must be at least 1, got {max_chars}")
+    bad = first_true(items["title"].str.len_chars() > max_chars)
+    if bad is not None:
+        title = items["title"][bad]
+        raise IgdrecError(
+            f"{origin}: item {items['item_id'][bad]} has a title of {len(title):,} characters ({title[:40]!r}{'…' if len(title) > 40 else ''}), "
+            f"over the limit of {max_chars} (max_title_chars / --max-title-chars)"
+        )
 
 
 def parse_timestamps(series: pl.Series, path: Path) -> pl.Series:
@@ -160,6 +208,17 @@ def parse_timestamps(series: pl.Series, path: Path) -> pl.Series:
     bad = first_true(parsed.is_null())
     if bad is not None:
         raise IgdrecError(f"{record_label(path, bad)}: timestamp {series[bad]!r} is not a number or a date")
+    bad = first_true(parsed < 0)
+    if bad is not None:
+        raise IgdrecError(
+            f"{record_label(path, bad)}: timestamp {series[bad]!r} is before 1970; timestamps are UTC seconds since 1970-01-01"
+        )
+    bad = first_true(parsed > LATEST_TIMESTAMP_S)
+    if bad is not None:
+        raise IgdrecError(
+            f"{record_label(path, bad)}: timestamp {series[bad]!r} is after the year 2100 as seconds since 1970; "
+            "it looks like milliseconds: divide the column by 1000"
+        )
     return parsed.rename(series.name)
 
 
@@ -186,11 +245,12 @@ def iter_json_lines(path: Path, columns: dict[str, pl.DataType], required: tuple
         stream = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
         first_line = 1
         while True:
-            block = stream.read(chunk_bytes)
+            with gzip_errors(path):
+                block = stream.read(chunk_bytes)
+                if block and not block.endswith(b"\n"):
+                    block += stream.readline()
             if not block:
                 break
-            if not block.endswith(b"\n"):
-                block += stream.readline()
             try:
                 chunk = pl.read_ndjson(io.BytesIO(block), schema=columns)
                 _check_required(chunk, required)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import polars as pl
 
 from igdrec import schema
+from igdrec.errors import IgdrecError
 
 SPLITS = ("train", "valid", "test")
 TRAIN_SHARE = 0.8
@@ -38,8 +39,38 @@ def build_windows(interactions: pl.DataFrame, history_len: int) -> pl.DataFrame:
 def temporal_split(windows: pl.DataFrame) -> dict[str, pl.DataFrame]:
     """Train = the first int(0.8·N) windows in time order, valid = up to int(0.9·N), test = the rest."""
     n = windows.height
-    bounds = [0, int(n * TRAIN_SHARE), int(n * TRAIN_VALID_SHARE), n]
+    bounds = _bounds(n)
     return {split: number_samples(windows.slice(bounds[i], bounds[i + 1] - bounds[i])) for i, split in enumerate(SPLITS)}
+
+
+def smallest_splittable() -> int:
+    """The fewest samples whose temporal split leaves no split empty."""
+    n = 1
+    while any(b - a < 1 for a, b in zip(_bounds(n), _bounds(n)[1:])):
+        n += 1
+    return n
+
+
+def require_nonempty_splits(splits: dict[str, pl.DataFrame], origin: str, given: bool) -> None:
+    """Refuse splits with an empty member now: an empty valid set would only fail at `sft`, two stages on.
+
+    `origin` names the input (source or file); `given` says the splits came ready-made (d3-csv) rather
+    than from the temporal split of windows.
+    """
+    empty = [split for split in SPLITS if splits[split].height == 0]
+    if not empty:
+        return
+    if given:
+        raise IgdrecError(f"{origin}: {' and '.join(f'--{split}' for split in empty)} holds no samples; every split needs at least one")
+    total = sum(splits[split].height for split in SPLITS)
+    raise IgdrecError(
+        f"{origin}: the temporal 80/10/10 split of {total} sample(s) leaves {' and '.join(empty)} empty; "
+        f"at least {smallest_splittable()} are needed (one per interaction after a user's first)"
+    )
+
+
+def _bounds(n: int) -> list[int]:
+    return [0, int(n * TRAIN_SHARE), int(n * TRAIN_VALID_SHARE), n]
 
 
 def number_samples(samples: pl.DataFrame) -> pl.DataFrame:

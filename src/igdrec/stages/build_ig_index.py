@@ -12,35 +12,32 @@ import json
 import numpy as np
 import polars as pl
 
+from igdrec import config as cfg
 from igdrec import ig, schema
 from igdrec.config import IGIndexConfig
-from igdrec.console import console, print_table, progress_bar
+from igdrec.console import print_table, progress_bar
 from igdrec.errors import IgdrecError
 from igdrec.modeling import load_tokenizer, tokenizer_identity
 from igdrec.prompt import item_token_sequences
 from igdrec.rundir import RunDir, StageWriter
 
 STAGE_DIR = "ig"
+IG_RULE = "zero-mass-branches-unboosted"
 SPLITS = ("train", "valid", "test")
-REFERENCES = ("train", "uniform")
-CATALOGS = ("all", "train")
 TOKENIZE_CHUNK = 20_000  # titles per tokenizer call: big enough to batch, small enough to show progress
 
 
 def run(config: IGIndexConfig, run_dir: RunDir, force: bool = False) -> dict:
-    _check_config(config)
+    cfg.check(config)
     data = run_dir.require("data", hint="igdrec preprocess")
     tokenizer = load_tokenizer(config.model)
-    params = {
-        "model": config.model,
-        "tokenizer": tokenizer_identity(tokenizer),
-        "reference": config.reference,
-        "smoothing": config.smoothing,
-        "catalog": config.catalog,
-    }
+    # The tokenizer's identity, not only the model's name: a changed tokenizer changes every item token.
+    # `ig_rule` names the normalisation rule (docs/method.md §4.1): an index built under an older rule
+    # would silently calibrate decoding differently, so a rule change must miss the cache.
+    params = cfg.key_params(config) | {"tokenizer": tokenizer_identity(tokenizer), "ig_rule": IG_RULE}
     with StageWriter(run_dir, STAGE_DIR, stage="build-ig-index", params=params, inputs={"data": data["fingerprint"]}, force=force) as out:
         if out.cached:
-            console.print(f"[dim]build-ig-index: cached in {out.final_dir}[/]")
+            out.report_cached()
             print_stats(out.manifest["stats"])
             return out.manifest
         items_path = run_dir.artifact("data", "items.parquet")
@@ -96,15 +93,6 @@ def run(config: IGIndexConfig, run_dir: RunDir, force: bool = False) -> dict:
     return out.manifest
 
 
-def _check_config(config: IGIndexConfig) -> None:
-    if config.reference not in REFERENCES:
-        raise IgdrecError(f"--reference {config.reference!r}: expected one of {', '.join(REFERENCES)}")
-    if config.catalog not in CATALOGS:
-        raise IgdrecError(f"--catalog {config.catalog!r}: expected one of {', '.join(CATALOGS)}")
-    if not np.isfinite(config.smoothing) or config.smoothing < 0:
-        raise IgdrecError(f"--smoothing {config.smoothing}: must be a finite number >= 0")
-
-
 def _read_items(path) -> pl.DataFrame:
     items = schema.read(path, "items", columns=["item_id", "title"]).sort("item_id")
     nulls = items.filter(pl.col("item_id").is_null() | pl.col("title").is_null())
@@ -126,7 +114,7 @@ def _read_targets(path, items: pl.DataFrame) -> pl.DataFrame:
     row = np.searchsorted(ids, targets)
     known = (row < len(ids)) & (ids[np.minimum(row, len(ids) - 1)] == targets)
     if samples["item_id"].null_count() or not known.all():
-        bad = samples.filter(~pl.Series(known) | pl.col("item_id").is_null()).row(0, named=True)
+        bad = samples.filter(pl.col("item_id").is_null() | pl.Series(~known)).row(0, named=True)  # Expr first: polars 1.28 cannot OR a Series with an Expr
         raise IgdrecError(f"{path}: sample {bad['sample_id']}: target item {bad['item_id']} is not in items.parquet")
     return samples.with_columns(row=pl.Series(row, dtype=pl.Int64))
 

@@ -2,257 +2,167 @@
 
 Writes `<run>/decode/<name>/beams.parquet` (schema `beams`). Samples are decoded in shards of
 `shard_size`; each finished shard is a file in the stage's partial directory, so a killed decode picks
-up at the first missing shard when rerun with the same parameters.
+up at the first missing shard when rerun with the same parameters. Under `torchrun --nproc_per_node=N`
+rank r decodes shards r, r+N, …, and rank 0 assembles `beams.parquet` from all of them (the same file
+as one process writes).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
-import os
-import re
 import time
-from pathlib import Path
 
-import numpy as np
 import polars as pl
+import torch
 from rich.progress import TextColumn
 
-from igdrec import prompt, schema
-from igdrec.beam import BeamSearch, SearchStats, TrieTensors
+from igdrec import config as cfg
+from igdrec import decoding, schema
+from igdrec.beam import SearchStats
 from igdrec.config import DecodeConfig
 from igdrec.console import console, progress_bar
-from igdrec.errors import IgdrecError
-from igdrec.ig import CatalogTrie
-from igdrec.modeling import autocast_dtype, load_model, load_tokenizer, pick_device
-from igdrec.rundir import RunDir, StageWriter
+from igdrec.rundir import RunDir, StageWriter, atomic_write, write_text_atomic
+from igdrec.training import World, init_distributed
 
 SHARD_DIR = "shards"
 
 
 def run(config: DecodeConfig, run_dir: RunDir, force: bool = False) -> dict:
     run = run_dir
-    if config.split not in ("test", "valid"):
-        raise IgdrecError(f"--split {config.split!r}: expected test or valid")
-    if config.num_beams < 1 or config.batch_size < 1 or config.shard_size < 1:
-        raise IgdrecError("--num-beams, --batch-size and --shard-size must be positive")
-    if config.limit is not None and config.limit < 1:
-        raise IgdrecError(f"--limit {config.limit}: must be positive")
+    decoding.validate(config)
     data = run.require("data", hint="igdrec preprocess")
     ig = run.require("ig", hint="igdrec build-ig-index")
-    label, model_spec, inputs = _resolve_source(config, run)
-    inputs |= {"data": data["fingerprint"], "ig": ig["fingerprint"]}
-    name = config.name or default_name(label, config)
-    params = {
-        "source": label,
-        "model": model_spec,
-        "split": config.split,
-        "limit": config.limit,
-        "num_beams": config.num_beams,
-        "length_penalty": config.length_penalty,
-        "alpha": config.alpha,
-        "constrained": config.constrained,
-        "max_new_tokens": config.max_new_tokens,
-        "cutoff_len": config.cutoff_len,
-        "shard_size": config.shard_size,
-    }
-    with StageWriter(run, f"decode/{name}", stage="decode", params=params, inputs=inputs, force=force, resumable=True) as out:
-        if out.cached:
-            console.print(f"decode [bold]{name}[/] is cached ({run.stage_dir(f'decode/{name}')})")
-            return out.manifest
-        _decode(config, run, data, model_spec, out)
+    source = decoding.resolve_source(run, config.sft, config.model)
+    inputs = source.inputs | {"data": data["fingerprint"], "ig": ig["fingerprint"]}
+    if config.tfa is not None:
+        baseline = run.require(f"baseline/{config.tfa}", hint=f"the baseline {config.tfa!r}")
+        inputs["tfa"] = baseline["fingerprint"]
+    name = config.name or default_name(source.label, config)
+    params = cache_params(config, source)
+    writer = StageWriter(run, f"decode/{name}", stage="decode", params=params, inputs=inputs, force=force, resumable=True)
+    if writer.cached:
+        writer.report_cached()
+        return writer.manifest
+    world, device = init_distributed(config.device)
+    # Under torchrun every rank decodes its own shards into the shared partial directory; rank 0 alone
+    # prepares and publishes it.
+    with (writer if world.is_main else contextlib.nullcontext(writer)) as out:
+        world.barrier()
+        _decode(dataclasses.replace(config, device=str(device)), run, out, world)
+    world.barrier()
+    if not world.is_main:
+        return run.manifest(f"decode/{name}")
     console.print(f"decode wrote [bold]{name}[/] → {run.stage_dir(f'decode/{name}')}/beams.parquet "
                   f"(next: igdrec rerank --decode {name})")
-    return out.manifest
+    return writer.manifest
+
+
+def cache_params(config: DecodeConfig, source: decoding.ModelSource) -> dict:
+    """The decode's cache-key parameters: every config field marked as a key (config.option), with the
+    model named as the source resolves it (a fine-tune by name, its content by the inputs' fingerprint;
+    never a path into the run directory, so a moved or differently spelled run dir stays cached)."""
+    return cfg.key_params(config) | {"source": source.label, "model": None, "sft": None} | source.key
 
 
 def default_name(label: str, config: DecodeConfig) -> str:
     parts = [label, config.split, f"b{config.num_beams}", f"lp{config.length_penalty:g}", f"a{config.alpha:g}"]
     if not config.constrained:
         parts.append("free")
+    if config.tfa is not None:
+        parts.append(f"tfa-{config.tfa}-g{config.tfa_guidance:g}")
     if config.limit is not None:
         parts.append(f"n{config.limit}")
     return "-".join(parts)
 
 
-def _resolve_source(config: DecodeConfig, run: RunDir) -> tuple[str, str, dict]:
-    """(label for names, model spec to load, input fingerprints) of --sft NAME or --model SPEC."""
-    if config.sft and config.model:
-        raise IgdrecError("pass either --sft NAME or --model SPEC, not both")
-    sft_name = config.sft
-    if sft_name is None and config.model is None:
-        sft_name = run.resolve_name("sft", None, "--sft (or --model)")
-    if sft_name is not None:
-        manifest = run.require(f"sft/{sft_name}", hint=f"igdrec sft --name {sft_name}")
-        model_dir = run.stage_dir(f"sft/{sft_name}") / "model"
-        return sft_name, str(model_dir), {"sft": manifest["fingerprint"]}
-    label = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(config.model.rstrip("/")).name) or "model"
-    return label, config.model, {}
-
-
-def check_same_tokens(tokenizer, trie: CatalogTrie, items: pl.DataFrame, where: Path) -> None:
-    """Refuse a model whose tokenizer writes the catalog with other tokens than the IG index has."""
-    titles = dict(zip(items["item_id"].to_list(), items["title"].to_list()))
-    ids = trie.item_ids.tolist()
-    sequences = prompt.item_token_sequences(tokenizer, [titles.get(i, "") for i in ids])
-    for row, (item_id, expected) in enumerate(zip(ids, sequences)):
-        stored = trie.token[trie.item_path_nodes[trie.item_path_ptr[row]:trie.item_path_ptr[row + 1]]].tolist()
-        if stored != expected:
-            raise IgdrecError(
-                f"{where}: item {item_id}: the IG index was built with another tokenizer than the decoding "
-                f"model's (tokens {stored[:6]}… vs {expected[:6]}…); rebuild it with igdrec build-ig-index --model <that model>"
-            )
-
-
-def _decode(config: DecodeConfig, run: RunDir, data: dict, model_spec: str, out: StageWriter) -> None:
-    items = schema.read(run.artifact("data", "items.parquet"), "items")
+def _decode(config: DecodeConfig, run: RunDir, out: StageWriter, world: World) -> None:
     samples = schema.read(run.artifact("data", f"{config.split}.parquet"), "samples").sort("sample_id")
+    n_split_samples = samples.height
     if config.limit is not None:
         samples = samples.head(config.limit)
-    trie = CatalogTrie.load(run.artifact("ig", "trie_nodes.parquet"), run.artifact("ig", "item_paths.parquet"))
-    tokenizer = load_tokenizer(model_spec)
-    check_same_tokens(tokenizer, trie, items, run.artifact("ig", "item_paths.parquet"))
-    device = pick_device(config.device)
-    model = load_model(model_spec, device=device, merge_adapter=True)
-    search = BeamSearch(
-        model=model,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        num_beams=config.num_beams,
-        length_penalty=config.length_penalty,
-        alpha=config.alpha,
-        trie=TrieTensors.from_trie(trie, device) if config.constrained else None,
-        max_new_tokens=config.max_new_tokens or trie.max_depth,
-        jump_forward=config.jump_forward,
-        jump_fill=config.jump_fill,
-        autocast_dtype=autocast_dtype(device),
-    )
-    titles = dict(zip(items["item_id"].to_list(), items["title"].to_list()))
-    category = data["stats"].get("category_word") or prompt.DEFAULT_CATEGORY_WORD
-    context = _ShardContext(trie=trie, titles=titles, tokenizer=tokenizer, category=category, cutoff_len=config.cutoff_len)
+    decoder = decoding.Decoder.from_run(run, config)
+    assistant = None
+    if config.tfa is not None:
+        assistant = decoding.load_assistant_probs(run, config.tfa, config.split, samples["sample_id"].to_list(), decoder.catalog.trie)
 
-    shard_dir = out.path(SHARD_DIR)
+    shard_dir = out.partial_dir / SHARD_DIR
     shard_dir.mkdir(exist_ok=True)
     n = samples.height
     starts = list(range(0, n, config.shard_size))
-    totals = SearchStats()
-    decode_seconds = 0.0
+    mine = [i for i in range(len(starts)) if i % world.size == world.rank]  # disjoint shards per rank
     resumed = 0
     done = 0
+    busy_seconds = 0.0
     rate = TextColumn("{task.fields[rate]}")
     with progress_bar(rate) as progress:
-        task = progress.add_task("decode", total=n, rate="")
-        for index, start in enumerate(starts):
-            shard = samples.slice(start, config.shard_size)
+        own_samples = sum(min(config.shard_size, n - starts[i]) for i in mine)
+        task = progress.add_task("decode" if world.size == 1 else f"decode (rank 0 of {world.size})", total=own_samples,
+                                 rate="", visible=world.is_main)
+        for index in mine:
+            shard = samples.slice(starts[index], config.shard_size)
             stem = shard_dir / f"shard-{index:05d}"
             stats_path = stem.with_suffix(".json")
             if stats_path.exists():  # finished before an interruption: its parquet was written first
-                record = json.loads(stats_path.read_text())
                 resumed += shard.height
                 progress.advance(task, shard.height)
-            else:
-                started = time.perf_counter()
-                search.stats = SearchStats()
-                frame = _decode_shard(search, shard, context, config.batch_size, lambda k: progress.advance(task, k))
-                record = {
-                    "samples": shard.height,
-                    "seconds": time.perf_counter() - started,
-                    "forward_calls": search.stats.forward_calls,
-                    "forward_calls_saved": search.stats.forward_calls_saved,
-                    "steps": search.stats.steps,
-                }
-                _write_atomic_parquet(frame, stem.with_suffix(".parquet"))
-                _write_atomic_text(json.dumps(record), stats_path)
-            totals.add(SearchStats(record["forward_calls"], record["forward_calls_saved"], record["steps"]))
-            decode_seconds += record["seconds"]
+                continue
+            started = time.perf_counter()
+            decoder.engine.stats = SearchStats()
+            shard_assistant = None if assistant is None else assistant[starts[index]:starts[index] + shard.height]
+            frame = _decode_shard(decoder, shard, shard_assistant, lambda k: progress.advance(task, k))
+            record = {
+                "samples": shard.height,
+                "seconds": time.perf_counter() - started,
+                "forward_calls": decoder.stats.forward_calls,
+                "forward_calls_saved": decoder.stats.forward_calls_saved,
+                "steps": decoder.stats.steps,
+                "batch_size": decoder.last_batch_size,
+            }
+            atomic_write(stem.with_suffix(".parquet"), frame.write_parquet)  # the parquet first: the json marks a finished shard
+            write_text_atomic(stats_path, json.dumps(record))
             done += shard.height
-            progress.update(task, rate=f"{done / max(decode_seconds, 1e-9):.2f} samples/s")
+            busy_seconds += record["seconds"]
+            progress.update(task, rate=f"{done / max(busy_seconds, 1e-9):.2f} samples/s")
+    resumed = int(world.all_reduce(torch.tensor([resumed], device=decoder.device))[0])
+    world.barrier()  # every rank's shards are on disk
+    if not world.is_main:
+        return
 
+    records = [json.loads((shard_dir / f"shard-{i:05d}.json").read_text()) for i in range(len(starts))]
     frames = [schema.read(shard_dir / f"shard-{i:05d}.parquet", "beams") for i in range(len(starts))]
-    beams = pl.concat(frames) if frames else schema.conform(_empty_beams(), "beams")
+    beams = pl.concat(frames) if frames else decoding.beams_frame([], [])
     schema.conform(beams, "beams").write_parquet(out.path("beams.parquet"))
     for path in shard_dir.iterdir():
         path.unlink()
     shard_dir.rmdir()
+    totals = SearchStats()
+    for record in records:
+        totals.add(SearchStats(record["forward_calls"], record["forward_calls_saved"], record["steps"]))
     out.rows["beams"] = beams.height
     out.rows["samples"] = n
     out.stats = {
         "split": config.split,
         "limit": config.limit,
         "n_samples": n,
-        "n_split_samples": schema.read(run.artifact("data", f"{config.split}.parquet"), "samples").height,
-        "seconds_per_sample": round(decode_seconds / max(n, 1), 4),
+        "n_split_samples": n_split_samples,
+        "seconds_per_sample": round(sum(r["seconds"] for r in records) / max(n, 1), 4),  # per process
         "forward_calls": totals.forward_calls,
         "forward_calls_saved_by_jump_forward": totals.forward_calls_saved,
         "decoding_steps": totals.steps,
         "resumed_samples": resumed,
+        "world_size": world.size,
         "batch_size": config.batch_size,
+        "batch_sizes_used": sorted({r["batch_size"] for r in records if r.get("batch_size") is not None}),
         "jump_forward": config.jump_forward,
         "jump_fill": config.jump_fill,
-        "device": str(device),
+        "device": str(decoder.device),
+        "dtype": str(next(decoder.model.parameters()).dtype).removeprefix("torch."),
     }
 
 
-class _ShardContext:
-    def __init__(self, trie: CatalogTrie, titles: dict, tokenizer, category: str, cutoff_len: int):
-        self.trie = trie
-        self.titles = titles
-        self.tokenizer = tokenizer
-        self.category = category
-        self.cutoff_len = cutoff_len
-        self.leaf_group = dict(zip(trie.item_leaf.tolist(), trie.item_title_group.tolist()))
-        self.stripped_title_group: dict[str, int] = {}
-        for item_id in sorted(titles):
-            self.stripped_title_group.setdefault(titles[item_id].strip(), item_id)
-
-
-def _decode_shard(search: BeamSearch, shard: pl.DataFrame, context: _ShardContext, batch_size: int, advance) -> pl.DataFrame:
+def _decode_shard(decoder: decoding.Decoder, shard: pl.DataFrame, assistant_probs, advance) -> pl.DataFrame:
     """Beam search over one shard's samples; one beams row per finished hypothesis."""
-    prompts = []
-    for history in shard["history_item_ids"].to_list():
-        ids, _ = prompt.encode_prompt(context.tokenizer, [context.titles.get(i, "") for i in history], context.category, context.cutoff_len)
-        prompts.append(ids)
-    # Similar lengths in one batch waste less compute on padding; results do not depend on batching.
-    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-    hypotheses: list = [None] * len(prompts)
-    for begin in range(0, len(order), batch_size):
-        chunk = order[begin:begin + batch_size]
-        for i, hyps in zip(chunk, search.search([prompts[i] for i in chunk])):
-            hypotheses[i] = hyps
-        advance(len(chunk))
-    rows = {c: [] for c in schema.BEAMS}
-    entropy = context.trie.entropy
-    for sample_id, hyps in zip(shard["sample_id"].to_list(), hypotheses):
-        for rank, hyp in enumerate(hyps):
-            if hyp.nodes and hyp.nodes[-1] >= 0:
-                item_id = context.leaf_group.get(hyp.nodes[-1])
-                title = context.titles.get(item_id)
-                prefix_entropy = entropy[np.asarray(hyp.nodes)].tolist()
-            else:  # unconstrained: the generated text, matched to a catalog title if it is one
-                title = context.tokenizer.decode([t for t in hyp.tokens if t != search.eos_token_id], skip_special_tokens=True).strip()
-                item_id = context.stripped_title_group.get(title)
-                prefix_entropy = [float("nan")] * len(hyp.tokens)
-            rows["sample_id"].append(sample_id)
-            rows["rank"].append(rank)
-            rows["item_id"].append(item_id)
-            rows["title"].append(title)
-            rows["score"].append(hyp.score)
-            rows["tokens"].append(hyp.tokens)
-            rows["step_logprobs"].append(hyp.step_logprobs)
-            rows["prefix_entropy"].append(prefix_entropy)
-    return schema.conform(pl.DataFrame(rows, schema=schema.BEAMS), "beams")
+    return decoder.decode_samples(shard, assistant_probs=assistant_probs, advance=advance)
 
-
-def _empty_beams() -> pl.DataFrame:
-    return pl.DataFrame({c: [] for c in schema.BEAMS}, schema=schema.BEAMS)
-
-
-def _write_atomic_parquet(frame: pl.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    frame.write_parquet(tmp)
-    os.replace(tmp, path)
-
-
-def _write_atomic_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

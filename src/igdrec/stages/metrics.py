@@ -7,11 +7,13 @@ summary as `<run>/metrics/<name>.json`. `compare` puts two results side by side 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import polars as pl
 from rich.table import Table
 
+from igdrec import config as cfg
 from igdrec import metrics as M
 from igdrec import schema
 from igdrec.config import MetricsConfig
@@ -25,19 +27,20 @@ PER_SAMPLE = "per_sample.parquet"
 
 def run(config: MetricsConfig, run_dir: RunDir, force: bool = False) -> dict:
     run = run_dir
-    if not config.ks or min(config.ks) < 1:
-        raise IgdrecError(f"--ks {config.ks}: cut-offs must be positive integers")
+    cfg.check(config)
     rerank_name = run.resolve_name("rerank", config.rerank, "--rerank")
-    rerank = run.require(f"rerank/{rerank_name}", hint=f"igdrec rerank --name {rerank_name}")
+    rerank = run.require(f"rerank/{rerank_name}", hint=f"igdrec rerank --decode DECODE --name {rerank_name}")
     decode_name = rerank["params"]["decode"]
-    decode = run.require(f"decode/{decode_name}", hint=f"igdrec decode --name {decode_name}")
+    decode = run.require(f"decode/{decode_name}", hint=f"igdrec decode --sft SFT --name {decode_name}")
     data = run.require("data", hint="igdrec preprocess")
     ig = run.require("ig", hint="igdrec build-ig-index")
     name = config.name or rerank_name
-    params = {"rerank": rerank_name, "ks": list(config.ks), "diversity_k": config.diversity_k}
+    config = dataclasses.replace(config, ks=cutoffs_within_lists(config.ks, list_length_bounds(rerank, decode)))
+    params = cfg.key_params(config) | {"rerank": rerank_name}
     inputs = {"rerank": rerank["fingerprint"], "decode": decode["fingerprint"], "data": data["fingerprint"], "ig": ig["fingerprint"]}
     with StageWriter(run, f"metrics/{name}", stage="metrics", params=params, inputs=inputs, force=force) as out:
         if out.cached:
+            out.report_cached()
             summary = json.loads(run.artifact(f"metrics/{name}", "metrics.json").read_text())
         else:
             summary, per_sample = evaluate(run, decode, rerank_name, config)
@@ -48,6 +51,31 @@ def run(config: MetricsConfig, run_dir: RunDir, force: bool = False) -> dict:
     write_json_atomic(run.stage_dir("metrics") / f"{name}.json", summary)
     _print_summary(name, summary, config.ks)
     return out.manifest
+
+
+def list_length_bounds(rerank: dict, decode: dict) -> dict[str, int]:
+    """What caps the length of a rerank's lists: the decode's beams and the rerank's top_k."""
+    bounds = {"decode num_beams": decode.get("params", {}).get("num_beams"), "rerank top_k": rerank.get("params", {}).get("top_k")}
+    return {what: value for what, value in bounds.items() if isinstance(value, int)}
+
+
+def cutoffs_within_lists(ks: list[int], bounds: dict[str, int]) -> list[int]:
+    """The cut-offs K that the lists can tell apart. A list holds at most min(bounds) items, so HR@K and
+    NDCG@K for a larger K would silently repeat the values at that length: such K are dropped, with a
+    note that names them and the bound (e.g. {"decode num_beams": 10})."""
+    if not bounds:
+        return list(ks)
+    what, longest = min(bounds.items(), key=lambda item: item[1])
+    kept = [k for k in ks if k <= longest]
+    dropped = [k for k in ks if k > longest]
+    if not kept:
+        raise IgdrecError(f"--ks {','.join(map(str, ks))}: every cut-off exceeds the {longest} items a list holds ({what} {longest})")
+    if dropped:
+        console.print(
+            f"[yellow]note:[/] dropped cut-off(s) {', '.join(map(str, dropped))}: lists hold at most {longest} items "
+            f"({what} {longest}), so @{dropped[0]} would repeat @{longest}"
+        )
+    return kept
 
 
 def evaluate(run: RunDir, decode: dict, rerank_name: str, config: MetricsConfig) -> tuple[dict, pl.DataFrame]:
@@ -119,9 +147,11 @@ def compare(names: list[str], run_dir: RunDir, bootstrap: int | None = None, see
     if len(names) != 2:
         raise IgdrecError(f"--compare needs exactly two metrics names, got {len(names)}: {' '.join(names)}")
     resamples = MetricsConfig.bootstrap if bootstrap is None else bootstrap
+    cfg.validate(cfg.option_named(MetricsConfig, "bootstrap"), resamples, "--bootstrap")
     frames = []
     for n in names:
-        run.require(f"metrics/{n}", hint=f"igdrec metrics --name {n}")
+        rerank_hint = f"--rerank {n}" if run.manifest(f"rerank/{n}") is not None else f"--rerank RERANK --name {n}"
+        run.require(f"metrics/{n}", hint=f"igdrec metrics {rerank_hint}")
         frames.append(schema.read(run.artifact(f"metrics/{n}", PER_SAMPLE), "per_sample_metrics").sort("sample_id"))
     a, b = frames
     if a["sample_id"].to_list() != b["sample_id"].to_list():

@@ -10,12 +10,15 @@ from datetime import datetime, timezone
 
 import polars as pl
 
+from igdrec import config as cfg
 from igdrec import schema, sources
+from igdrec.config import PreprocessConfig
 from igdrec.console import console, print_table
 from igdrec.errors import IgdrecError
 from igdrec.prompt import category_word
 from igdrec.rundir import RunDir, StageWriter
-from igdrec.sources.windows import SPLITS, build_windows, temporal_split
+from igdrec.sources.tables import require_title_lengths
+from igdrec.sources.windows import SPLITS, build_windows, require_nonempty_splits, temporal_split
 
 STAGE_PATH = "data"
 # Table order; the manifest stores stats with sorted keys, so a cached run restores this order.
@@ -27,18 +30,16 @@ STATS_ORDER = (
 )
 
 
-def run(config, run_dir: RunDir, force: bool = False) -> dict:
+def run(config: PreprocessConfig, run_dir: RunDir, force: bool = False) -> dict:
+    cfg.check(config)
     source = sources.get(config.source)
-    if config.history_len < 1:
-        raise IgdrecError(f"--history-len must be at least 1, got {config.history_len}")
     word = config.category_word or category_word(config.source, config.category)
-    params = {"source": config.source, "category_word": word, **source.params(config)}
-    if config.source != "d3-csv":  # d3-csv keeps the histories it is given
-        params["history_len"] = config.history_len
+    # Options of other sources are inert (config.py `only=`); input files enter by content, not by path.
+    params = cfg.key_params(config) | {"category_word": word}
     inputs = source.input_files(config)
     with StageWriter(run_dir, STAGE_PATH, stage="preprocess", params=params, inputs=inputs, force=force) as out:
         if out.cached:
-            console.print(f"preprocess: cached ({run_dir.stage_dir(STAGE_PATH)})")
+            out.report_cached()
             show_stats(out.manifest["stats"])
             return out.manifest
         dataset = source.load(config)
@@ -48,6 +49,8 @@ def run(config, run_dir: RunDir, force: bool = False) -> dict:
             if windows.height == 0:
                 raise IgdrecError(f"{config.source}: no user has two interactions, so there is nothing to predict")
             splits = temporal_split(windows)
+        require_nonempty_splits(splits, config.source, given=dataset.splits is not None)
+        require_title_lengths(dataset.items, config.max_title_chars, config.source)
         items = schema.conform(dataset.items, "items")
         items.write_parquet(out.path("items.parquet"))
         out.rows["items"] = items.height

@@ -1,7 +1,8 @@
 """Stage `sft`: fine-tune the LLM to write the next item's title, with plain, Pos, CFT or IGD token weights.
 
-Reads <run>/data (items, train, valid) and, when present, <run>/ig (per-sample zero-IG flags: required by
-IGD, used by every scheme to log the CE of zero-IG vs positive-IG tokens). Writes <run>/sft/<name>/:
+Reads <run>/data (items, train, valid) and, when present, <run>/ig (per-sample zero-IG flags and IG values:
+the flags are required by IGD; every scheme uses both to log the CE of zero-, low- and high-IG target tokens,
+split at `ig_group_threshold`, by default the median positive IG of the training targets used). Writes <run>/sft/<name>/:
 `model/` (Hugging Face format: full weights, or the LoRA adapter naming its base model, plus the tokenizer),
 `train_log.parquet` and `stage.json`. Under `torchrun --nproc_per_node=N` it trains data-parallel; only rank
 0 writes.
@@ -14,7 +15,6 @@ for the logs of plain/Pos/CFT runs too.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import shutil
 from pathlib import Path
 
@@ -23,17 +23,14 @@ import polars as pl
 import torch
 from rich.progress import TextColumn
 
-from igdrec import schema, training, weighting
+from igdrec import schema, training
+from igdrec import config as cfg
 from igdrec.config import SFTConfig
 from igdrec.console import console, err_console, print_table, progress_bar
 from igdrec.errors import IgdrecError
 from igdrec.modeling import load_model, load_tokenizer, require_same_tokenizer, resolve_model_path
 from igdrec.prompt import item_token_sequences
 from igdrec.rundir import RunDir, StageWriter
-
-# Settings that change how the run is carried out, not what it computes: kept out of the cache key.
-_RUN_SETTINGS = ("name", "resume", "device", "log_every", "save_every")
-
 
 def default_name(config: SFTConfig) -> str:
     if config.weighting == "plain":
@@ -45,35 +42,6 @@ def default_name(config: SFTConfig) -> str:
     if config.sample is not None:
         name += f"-s{config.sample}"
     return name
-
-
-def check_config(config: SFTConfig) -> None:
-    if config.weighting not in weighting.SCHEMES:
-        raise IgdrecError(f"--weighting {config.weighting!r}: expected one of {', '.join(weighting.SCHEMES)}")
-    if not 0.0 <= config.beta <= 1.0:
-        raise IgdrecError(f"--beta {config.beta}: must lie in [0, 1]")
-    if config.alpha != 0.0 and config.weighting != "cft":
-        raise IgdrecError(f"--alpha {config.alpha}: only the cft weighting has a causal loss (use --weighting cft)")
-    if config.alpha < 0:
-        raise IgdrecError(f"--alpha {config.alpha}: must be ≥ 0")
-    for option in ("batch_size", "micro_batch_size", "epochs", "cutoff_len"):
-        if getattr(config, option) < 1:
-            raise IgdrecError(f"--{option.replace('_', '-')} {getattr(config, option)}: must be ≥ 1")
-    if config.sample is not None and config.sample < 1:
-        raise IgdrecError(f"--sample {config.sample}: must be ≥ 1")
-
-
-def key_params(config: SFTConfig) -> dict:
-    """The parameters that determine the result; Pos/CFT/IGD-only ones are dropped where they are inert."""
-    params = {k: v for k, v in dataclasses.asdict(config).items() if k not in _RUN_SETTINGS}
-    if config.weighting == "plain":
-        params.pop("beta")
-    if config.weighting != "cft":
-        params.pop("alpha")
-    if not config.lora:
-        for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"):
-            params.pop(k)
-    return params
 
 
 def select_rows(n: int, size: int | None, seed: int) -> np.ndarray:
@@ -98,15 +66,16 @@ def ig_index_usable(run: RunDir, config: SFTConfig, tokenizer) -> dict | None:
     return manifest
 
 
-def load_zero_ig(path: Path, sample_ids: np.ndarray, item_ids: np.ndarray, lengths: np.ndarray, allow_outside: bool) -> list[np.ndarray | None]:
-    """Zero-IG flags of the given samples, checked against their target item and its token count.
+def load_sample_ig(path: Path, sample_ids: np.ndarray, item_ids: np.ndarray, lengths: np.ndarray, allow_outside: bool) -> tuple[list[np.ndarray | None], list[np.ndarray | None]]:
+    """Zero-IG flags and IG values of the given samples' target tokens, checked against their target item
+    and its token count.
 
     The index has null lists for targets outside its catalog (`--catalog train`); with `allow_outside`
     (validation) such a sample gets None (unknown flags), otherwise it is an error.
     """
     if not path.exists():
         raise IgdrecError(f"{path}: missing from the IG index; rebuild it with `igdrec build-ig-index --force`")
-    ig = schema.read(path, "sample_ig").select("sample_id", pl.col("item_id").alias("ig_item_id"), "zero_ig")
+    ig = schema.read(path, "sample_ig").select("sample_id", pl.col("item_id").alias("ig_item_id"), "zero_ig", "ig")
     wanted = pl.DataFrame({"sample_id": sample_ids, "item_id": item_ids, "n": lengths[item_ids]})
     joined = wanted.join(ig, on="sample_id", how="left", maintain_order="left")
     missing = joined.filter(pl.col("ig_item_id").is_null())
@@ -129,23 +98,36 @@ def load_zero_ig(path: Path, sample_ids: np.ndarray, item_ids: np.ndarray, lengt
             f"{path}: sample_id {r['sample_id']}: {len(r['zero_ig'])} IG values for a target of {r['n']} tokens; "
             "the index was built with another tokenization"
         )
-    return [None if flags is None else np.asarray(flags, dtype=bool) for flags in joined["zero_ig"].to_list()]
+    flags = [None if f is None else np.asarray(f, dtype=bool) for f in joined["zero_ig"].to_list()]
+    values = [None if v is None else np.asarray(v, dtype=np.float64) for v in joined["ig"].to_list()]
+    return flags, values
 
 
-def split_examples(run: RunDir, split: str, size: int | None, config: SFTConfig, tokenizer, titles, item_seqs, category, ig_manifest) -> training.SFTExamples:
-    """A seeded subset of `size` samples of the split (all if None), ready for collation."""
+def median_positive_ig(zero_ig: list[np.ndarray | None], ig: list[np.ndarray | None]) -> float | None:
+    """The default IG-group threshold: the median IG over all positive-IG target tokens of the samples."""
+    positive = [v[~z] for z, v in zip(zero_ig, ig) if z is not None]
+    values = np.concatenate(positive) if positive else np.empty(0)
+    return float(np.median(values)) if values.size else None
+
+
+def split_examples(run: RunDir, split: str, size: int | None, config: SFTConfig, tokenizer, titles, item_seqs, category, ig_manifest,
+                   ig_group_threshold: float | None = None) -> training.SFTExamples:
+    """A seeded subset of `size` samples of the split (all if None), ready for collation. The IG-group
+    threshold defaults to `config.ig_group_threshold`, else to the median positive IG of these samples."""
     samples = schema.read(run.artifact("data", f"{split}.parquet"), "samples").sort("sample_id")
     samples = samples[select_rows(samples.height, size, config.seed)]
     bad = samples.filter((pl.col("item_id") < 0) | (pl.col("item_id") >= len(titles)))
     if bad.height:
         raise IgdrecError(f"{run.artifact('data', f'{split}.parquet')}: sample_id {bad['sample_id'][0]}: target item {bad['item_id'][0]} is not in items.parquet")
-    zero_ig = None
+    zero_ig = ig = None
     if ig_manifest is not None:
         lengths = np.array([len(s) for s in item_seqs])
-        zero_ig = load_zero_ig(
+        zero_ig, ig = load_sample_ig(
             run.artifact("ig", f"sample_ig_{split}.parquet"), samples["sample_id"].to_numpy(), samples["item_id"].to_numpy(),
             lengths, allow_outside=split != "train",
         )
+        if ig_group_threshold is None:
+            ig_group_threshold = config.ig_group_threshold if config.ig_group_threshold is not None else median_positive_ig(zero_ig, ig)
     return training.SFTExamples(
         tokenizer,
         histories=samples["history_item_ids"].to_list(),
@@ -158,10 +140,13 @@ def split_examples(run: RunDir, split: str, size: int | None, config: SFTConfig,
         cutoff_len=config.cutoff_len,
         zero_ig=zero_ig,
         with_reference=config.weighting == "cft" and config.alpha != 0.0,
+        ig=ig,
+        ig_group_threshold=ig_group_threshold,
     )
 
 
-def prepare_model(config: SFTConfig, device):
+def prepare_model(config: SFTConfig, device, precision: training.Precision | None = None):
+    """The model to fine-tune, its weights (LoRA adapters included) in the precision's parameter dtype."""
     base_path = resolve_model_path(config.model)
     if (Path(base_path) / "adapter_config.json").exists():
         raise IgdrecError(f"{base_path}: is a LoRA adapter; merge it into its base model before fine-tuning it again")
@@ -180,12 +165,18 @@ def prepare_model(config: SFTConfig, device):
             raise IgdrecError(f"--lora-target-modules {','.join(config.lora_target_modules)}: {exc}") from exc
         # The adapter must name the checkpoint it was trained on, so `load_model(<sft>/model)` finds it.
         model.peft_config["default"].base_model_name_or_path = base_path
+    if precision is not None and precision.param_dtype != torch.float32:
+        model = model.to(precision.param_dtype)
     return model
 
 
 def run(config: SFTConfig, run_dir: RunDir, force: bool = False) -> dict:
-    check_config(config)
+    cfg.check(config)
     world, device = training.init_distributed(config.device)
+    try:
+        precision = training.resolve_precision(config.precision, device)
+    except ValueError as exc:
+        raise IgdrecError(f"--precision {config.precision}: {exc}") from exc
     data_manifest = run_dir.require("data", hint="igdrec preprocess")
     category = data_manifest["stats"]["category_word"]
     tokenizer = load_tokenizer(config.model)
@@ -195,10 +186,10 @@ def run(config: SFTConfig, run_dir: RunDir, force: bool = False) -> dict:
     inputs = {"data": data_manifest["fingerprint"]}
     if ig_manifest is not None:
         inputs["ig"] = ig_manifest["fingerprint"]
-    writer = StageWriter(run_dir, f"sft/{name}", stage="sft", params=key_params(config), inputs=inputs, force=force, resumable=True)
+    writer = StageWriter(run_dir, f"sft/{name}", stage="sft", params=cfg.key_params(config), inputs=inputs, force=force, resumable=True)
     if writer.cached:
         if world.is_main:
-            console.print(f"sft/{name}: cached ({writer.final_dir})")
+            writer.report_cached()
         return writer.manifest
     checkpoint_dir = writer.partial_dir / "checkpoint"
     found = training.checkpoint_step(checkpoint_dir) if not force else None
@@ -220,14 +211,19 @@ def run(config: SFTConfig, run_dir: RunDir, force: bool = False) -> dict:
         raise IgdrecError(f"{run_dir.artifact('data', 'train.parquet')}: no training samples")
     valid_data = None
     if config.valid_sample != 0 and run_dir.artifact("data", "valid.parquet").exists():
-        valid_data = split_examples(run_dir, "valid", config.valid_sample, config, tokenizer, titles, item_seqs, category, ig_manifest)
+        # validation groups its tokens at the training threshold, so both splits' curves are comparable
+        valid_data = split_examples(run_dir, "valid", config.valid_sample, config, tokenizer, titles, item_seqs, category, ig_manifest,
+                                    ig_group_threshold=train_data.ig_group_threshold)
 
-    model = prepare_model(config, device)
+    model = prepare_model(config, device, precision)
+    if config.compile:
+        training.compile_blocks(model)
     settings = training.TrainSettings(
         batch_size=config.batch_size, micro_batch_size=config.micro_batch_size, epochs=config.epochs,
         max_steps=config.max_steps, lr=config.lr, warmup_steps=config.warmup_steps, min_lr_ratio=config.min_lr_ratio,
         weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, seed=config.seed,
         log_every=config.log_every, save_every=config.save_every, patience=config.patience,
+        autocast=precision.autocast, length_grouping=config.length_grouping, share_prefix=config.share_prefix,
     )
     publish = writer if world.is_main else contextlib.nullcontext(writer)
     with publish as out:
@@ -250,6 +246,10 @@ def run(config: SFTConfig, run_dir: RunDir, force: bool = False) -> dict:
             out.rows["train_log"] = len(result.log)
             out.stats = summary(config, result, len(train_data), 0 if valid_data is None else len(valid_data), world, device)
             out.stats["zero_ig_logged"] = ig_manifest is not None
+            out.stats["ig_group_threshold"] = train_data.ig_group_threshold
+            out.stats["ig_group_threshold_source"] = None if train_data.ig_group_threshold is None else ("config" if config.ig_group_threshold is not None else "median positive IG of the training targets")
+            out.stats["precision"] = precision.name
+            out.stats.update(utilisation(model, result, device, world))
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
     world.barrier()
     manifest = writer.manifest if world.is_main else run_dir.manifest(f"sft/{name}")
@@ -268,6 +268,23 @@ def _mean(rows: list[dict], split: str, key: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+IG_GROUP_COLUMNS = ("ce_zero_ig", "ce_low_ig", "ce_high_ig", "ce_positive_ig")
+
+
+def utilisation(model, result: training.TrainResult, device, world) -> dict:
+    """Tokens the model computed per second and, on CUDA, model-FLOPs utilisation: the training FLOPs of
+    `training.model_flops` over the training seconds and the device's bf16 matmul rate (measured here)."""
+    seconds = sum(r["seconds"] for r in result.log if r["split"] == "train")
+    tokens = result.computed_tokens * world.size  # ranks see equal shares
+    stats = {"computed_tokens": tokens, "computed_tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None}
+    peak = training.measure_peak_flops(device)
+    if peak is not None and seconds > 0:
+        flops = training.model_flops(model, result.computed_tokens, result.attention_flops) * world.size
+        stats.update({"model_tflops_per_second": round(flops / seconds / 1e12 / world.size, 2),
+                      "peak_bf16_tflops": round(peak / 1e12, 1), "mfu": round(flops / seconds / world.size / peak, 4)})
+    return stats
+
+
 def summary(config: SFTConfig, result: training.TrainResult, n_train: int, n_valid: int, world, device) -> dict:
     train_rows = [r for r in result.log if r["split"] == "train"]
     valid_rows = [r for r in result.log if r["split"] == "valid"]
@@ -283,12 +300,11 @@ def summary(config: SFTConfig, result: training.TrainResult, n_train: int, n_val
         "train_seconds": round(seconds, 2),
         "target_tokens_per_second": round(result.train_tokens / seconds, 1) if seconds > 0 else None,
         "final_train_loss": train_rows[-1]["loss"] if train_rows else None,
-        "train_ce_zero_ig": _mean(train_rows[-max(1, len(train_rows) // 10):], "train", "ce_zero_ig"),
-        "train_ce_positive_ig": _mean(train_rows[-max(1, len(train_rows) // 10):], "train", "ce_positive_ig"),
+        # CE by IG group: the mean over the last tenth of the train rows, and the last validation
+        **{f"train_{k}": _mean(train_rows[-max(1, len(train_rows) // 10):], "train", k) for k in IG_GROUP_COLUMNS},
         "best_valid_loss": result.best_valid_loss,
         "best_step": result.best_step,
-        "valid_ce_zero_ig": last_valid.get("ce_zero_ig"),
-        "valid_ce_positive_ig": last_valid.get("ce_positive_ig"),
+        **{f"valid_{k}": last_valid.get(k) for k in IG_GROUP_COLUMNS},
         "world_size": world.size,
         "device": str(device),
         "save_every": config.save_every,

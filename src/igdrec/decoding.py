@@ -1,0 +1,382 @@
+"""Decoding library: a run's model and catalog, prompts from histories, beam search, hypotheses → items.
+
+The `decode` stage, `igdrec recommend` and the Python API (`igdrec.api.Recommender`) all go through a
+`Decoder`, so a recommendation for a test sample's history is exactly that sample's decode output
+(docs/method.md §6 for the search itself, §3 for the prompt).
+
+    decoder = Decoder.from_run("runs/x", sft="demo-igd", alpha=0.2)
+    prompt_ids, kept = decoder.prompt([12, 7, 301])          # history item ids, oldest first
+    hypotheses = decoder.search([prompt_ids])               # batched BeamSearch
+    items = decoder.items(hypotheses[0])                     # DecodedItem per hypothesis, best first
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import polars as pl
+
+from igdrec import config as cfg
+from igdrec import prompt, schema
+from igdrec.config import DecodeConfig
+from igdrec.errors import IgdrecError
+from igdrec.ig import CatalogTrie
+from igdrec.rundir import RunDir
+
+CPU_BATCH_SIZE = 8  # measured fastest on 2 CPU cores (bench/bench_decode.py)
+MAX_AUTO_BATCH_SIZE = 256  # beyond this a GPU gains little per sample (measured up to 256 on an H200)
+AUTO_MEMORY_SHARE = 0.8  # of the free GPU memory: the allocator's fragmentation and CUDA workspaces need the rest
+
+
+# --------------------------------------------------------------------------- which model
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """The model a decode uses: a fine-tune of this run (`--sft NAME`) or any model (`--model SPEC`)."""
+
+    label: str  # short name used in default decode names
+    spec: str  # what `load_model` / `load_tokenizer` take
+    sft: str | None  # the fine-tune's name, when it is one of this run's
+    inputs: dict  # fingerprints of upstream stages the result depends on
+    key: dict  # parameters that identify the model in a cache key: never a path into the run directory
+
+
+def resolve_source(run: RunDir, sft: str | None, model: str | None) -> ModelSource:
+    """--sft NAME or --model SPEC (the only fine-tune of the run when neither is given).
+
+    A fine-tune is identified by its output fingerprint (in `inputs`) and its name, not by where the run
+    directory lies, so `--run-dir runs/x` and `--run-dir /abs/runs/x` (or a moved run) share a cache key.
+    """
+    if sft and model:
+        raise IgdrecError("pass either --sft NAME or --model SPEC, not both")
+    if sft is None and model is None:
+        sft = run.resolve_name("sft", None, "--sft (or --model)")
+    if sft is not None:
+        manifest = run.require(f"sft/{sft}", hint=f"igdrec sft --name {sft}")
+        spec = str(run.stage_dir(f"sft/{sft}") / "model")
+        return ModelSource(label=sft, spec=spec, sft=sft, inputs={"sft": manifest["fingerprint"]}, key={"sft": sft})
+    label = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model.rstrip("/")).name) or "model"
+    local = Path(model).expanduser()
+    # A local directory is keyed by its absolute path so that two spellings of it are one decode.
+    key_model = str(local.resolve()) if local.exists() else model
+    return ModelSource(label=label, spec=model, sft=None, inputs={}, key={"model": key_model})
+
+
+def decode_model_spec(run: RunDir, manifest: dict) -> str:
+    """The model a finished decode used (for stages that need it again, e.g. rerank's grounding)."""
+    params = manifest["params"]
+    if params.get("sft"):
+        return str(run.stage_dir(f"sft/{params['sft']}") / "model")
+    return params["model"]
+
+
+# --------------------------------------------------------------------------- the catalog
+
+
+@dataclass
+class Catalog:
+    """A run's items, its catalog trie and the prompt's category word."""
+
+    items: pl.DataFrame
+    trie: CatalogTrie
+    category: str
+    history_len: int | None = None  # most recent items preprocess kept per history (None: not limited)
+    titles: dict[int, str] = field(init=False)
+    leaf_group: dict[int, int] = field(init=False)  # trie leaf node -> title group (smallest item id)
+    group_of: dict[int, int] = field(init=False)  # item id in the trie -> its title group
+    stripped_title_group: dict[str, int] = field(init=False)  # generated text -> title group
+
+    def __post_init__(self) -> None:
+        self.titles = dict(zip(self.items["item_id"].to_list(), self.items["title"].to_list()))
+        self.leaf_group = dict(zip(self.trie.item_leaf.tolist(), self.trie.item_title_group.tolist()))
+        self.group_of = dict(zip(self.trie.item_ids.tolist(), self.trie.item_title_group.tolist()))
+        self.stripped_title_group = {}
+        for item_id in sorted(self.titles):
+            self.stripped_title_group.setdefault(self.titles[item_id].strip(), item_id)
+
+    @classmethod
+    def load(cls, run: RunDir) -> "Catalog":
+        data = run.require("data", hint="igdrec preprocess")
+        run.require("ig", hint="igdrec build-ig-index")
+        items = schema.read(run.artifact("data", "items.parquet"), "items")
+        trie = CatalogTrie.load(run.artifact("ig", "trie_nodes.parquet"), run.artifact("ig", "item_paths.parquet"))
+        category = data.get("stats", {}).get("category_word") or prompt.DEFAULT_CATEGORY_WORD
+        return cls(items=items, trie=trie, category=category, history_len=data.get("params", {}).get("history_len"))
+
+
+def check_same_tokens(tokenizer, catalog: Catalog, where: Path) -> None:
+    """Refuse a model whose tokenizer writes the catalog with other tokens than the IG index has."""
+    trie = catalog.trie
+    ids = trie.item_ids.tolist()
+    sequences = prompt.item_token_sequences(tokenizer, [catalog.titles.get(i, "") for i in ids])
+    for row, (item_id, expected) in enumerate(zip(ids, sequences)):
+        stored = trie.token[trie.item_path_nodes[trie.item_path_ptr[row]:trie.item_path_ptr[row + 1]]].tolist()
+        if stored != expected:
+            raise IgdrecError(
+                f"{where}: item {item_id}: the IG index was built with another tokenizer than the decoding "
+                f"model's (tokens {stored[:6]}… vs {expected[:6]}…); rebuild it with igdrec build-ig-index --model <that model>"
+            )
+
+
+# --------------------------------------------------------------------------- hypotheses -> items
+
+
+@dataclass
+class DecodedItem:
+    """One finished hypothesis as a catalog item (item_id None: free text that is no catalog title)."""
+
+    item_id: int | None
+    title: str | None
+    score: float
+    tokens: list[int]
+    step_logprobs: list[float]
+    prefix_entropy: list[float]
+
+
+def hypothesis_items(hypotheses, catalog: Catalog, tokenizer, eos_token_id: int) -> list[DecodedItem]:
+    """Map a prompt's hypotheses (best first) to catalog items: the title group of the trie leaf a
+    constrained hypothesis ended on, or, unconstrained, the catalog title its text spells if any."""
+    out = []
+    for hyp in hypotheses:
+        if hyp.nodes and hyp.nodes[-1] >= 0:
+            item_id = catalog.leaf_group.get(hyp.nodes[-1])
+            title = catalog.titles.get(item_id)
+            prefix_entropy = catalog.trie.entropy[np.asarray(hyp.nodes)].tolist()
+        else:
+            title = tokenizer.decode([t for t in hyp.tokens if t != eos_token_id], skip_special_tokens=True).strip()
+            item_id = catalog.stripped_title_group.get(title)
+            prefix_entropy = [float("nan")] * len(hyp.tokens)
+        out.append(DecodedItem(item_id, title, hyp.score, hyp.tokens, hyp.step_logprobs, prefix_entropy))
+    return out
+
+
+def beams_frame(sample_ids: Sequence[int], decoded: Sequence[Sequence[DecodedItem]]) -> pl.DataFrame:
+    """The `beams` artifact rows: one per decoded item, ranked in hypothesis order."""
+    rows = {c: [] for c in schema.BEAMS}
+    for sample_id, items in zip(sample_ids, decoded):
+        for rank, item in enumerate(items):
+            rows["sample_id"].append(sample_id)
+            rows["rank"].append(rank)
+            rows["item_id"].append(item.item_id)
+            rows["title"].append(item.title)
+            rows["score"].append(item.score)
+            rows["tokens"].append(item.tokens)
+            rows["step_logprobs"].append(item.step_logprobs)
+            rows["prefix_entropy"].append(item.prefix_entropy)
+    return schema.conform(pl.DataFrame(rows, schema=schema.BEAMS), "beams")
+
+
+# --------------------------------------------------------------------------- the text-free assistant (D3)
+
+
+def assistant_probs_path(run: RunDir, baseline: str, split: str) -> Path:
+    return run.artifact(f"baseline/{baseline}", f"probs_{split}.parquet")
+
+
+def load_assistant_probs(run: RunDir, baseline: str, split: str, sample_ids: Sequence[int], trie: CatalogTrie) -> np.ndarray:
+    """A baseline's next-item probabilities for `sample_ids` (rows, in that order), with columns aligned
+    with `trie.item_ids`: what `BeamSearch.search(assistant_probs=...)` takes (docs/method.md §6, D3).
+
+    The artifact holds, per sample, a probability for every item id (list position = item id)."""
+    path = assistant_probs_path(run, baseline, split)
+    try:
+        frame = pl.read_parquet(path, columns=["sample_id", "probs"])
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise IgdrecError(f"{path}: cannot read the assistant's probabilities ({exc}); run the baseline {baseline!r} first") from exc
+    position = dict(zip(frame["sample_id"].to_list(), range(frame.height)))
+    missing = [s for s in sample_ids if s not in position]
+    if missing:
+        raise IgdrecError(f"{path}: no probabilities for {split} sample_id {missing[0]} ({len(missing)} missing)")
+    rows = frame["probs"].gather([position[s] for s in sample_ids])
+    widths = rows.list.len()
+    needed = int(trie.item_ids.max()) + 1 if len(trie.item_ids) else 0
+    if rows.len() and int(widths.min()) < needed:
+        raise IgdrecError(f"{path}: rows hold {int(widths.min())} probabilities, the catalog needs one per item id up to {needed - 1}")
+    if not rows.len():
+        return np.zeros((0, len(trie.item_ids)), dtype=np.float32)
+    matrix = np.stack([np.asarray(r, dtype=np.float32)[:needed] for r in rows.to_list()])
+    return matrix[:, trie.item_ids]
+
+
+# --------------------------------------------------------------------------- batch size
+
+
+def parse_batch_size(value) -> int | None:
+    """An int ≥ 1, or None for "auto"."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return None
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise IgdrecError(f"--batch-size {value!r}: expected a positive integer or auto")
+
+
+def sample_memory_bytes(model_config, num_beams: int, prompt_len: int, new_tokens: int, dtype_bytes: int) -> int:
+    """Peak GPU memory one sample of a decode batch needs, from the model's shape.
+
+    Terms: the KV cache (the prompt's cache is copied to each beam, and grows by up to `new_tokens`);
+    the prefill's per-layer activations, and the widest step's logits: a jump-forward pass returns
+    logits for every beam and every fed token (at most `new_tokens`), which the search turns into fp32
+    log-probabilities (two fp32 copies). The estimate takes the worst case of each term.
+    """
+    layers = model_config.num_hidden_layers
+    heads = model_config.num_attention_heads
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    hidden = model_config.hidden_size
+    head_dim = getattr(model_config, "head_dim", None) or hidden // heads
+    intermediate = getattr(model_config, "intermediate_size", None) or 4 * hidden
+    vocab = model_config.vocab_size
+    kv_cache = 2 * layers * kv_heads * head_dim * dtype_bytes * (num_beams + 1) * (prompt_len + new_tokens)
+    prefill = prompt_len * (6 * hidden + 3 * intermediate) * dtype_bytes
+    step_logits = num_beams * (new_tokens + 1) * vocab * (dtype_bytes + 8)
+    return kv_cache + max(prefill, step_logits)
+
+
+def auto_batch_size(model_config, num_beams: int, prompt_len: int, new_tokens: int, dtype_bytes: int, free_bytes: int) -> int:
+    """The most samples per batch whose estimated peak memory fits into a share of `free_bytes`
+    (at least 1, at most MAX_AUTO_BATCH_SIZE, a multiple of 8 from 8 on)."""
+    per_sample = sample_memory_bytes(model_config, num_beams, prompt_len, new_tokens, dtype_bytes)
+    fits = int(free_bytes * AUTO_MEMORY_SHARE // per_sample)
+    batch = min(max(fits, 1), MAX_AUTO_BATCH_SIZE)
+    return batch - batch % 8 if batch >= 8 else batch
+
+
+# --------------------------------------------------------------------------- the decoder
+
+
+class Decoder:
+    """A loaded model + catalog + beam search with a decode configuration's settings."""
+
+    def __init__(self, model, tokenizer, catalog: Catalog, config: DecodeConfig, source: ModelSource | None = None):
+        from igdrec.beam import BeamSearch, TrieTensors
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.catalog = catalog
+        self.config = config
+        self.source = source
+        self.device = next(model.parameters()).device
+        self.fixed_batch_size = parse_batch_size(config.batch_size)
+        self.last_batch_size: int | None = None
+        self.engine = BeamSearch(
+            model=model,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            num_beams=config.num_beams,
+            length_penalty=config.length_penalty,
+            alpha=config.alpha,
+            trie=TrieTensors.from_trie(catalog.trie, self.device) if config.constrained else None,
+            max_new_tokens=config.max_new_tokens or catalog.trie.max_depth,
+            jump_forward=config.jump_forward,
+            jump_fill=config.jump_fill,
+            autocast_dtype=None,  # the weights are already in the compute dtype (modeling.inference_dtype)
+            tfa_guidance=config.tfa_guidance,
+            self_check=True,  # once per decoder: a KV cache the model ignores fails loudly (docs/method.md §6.1)
+        )
+
+    @classmethod
+    def from_run(cls, run_dir: RunDir | str | Path, config: DecodeConfig | None = None, **options) -> "Decoder":
+        """Load the model (`sft=NAME` or `model=SPEC`) and catalog of a run; `options` override `config`'s
+        fields (None leaves a field as it is)."""
+        from igdrec.modeling import inference_dtype, load_model, load_tokenizer, pick_device
+
+        run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(DecodeConfig)})
+        if unknown:
+            raise TypeError(f"unknown decode option(s): {', '.join(unknown)}")
+        config = dataclasses.replace(config or DecodeConfig(), **{k: v for k, v in options.items() if v is not None})
+        validate(config)
+        catalog = Catalog.load(run)
+        source = resolve_source(run, config.sft, config.model)
+        tokenizer = load_tokenizer(source.spec)
+        check_same_tokens(tokenizer, catalog, run.artifact("ig", "item_paths.parquet"))
+        device = pick_device(config.device)
+        model = load_model(source.spec, device=device, dtype=inference_dtype(device), merge_adapter=True)
+        return cls(model, tokenizer, catalog, config, source)
+
+    # --- prompts
+
+    def prompt(self, history_item_ids: Sequence[int]) -> tuple[list[int], int]:
+        """Prompt ids of a history (item ids, oldest first) and how many of its most recent items it holds.
+
+        As in training: at most the `history_len` most recent items preprocess kept, then the oldest
+        titles dropped until the prompt fits into `cutoff_len` tokens (prompt.encode_prompt).
+        """
+        history = list(history_item_ids)
+        if self.catalog.history_len is not None:
+            history = history[-self.catalog.history_len:]
+        titles = [self.catalog.titles.get(i, "") for i in history]
+        return prompt.encode_prompt(self.tokenizer, titles, self.catalog.category, self.config.cutoff_len)
+
+    # --- search
+
+    def batch_size(self, prompt_len: int, num_beams: int | None = None) -> int:
+        """--batch-size, or with auto: CPU_BATCH_SIZE on CPU, and on CUDA the most samples that fit
+        into the free memory (auto_batch_size)."""
+        if self.fixed_batch_size is not None:
+            return self.fixed_batch_size
+        if self.device.type != "cuda":
+            return CPU_BATCH_SIZE
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(self.device)
+        dtype_bytes = next(self.model.parameters()).element_size()
+        return auto_batch_size(self.model.config, num_beams or self.engine.num_beams, prompt_len,
+                               self.engine.max_new_tokens, dtype_bytes, free)
+
+    def search(self, prompts: Sequence[Sequence[int]], num_beams: int | None = None, assistant_probs: np.ndarray | None = None,
+               advance: Callable[[int], None] | None = None) -> list[list]:
+        """Beam search of every prompt (hypotheses best first), in batches of prompts of similar length.
+
+        `assistant_probs`: a text-free assistant's probabilities, one row per prompt, columns aligned with
+        `catalog.trie.item_ids` (D3, docs/method.md §6). Results do not depend on the batching.
+        """
+        engine = self.engine if num_beams in (None, self.engine.num_beams) else dataclasses.replace(self.engine, num_beams=num_beams)
+        extra = {}
+        if assistant_probs is not None:
+            if "assistant_probs" not in inspect.signature(engine.search).parameters:
+                raise IgdrecError("--tfa: this version's beam search cannot take a text-free assistant during the search")
+            extra = {"assistant_probs": np.asarray(assistant_probs)}
+        if not prompts:
+            return []
+        batch_size = self.batch_size(max(len(p) for p in prompts), engine.num_beams)
+        self.last_batch_size = batch_size
+        # Similar lengths in one batch waste less compute on padding.
+        order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+        hypotheses: list = [None] * len(prompts)
+        for begin in range(0, len(order), batch_size):
+            chunk = order[begin:begin + batch_size]
+            batch_extra = {k: v[chunk] for k, v in extra.items()}
+            for i, hyps in zip(chunk, engine.search([list(prompts[i]) for i in chunk], **batch_extra)):
+                hypotheses[i] = hyps
+            if advance is not None:
+                advance(len(chunk))
+        return hypotheses
+
+    def items(self, hypotheses) -> list[DecodedItem]:
+        return hypothesis_items(hypotheses, self.catalog, self.tokenizer, self.engine.eos_token_id)
+
+    def decode_samples(self, samples: pl.DataFrame, assistant_probs: np.ndarray | None = None,
+                       advance: Callable[[int], None] | None = None) -> pl.DataFrame:
+        """`beams` rows for samples (sample_id, history_item_ids): what the decode stage writes.
+        `assistant_probs`: one row per sample (load_assistant_probs)."""
+        prompts = [self.prompt(history)[0] for history in samples["history_item_ids"].to_list()]
+        hypotheses = self.search(prompts, assistant_probs=assistant_probs, advance=advance)
+        return beams_frame(samples["sample_id"].to_list(), [self.items(h) for h in hypotheses])
+
+    @property
+    def stats(self):
+        return self.engine.stats
+
+
+def validate(config: DecodeConfig) -> None:
+    """One-line errors for decode settings that cannot work, before anything is loaded."""
+    cfg.check(config)
+    parse_batch_size(config.batch_size)
