@@ -24,7 +24,7 @@ from reference_decoder import dict_trie, reference_generate  # noqa: E402
 
 from igdrec import prompt, schema  # noqa: E402
 from igdrec.beam import BeamSearch, TrieTensors  # noqa: E402
-from igdrec.config import EMBEDDED_MODEL, DecodeConfig, IGIndexConfig, PreprocessConfig  # noqa: E402
+from igdrec.config import EMBEDDED_MODEL, IGIndexConfig, PreprocessConfig  # noqa: E402
 from igdrec.ig import CatalogTrie, build_catalog_trie  # noqa: E402
 from igdrec.modeling import autocast_dtype, load_model, load_tokenizer, pick_device  # noqa: E402
 from igdrec.rundir import RunDir  # noqa: E402
@@ -51,7 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run-dir", default="runs/bench-decode")
     parser.add_argument("--samples", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=DecodeConfig.batch_size)
+    parser.add_argument("--batch-size", type=int, default=8, help="Samples per batch (8: what decode's automatic batch picks on a CPU).")
     parser.add_argument("--num-beams", type=int, default=10)
     parser.add_argument("--alpha", type=float, default=0.2)
     parser.add_argument("--length-penalty", type=float, default=1.0)
