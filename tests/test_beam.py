@@ -122,7 +122,7 @@ def test_self_check_raises_when_the_model_ignores_the_cache(setup):
 def test_self_check_passes_once_and_changes_nothing(setup):
     tokenizer, model, trie, prompts = setup
     plain_passes = []
-    hook = model.register_forward_pre_hook(lambda _, args, kwargs: plain_passes.append(kwargs.get("cache") is None), with_kwargs=True)
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: plain_passes.append(kwargs.get("use_cache") is False), with_kwargs=True)
     try:
         checked, beam = search(setup, num_beams=4, alpha=0.2, self_check=True)
         assert plain_passes.count(True) == 1 and beam.cache_check_gap is not None

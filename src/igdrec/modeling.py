@@ -139,6 +139,15 @@ def kv_cache_kwargs(model, cache) -> dict:
     )
 
 
+def returned_cache(output):
+    """The KV cache a forward pass returned, under either of its names (see `kv_cache_kwargs`)."""
+    for name in _CACHE_KEYWORDS:
+        cache = getattr(output, name, None)
+        if cache is not None:
+            return cache
+    raise IgdrecError(f"the model's output ({type(output).__name__}) carries no KV cache; was use_cache=True passed?")
+
+
 def _wrapped_model(module):
     """The model a wrapper delegates to: PEFT's base model, DDP's `module`, torch.compile's original."""
     if hasattr(module, "get_base_model"):

@@ -41,7 +41,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from igdrec import weighting
-from igdrec.modeling import autocast_dtype, pick_device
+from igdrec.modeling import autocast_dtype, kv_cache_kwargs, pick_device, returned_cache
 from igdrec.prompt import encode_prompt, encode_sample
 from igdrec.rundir import atomic_write
 
@@ -250,7 +250,7 @@ def target_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
         return out.logits
     p = prefix_ids.shape[1]
     prefix_positions = torch.arange(p, device=input_ids.device)[None]
-    cache = model(input_ids=prefix_ids, position_ids=prefix_positions, logits_to_keep=1, use_cache=True).cache
+    cache = returned_cache(model(input_ids=prefix_ids, position_ids=prefix_positions, logits_to_keep=1, use_cache=True))
     cache.batch_repeat_interleave(rows)  # differentiable: the prefix's gradient sums over the rows
     # Dropping the first p columns of the padded layout removes the longest row's prefix; a shorter row keeps
     # its padding and its own prefix copy in front of its rest. Masking those columns like padding gives exactly
@@ -259,7 +259,8 @@ def target_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     position_ids = p - 1 + rest_mask.cumsum(-1)
     mask = torch.cat([attention_mask.new_ones(rows, p), rest_mask], dim=1)
     keep = torch.arange(width - p - m - 1, width - p - 1, device=input_ids.device)
-    out = model(input_ids=rest_ids, attention_mask=mask, position_ids=position_ids, cache=cache, logits_to_keep=keep, use_cache=True)
+    out = model(input_ids=rest_ids, attention_mask=mask, position_ids=position_ids, **kv_cache_kwargs(model, cache),
+                logits_to_keep=keep, use_cache=True)
     return out.logits
 
 
