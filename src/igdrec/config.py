@@ -219,11 +219,17 @@ class DecodeConfig:
     max_new_tokens: int | None = option(None, "Unconstrained: most tokens generated (default: the longest catalog title).", min=1)
     tfa: str | None = option(None, "D3 text-free assistant inside the search: a baseline of this run (<run>/baseline/NAME); "
                                    "docs/method.md §6.4.")
-    tfa_guidance: float = option(1.0, "D3 guidance g in g * (llm - tfa) + tfa.", only=lambda c: c.tfa is not None)
+    tfa_guidance: float = option(
+        0.5, "D3 guidance g in g * (llm - tfa) + tfa = g * llm + (1 - g) * tfa: 0 = the assistant alone; 1 would "
+        "cancel the assistant, so it is refused (docs/method.md §6.4).", min=0.0, max=1.0,
+        only=lambda c: c.tfa is not None)
 
     def cross_check(self) -> None:
         if self.tfa is not None and not self.constrained:
             raise IgdrecError("--tfa scores catalog items: it needs a constrained search (drop --unconstrained)")
+        if self.tfa is not None and self.tfa_guidance == 1.0:
+            raise IgdrecError(f"--tfa-guidance 1 with --tfa {self.tfa}: g * (llm - tfa) + tfa = llm, the assistant would "
+                              "change nothing; choose g in [0, 1)")
 
 
 @dataclass

@@ -181,7 +181,7 @@ def load_grid(path: str | Path, run_root: str | Path | None = None) -> GridConfi
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise IgdrecError(f"{path}:rows: unknown row {row!r}{hint}; known: {', '.join(ROWS)}")
     return GridConfig(path, str(raw.get("scale", path.stem)), root, datasets, selection, rows, explicit,
-                      float(raw.get("tfa_guidance", 1.0)), _mapping(raw.get("cost"), f"{path}:cost"), raw)
+                      float(raw.get("tfa_guidance", 0.5)), _mapping(raw.get("cost"), f"{path}:cost"), raw)
 
 
 def _weightings(value: Any, where: str) -> dict[str, dict]:
