@@ -6,7 +6,8 @@
 `--throughput` compares instead the training step before and after the throughput work on the same
 samples (plain weighting): "old" = micro-batches in data order, every prompt run in full and re-tokenised
 every step; "new" = length-grouped micro-batches, the common prompt prefix computed once per micro-batch
-(only where exact: no active dropout, so pass --lora-dropout 0 to see it) and cached encodings. Steps
+(only where exact: no active dropout, so pass --lora-dropout 0 to see it), cached encodings and LoRA
+dropout masks drawn as gaps between dropped elements (igdrec.dropout; only with dropout). Steps
 alternate old/new; it prints target tokens/s of both and the median of the paired ratios.
 
 LoRA on the embedded model, micro-batch 4, effective batch 8 (two micro-batches per step), the same 8
@@ -31,6 +32,7 @@ import torch
 
 from igdrec import training
 from igdrec.config import SFTConfig
+from igdrec.dropout import use_gap_dropout
 from igdrec.modeling import load_tokenizer
 from igdrec.prompt import item_token_sequences
 from igdrec.rundir import RunDir
@@ -160,6 +162,7 @@ def throughput(args) -> None:
     def step(variant: str) -> tuple[float, float]:
         if variant == "old":
             data._encoded.clear()  # the old collate tokenised every sample on every step
+        use_gap_dropout(model, enabled=variant == "new")  # the old LoRA dropout drew one Bernoulli number per element
         started, cpu_started = time.perf_counter(), time.process_time()
         micro = training.micro_batch_rows(data, rows, args.micro_batch_size, variants[variant]["length_grouping"])
         batches = [data.collate(r) for r in micro]

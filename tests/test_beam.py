@@ -33,6 +33,15 @@ def search(setup, **kwargs) -> tuple[list, BeamSearch]:
     return beam.search(prompts), beam
 
 
+def assert_same_hypotheses(results, expected) -> None:
+    """Same lists per prompt; scores and per-token log p equal up to float noise of other batch shapes."""
+    for a, b in zip(results, expected, strict=True):
+        assert [h.tokens for h in a] == [h.tokens for h in b]
+        np.testing.assert_allclose([h.score for h in a], [h.score for h in b], rtol=1e-5)
+        for ha, hb in zip(a, b):
+            np.testing.assert_allclose(ha.step_logprobs, hb.step_logprobs, rtol=1e-5, atol=1e-5)
+
+
 def leaf_groups(trie) -> dict[int, int]:
     return dict(zip(trie.item_leaf.tolist(), trie.item_title_group.tolist()))
 
@@ -75,11 +84,7 @@ def test_hypotheses_carry_model_logprobs_and_trie_nodes(setup):
 def test_jump_forward_changes_nothing_but_forward_calls(setup, jump_fill):
     on, with_jump = search(setup, num_beams=5, alpha=0.2, length_penalty=1.0, jump_forward=True, jump_fill=jump_fill)
     off, without = search(setup, num_beams=5, alpha=0.2, length_penalty=1.0, jump_forward=False)
-    for a, b in zip(on, off):
-        assert [h.tokens for h in a] == [h.tokens for h in b]
-        np.testing.assert_allclose([h.score for h in a], [h.score for h in b], rtol=1e-5)
-        for ha, hb in zip(a, b):
-            np.testing.assert_allclose(ha.step_logprobs, hb.step_logprobs, rtol=1e-5, atol=1e-5)
+    assert_same_hypotheses(on, off)
     assert without.stats.forward_calls_saved == 0
     assert with_jump.stats.forward_calls + with_jump.stats.forward_calls_saved == without.stats.forward_calls
     assert with_jump.stats.forward_calls_saved > 0
@@ -179,3 +184,55 @@ def test_assistant_with_jump_forward_off_gives_the_same_hypotheses(setup):
     for a, b in zip(*outputs):
         assert [h.tokens for h in a] == [h.tokens for h in b]
         np.testing.assert_allclose([h.score for h in a], [h.score for h in b], rtol=1e-5)
+
+
+def test_shared_prompt_prefix_changes_nothing_but_prefill_work(setup):
+    """The prompts' common prefix encoded once (and kept for later batches) gives the lists, scores and log p
+    of a search that encodes every prompt in full."""
+    tokenizer, model, trie, prompts = setup
+    common = next(i for i in range(min(map(len, prompts))) if len({p[i] for p in prompts}) > 1)
+    assert common > 10  # the template's instruction
+    shared, with_prefix = search(setup, num_beams=5, alpha=0.2, length_penalty=1.0)
+    full, without = search(setup, num_beams=5, alpha=0.2, length_penalty=1.0, share_prefix=False)
+    assert_same_hypotheses(shared, full)
+    assert with_prefix.stats.prefix_passes == 1 and without.stats.prefix_passes == 0
+    assert with_prefix.stats.prefix_tokens_saved == (len(prompts) - 1) * common
+    assert with_prefix.stats.forward_calls == without.stats.forward_calls
+    # later searches, a single prompt included, reuse the kept prefix: no second prefix pass, same result
+    alone = with_prefix.search([prompts[1]])
+    assert with_prefix.stats.prefix_passes == 1 and with_prefix.stats.prefix_tokens_saved == len(prompts) * common
+    assert [(h.tokens, round(h.score, 4)) for h in alone[0]] == [(h.tokens, round(h.score, 4)) for h in full[1]]
+
+
+def test_prompts_without_a_common_start_are_encoded_in_full(setup):
+    tokenizer, model, trie, prompts = setup
+    different = [prompts[0], [prompts[1][1]] + prompts[1]]  # differ at the first token
+    beam = BeamSearch(model, tokenizer.eos_token_id, tokenizer.pad_token_id, num_beams=3, trie=TrieTensors.from_trie(trie))
+    beam.search(different)
+    assert beam.stats.prefix_passes == 0 and beam.stats.prefix_tokens_saved == 0
+
+
+@pytest.mark.parametrize("extra_beams", [0, 6])
+def test_dropping_dead_rows_changes_nothing_but_pass_sizes(setup, extra_beams):
+    """With as many beams as items or more, beams die; passes without their rows give the same search."""
+    tokenizer, model, trie, prompts = setup
+    K = len(set(trie.item_title_group.tolist())) + extra_beams
+    sizes = {True: [], False: []}
+    results = {}
+    for drop in (True, False):
+        hook = model.register_forward_pre_hook(lambda _, args, kwargs: sizes[drop].append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+        try:
+            results[drop], beam = search(setup, num_beams=K, alpha=0.2, length_penalty=1.0, self_check=True, drop_dead_rows=drop)
+        finally:
+            hook.remove()
+        assert beam.cache_check_gap is not None and beam.cache_check_gap < 1e-3
+    assert_same_hypotheses(results[True], results[False])
+    for prompt_ids, hyps in zip(prompts, results[True]):  # every token's log p is the one of its own context
+        for hyp in hyps:
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([prompt_ids + hyp.tokens])).logits[0]
+            lp = torch.log_softmax(logits.double(), -1)[len(prompt_ids) - 1:-1].gather(1, torch.tensor(hyp.tokens)[:, None])[:, 0]
+            np.testing.assert_allclose(hyp.step_logprobs, lp.numpy(), atol=1e-4)
+    step_passes = {drop: [size for size in sizes[drop][2:] if size > 1] for drop in sizes}  # after the prefix and prefill
+    assert all(size % K == 0 for size in step_passes[False])  # every pass carries K rows per sample
+    assert any(size % K for size in step_passes[True])  # some passes left dead beams out

@@ -61,8 +61,9 @@ def test_beams_artifact_is_consistent_with_the_trie(run, model_dir):
     assert not list((run.root / ".partial").glob("*"))
 
 
-def test_killed_decode_resumes_from_the_last_finished_shard(run, model_dir, monkeypatch):
-    config = DecodeConfig(model=str(model_dir), limit=6, num_beams=3, shard_size=2, batch_size=2, name="resumed")
+def interrupt_second_shard(monkeypatch):
+    """Make the decode stage die with KeyboardInterrupt when it starts its second shard; returns the real
+    shard function."""
     real = decode._decode_shard
     calls = []
 
@@ -73,10 +74,16 @@ def test_killed_decode_resumes_from_the_last_finished_shard(run, model_dir, monk
         return real(*args, **kwargs)
 
     monkeypatch.setattr(decode, "_decode_shard", dies_on_second_shard)
+    return real
+
+
+def test_killed_decode_resumes_from_the_last_finished_shard(run, model_dir, monkeypatch):
+    config = DecodeConfig(model=str(model_dir), limit=6, num_beams=3, shard_size=2, batch_size=2, name="resumed")
+    real = interrupt_second_shard(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         decode.run(config, run)
     assert run.manifest("decode/resumed") is None  # nothing published
-    calls.clear()
+    calls = []
     monkeypatch.setattr(decode, "_decode_shard", lambda *a, **k: calls.append(1) or real(*a, **k))
     manifest = decode.run(config, run)
     assert len(calls) == 2 and manifest["stats"]["resumed_samples"] == 2
@@ -155,17 +162,8 @@ def test_cache_key_holds_the_fine_tunes_fingerprint_not_the_run_dirs_spelling(tm
     publish_ig(run, load_tokenizer(str(model_dir)), str(model_dir))
     publish_sft(run, model_dir, "ft")
     config = DecodeConfig(sft="ft", limit=6, num_beams=3, shard_size=2, batch_size=2, name="d")
-    real = decode._decode_shard
-    calls = []
-
-    def dies_on_second_shard(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
     # Interrupted under an absolute spelling, resumed under a relative one: the finished shard is reused.
-    monkeypatch.setattr(decode, "_decode_shard", dies_on_second_shard)
+    real = interrupt_second_shard(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         decode.run(config, RunDir(run.root.resolve()))
     monkeypatch.chdir(tmp_path)

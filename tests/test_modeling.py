@@ -173,3 +173,60 @@ def test_a_model_without_a_cache_argument_is_refused():
 
     with pytest.raises(IgdrecError, match="NoCache: its forward takes neither 'cache' nor 'past_key_values'"):
         modeling.kv_cache_kwargs(NoCache(), object())
+
+
+def test_gqa_kernel_gives_stock_sdpa_logits_with_padding_and_cache(tiny_model_dir, tmp_path):
+    """use_gqa_kernel (load_model on CPU) changes only where the key/value heads are repeated: the logits of a
+    left-padded prefill and of a cached step equal transformers' own SDPA and eager attention."""
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    model = modeling.load_model(str(tiny_model_dir))
+    assert model.config._attn_implementation == modeling.GQA_SDPA
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # the tiny model has grouped heads
+    stock = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), attn_implementation="sdpa").eval()
+    eager = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), attn_implementation="eager").eval()
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :5], mask[1, :2] = 0, 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    step = torch.randint(0, model.config.vocab_size, (3, 2))
+
+    def prefill_then_step(m):
+        with torch.no_grad():
+            cache = DynamicCache()
+            first = m(input_ids=ids, attention_mask=mask, position_ids=positions, **modeling.kv_cache_kwargs(m, cache), use_cache=True).logits
+            full_mask = torch.cat([mask, torch.ones_like(step)], dim=1)
+            second = m(input_ids=step, attention_mask=full_mask, position_ids=positions[:, -1:] + 1 + torch.arange(2),
+                       **modeling.kv_cache_kwargs(m, cache), use_cache=True).logits
+        return first[mask.bool()], second
+
+    ours = prefill_then_step(model)
+    for reference in (stock, eager):
+        for a, b in zip(ours, prefill_then_step(reference)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)  # the registered name is not written into the checkpoint
+    assert modeling.GQA_SDPA not in (tmp_path / "config.json").read_text()
+
+
+def test_gqa_kernel_only_where_it_helps(tiny_model_dir):
+    """Not for models without grouped heads or off CPU; under autograd it hands over to transformers' SDPA."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    plain = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, attn_implementation="sdpa"))
+    assert not modeling.use_gqa_kernel(plain) and plain.config._attn_implementation == "sdpa"
+    model = modeling.load_model(str(tiny_model_dir))
+    stock = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), attn_implementation="sdpa")
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    grads = []
+    for m in (model, stock):
+        m.train()
+        m.zero_grad()
+        m(input_ids=ids, attention_mask=mask).logits[mask.bool()].logsumexp(-1).sum().backward()
+        grads.append(m.model.layers[0].self_attn.q_proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])

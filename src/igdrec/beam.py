@@ -64,11 +64,12 @@ class SearchStats:
     forward_calls: int = 0  # model forward passes (prefill included)
     forward_calls_saved: int = 0  # decoding steps whose forward pass jump-forward folded into another
     steps: int = 0
+    prefix_passes: int = 0  # passes over a prompt prefix common to a batch (not counted in forward_calls)
+    prefix_tokens_saved: int = 0  # prompt tokens the shared prefix spared the prefill
 
     def add(self, other: "SearchStats") -> None:
-        self.forward_calls += other.forward_calls
-        self.forward_calls_saved += other.forward_calls_saved
-        self.steps += other.steps
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 @dataclass
@@ -113,25 +114,36 @@ class _ModelRows:
     last_logits: torch.Tensor  # (R, V)
     forced_lp: torch.Tensor  # (R, longest chain)
     chain_len: torch.Tensor  # (R,)
-    group: int  # rows [g·group, (g+1)·group) belong to one sample...
-    shared: int  # ...and hold the same keys and values at the first `shared` (prompt) positions
+    sample: torch.Tensor  # (R,) the sample (index in the `search` call) whose prompt the row holds...
+    shared: int  # ...at its first `shared` positions
 
     def select(self, rows: torch.Tensor) -> None:
         """Reindex every row-wise tensor and the cache so that row i becomes old row rows[i]."""
         count = len(self.chain_len)
-        index = torch.arange(count, device=rows.device)
-        if len(rows) == count and bool((rows == index).all()):
+        if len(rows) == count and bool((rows == torch.arange(count, device=rows.device)).all()):
             return
-        if len(rows) == count and bool((rows // self.group == index // self.group).all()) and _plain_layers(self.cache):
-            # Beams only move within their sample, whose rows share the prompt's keys and values: copying
-            # the generated positions is enough, a fraction of the cache.
+        if len(rows) == count and bool((self.sample[rows] == self.sample).all()) and _plain_layers(self.cache):
+            # Every row keeps its sample, whose rows share the prompt's keys and values: copying the generated
+            # positions is enough, a fraction of the cache.
             for layer in self.cache.layers:
                 layer.keys[:, :, self.shared:] = layer.keys[rows, :, self.shared:]
                 layer.values[:, :, self.shared:] = layer.values[rows, :, self.shared:]
         else:
             self.cache.reorder_cache(rows)
-        for name in ("attention", "next_position", "last_logits", "forced_lp", "chain_len"):
+        for name in ("attention", "next_position", "last_logits", "forced_lp", "chain_len", "sample"):
             setattr(self, name, getattr(self, name)[rows])
+
+
+@dataclass
+class _PromptPrefix:
+    """A prompt prefix encoded once: its tokens and, per layer, its (1, heads, length, dim) keys and values."""
+
+    tokens: list[int]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
 
 
 @dataclass
@@ -227,8 +239,15 @@ class BeamSearch:
     # the cache with a plain forward pass over its prompt and tokens; CacheMismatchError if they differ.
     self_check: bool = False
     tfa_guidance: float = 1.0  # g in D3's g·(llm − tfa) + tfa, used when search() gets assistant_probs
+    # Encode the token prefix every prompt of a batch starts with (the prompt template's instruction, about a
+    # third of an ml-100k prompt) once, and keep it for later batches that start with it too.
+    share_prefix: bool = True
+    # Leave dead beams (fewer than K continuations left) out of a forward pass when their padded slots would
+    # cost more than copying the live rows' caches: late in a search most of a sample's K rows are dead.
+    drop_dead_rows: bool = True
     stats: SearchStats = field(default_factory=SearchStats)
     cache_check_gap: float | None = field(default=None, init=False)  # max |logit difference| the check saw
+    _prefix: "_PromptPrefix | None" = field(default=None, init=False, repr=False)
 
     @torch.no_grad()
     def search(self, prompts: list[list[int]], assistant_probs: torch.Tensor | np.ndarray | None = None) -> list[list[Hypothesis]]:
@@ -275,18 +294,31 @@ class BeamSearch:
 
     # --- the steps of a search -----------------------------------------------------------------------
     def _prefill(self, prompts: list[list[int]], T: int, device) -> _ModelRows:
-        """Encode the left-padded prompts once; the cache is then shared by each sample's K beams."""
+        """Encode the prompts once; the cache is then shared by each sample's K beams.
+
+        With a shared prefix of p tokens the cache is laid out as [prefix | left-padded rests]: the prefix's
+        keys and values (computed once, position ids 0..p-1) in front of every row, then each row's own
+        tokens at positions p, p+1, ...; the padding between them is masked, so every row attends to
+        exactly its own prompt, as with plain left padding.
+        """
         from transformers import DynamicCache
 
         K, B = self.num_beams, len(prompts)
-        width = max(len(p) for p in prompts)
+        prefix = self._shared_prefix(prompts, device)
+        p = prefix.length if prefix is not None else 0
+        width = max(len(q) for q in prompts) - p
         input_ids = torch.full((B, width), self.pad_token_id, dtype=torch.long, device=device)
         attention = torch.zeros((B, width), dtype=torch.long, device=device)
-        for i, p in enumerate(prompts):
-            input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
-            attention[i, width - len(p):] = 1
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        for i, q in enumerate(prompts):
+            input_ids[i, width - (len(q) - p):] = torch.tensor(q[p:], dtype=torch.long, device=device)
+            attention[i, width - (len(q) - p):] = 1
+        positions = p + (attention.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
+        if prefix is not None:
+            for index, (keys, values) in enumerate(prefix.layers):
+                cache.update(keys.expand(B, -1, -1, -1), values.expand(B, -1, -1, -1), index)
+            attention = torch.cat([attention.new_ones((B, p)), attention], dim=1)
+            self.stats.prefix_tokens_saved += B * p  # less the prefix pass, counted where it runs
         logits = self._forward(input_ids, attention, positions, cache, keep=1)
         cache.batch_repeat_interleave(K)
         _append_in_place(cache, room=T + 1)
@@ -297,17 +329,48 @@ class BeamSearch:
             last_logits=logits[:, -1].repeat_interleave(K, dim=0),
             forced_lp=torch.zeros((B * K, 0), device=device),
             chain_len=torch.zeros(B * K, dtype=torch.long, device=device),
-            group=K,
-            shared=width,
+            sample=torch.arange(B, device=device).repeat_interleave(K),
+            shared=p + width,
         )
+
+    def _shared_prefix(self, prompts: list[list[int]], device) -> "_PromptPrefix | None":
+        """The encoded token prefix all `prompts` start with (the kept one when they all start with it), or
+        None. Every row keeps at least its last token outside the prefix: its logits start the search."""
+        if not self.share_prefix:
+            return None
+        room = min(len(q) for q in prompts) - 1
+        kept = self._prefix
+        if kept is not None and kept.length <= room and all(q[:kept.length] == kept.tokens for q in prompts):
+            return kept
+        if len(prompts) < 2:
+            return None  # a prefix pass would save nothing
+        length = 0
+        while length < room and all(q[length] == prompts[0][length] for q in prompts):
+            length += 1
+        if length == 0:
+            return None
+        from transformers import DynamicCache
+
+        tokens = list(prompts[0][:length])
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        cache = DynamicCache()
+        self._forward(ids, torch.ones_like(ids), torch.arange(length, device=device)[None], cache, keep=1, decoding=False)
+        self.stats.prefix_passes += 1
+        self.stats.prefix_tokens_saved -= length
+        if not _plain_layers(cache):
+            return None  # keys and values not in the (batch, heads, positions, dim) layout we can expand
+        self._prefix = _PromptPrefix(tokens, [(layer.keys, layer.values) for layer in cache.layers])
+        return self._prefix
 
     def _feed(self, rows: _ModelRows, beams: _Beams, t: int, T: int):
         """Run the model for every live beam whose next log-probs are not computed yet.
 
-        The cache is first brought into beam order (cache row = flat beam index); each beam that needs
-        logits feeds the token it chose last step plus, with jump-forward, the forced chain after it;
-        the others feed nothing. Returns None when no beam needed the model, else (needs, fed tokens,
-        fed mask) over the flat beams.
+        The cache is first brought into beam order: row i = flat beam i, or, when most beams are dead
+        (their padded slots would cost more than copying the live rows' caches, about one slot per row),
+        row i = the i-th live beam and the dead ones drop out of the pass. Each beam that needs logits feeds
+        the token it chose last step plus, with jump-forward, the forced chain after it; the others feed
+        nothing. Returns None when no beam needed the model, else (flat beam of each row, needs, fed tokens,
+        fed mask) over the rows of the pass.
         """
         live = torch.isfinite(beams.running).flatten()
         cache_row = beams.cache_row.flatten()
@@ -315,12 +378,18 @@ class BeamSearch:
         if not needs.any():
             return None
         device = needs.device
-        rows.select(cache_row)
+        n_live = int(live.sum())
         chain, lengths = self._forced_chains(beams.node.flatten(), needs, T - t)
-        lengths = self._affordable(lengths, needs, int(live.sum()))
-        chain = chain[:, : int(lengths.max())]
-        feed = torch.cat([beams.tokens[:, :, t - 1].reshape(-1, 1), chain], dim=1)
-        n = feed.shape[1]
+        lengths = self._affordable(lengths, needs, n_live)
+        n = int(lengths.max()) + 1
+        if self.drop_dead_rows and (len(live) - n_live) * n > n_live:
+            beam_of_row = torch.nonzero(live).flatten()
+            rows.select(cache_row[beam_of_row])
+        else:
+            beam_of_row = torch.arange(len(live), device=device)
+            rows.select(cache_row)
+        needs, lengths, chain = needs[beam_of_row], lengths[beam_of_row], chain[beam_of_row, : n - 1]
+        feed = torch.cat([beams.tokens[:, :, t - 1].reshape(-1)[beam_of_row, None], chain], dim=1)
         fed = needs[:, None] & (torch.arange(n, device=device)[None, :] <= lengths[:, None])
         feed = torch.where(fed, feed, self.pad_token_id)
         rows.attention = torch.cat([rows.attention, fed.long()], dim=1)
@@ -337,9 +406,18 @@ class BeamSearch:
             rows.forced_lp[rows_fed] = torch.nn.functional.pad(chain_lp, (0, width - (n - 1)))
         rows.chain_len[rows_fed] = lengths[rows_fed]
         A, K = beams.running.shape
-        beams.consumed = torch.where(needs, 0, beams.consumed.flatten()).reshape(A, K)
-        beams.cache_row = torch.arange(A * K, device=device).reshape(A, K)
-        return needs, feed, fed
+        consumed = beams.consumed.flatten().clone()
+        consumed[beam_of_row[rows_fed]] = 0
+        beams.consumed = consumed.reshape(A, K)
+        row_of_beam = torch.zeros(A * K, dtype=torch.long, device=device)
+        row_of_beam[beam_of_row] = torch.arange(len(beam_of_row), device=device)
+        row_of_beam = row_of_beam.reshape(A, K)
+        # A dead beam's row is never read, but the next pass in beam order copies it to the beam's place; one
+        # of its own sample keeps that copy within samples (cheap, see `select`): the sample's first live beam's.
+        first_live = torch.argmax(live.reshape(A, K).to(torch.uint8), dim=1)  # every active sample has one
+        own_sample = row_of_beam.gather(1, first_live[:, None]).expand(A, K)
+        beams.cache_row = torch.where(live.reshape(A, K), row_of_beam, own_sample)
+        return beam_of_row, needs, feed, fed
 
     def _candidates(self, rows: _ModelRows, beams: _Beams, mass: torch.Tensor | None) -> _Candidates:
         """Allowed children of each beam's node (or the whole vocabulary) with their step scores; `mass`
@@ -450,9 +528,9 @@ class BeamSearch:
     def _check_cache(self, prompts: list[list[int]], rows: _ModelRows, beams: _Beams, fed, t: int) -> None:
         """Raise CacheMismatchError unless the logits the last pass computed through the cache for the first
         fed beam match a plain forward pass over its prompt and every token it has fed."""
-        needs, feed, fed_mask = fed
+        beam_of_row, needs, feed, fed_mask = fed
         r = int(torch.nonzero(needs)[0])
-        a, k = divmod(r, beams.running.shape[1])
+        a, k = divmod(int(beam_of_row[r]), beams.running.shape[1])
         sequence = prompts[int(beams.sample_of[a])] + beams.tokens[a, k, : t - 1].tolist() + feed[r][fed_mask[r]].tolist()
         ids = torch.tensor([sequence], dtype=torch.long, device=needs.device)
         plain = self._forward(ids, torch.ones_like(ids), torch.arange(len(sequence), device=ids.device)[None, :], None, keep=1)
@@ -471,9 +549,10 @@ class BeamSearch:
             )
         self.cache_check_gap = gap
 
-    def _forward(self, input_ids, attention, positions, cache, keep: int) -> torch.Tensor:
-        """The one place the model is called; `cache` None is a plain pass (the self-check's), not counted."""
-        if cache is not None:
+    def _forward(self, input_ids, attention, positions, cache, keep: int, decoding: bool = True) -> torch.Tensor:
+        """The one place the model is called; `cache` None is a plain pass (the self-check's). Only decoding
+        passes (prefill and steps; `decoding`) count as forward calls."""
+        if cache is not None and decoding:
             self.stats.forward_calls += 1
         autocast = (
             torch.autocast(device_type=input_ids.device.type, dtype=self.autocast_dtype)

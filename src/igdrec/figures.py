@@ -27,6 +27,16 @@ def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     fig.clf()
+    _pyplot().close(fig)
+
+
+def _label(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """Axis labels, title, a light grid and the legend: every panel of every figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
 
 
 def _points(values: list, steps: list) -> tuple[list, list]:
@@ -45,16 +55,11 @@ def entropy_by_step(series: dict[str, dict], path: Path, dataset: str) -> str:
         for kind, style in (("predicted", "-o"), ("ground_truth", "--s")):
             x, y = _points(data[kind], data["step"])
             ax.plot(x, y, style, markersize=3, label="predicted top-10" if kind == "predicted" else "ground truth")
-        ax.set_title(label)
-        ax.set_xlabel("decoding step t (tokens)")
-        ax.set_ylabel("mean prefix entropy H(y≤t) (nats)")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        _label(ax, "decoding step t (tokens)", "mean prefix entropy H(y≤t) (nats)", label)
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
     fig.suptitle(f"{dataset}: prefix entropy by decoding step")
     _save(fig, path)
-    plt.close(fig)
     return (f"{dataset}: mean trie entropy of the prefix after t tokens of the predicted top-10 items and of the "
             "ground-truth items (paper Figs. 1–2); a higher predicted curve means the search keeps low-IG tokens.")
 
@@ -68,13 +73,8 @@ def entropy_difference(series: dict[str, dict], path: Path, dataset: str) -> str
         diff = [p - g for p, g in zip(data["predicted"], data["ground_truth"]) if p is not None and g is not None]
         ax.plot(steps, diff, "-o", markersize=3, label=label)
     ax.axhline(0.0, color="grey", linewidth=0.8)
-    ax.set_xlabel("decoding step t (tokens)")
-    ax.set_ylabel("H(predicted) − H(ground truth) (nats)")
-    ax.set_title(f"{dataset}: entropy difference, prediction − ground truth")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    _label(ax, "decoding step t (tokens)", "H(predicted) − H(ground truth) (nats)", f"{dataset}: entropy difference, prediction − ground truth")
     _save(fig, path)
-    plt.close(fig)
     return f"{dataset}: predicted minus ground-truth prefix entropy per decoding step (paper Fig. 3); IGD should shrink the gap."
 
 
@@ -94,14 +94,9 @@ def ce_by_ig_group(logs: dict, path: Path, dataset: str) -> str:
         for column, group in groups:
             part = train.select("step", column).drop_nulls()
             ax.plot(part["step"].to_list(), part[column].to_list(), label=group)
-        ax.set_title(label)
-        ax.set_xlabel("optimiser step")
-        ax.set_ylabel("training cross-entropy (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        _label(ax, "optimiser step", "training cross-entropy (nats/token)", label)
     fig.suptitle(f"{dataset}: training CE by IG group")
     _save(fig, path)
-    plt.close(fig)
     return (f"{dataset}: mean cross-entropy per target token of each IG group over training, plain vs IGD fine-tuning "
             "(paper §4.2.1: zero-IG tokens are learnt fast, high-IG ones stay hard).")
 
@@ -113,11 +108,6 @@ def metric_vs_alpha(curves: dict[str, list[tuple[float, float]]], path: Path, da
     for label, points in curves.items():
         points = sorted(points)
         ax.plot([a for a, _ in points], [v for _, v in points], "-o", markersize=4, label=label)
-    ax.set_xlabel("decoding calibration α (w_d = 1 − α·IG~)")
-    ax.set_ylabel(f"{metric} on the validation samples")
-    ax.set_title(f"{dataset}: {metric} against α (validation)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    _label(ax, "decoding calibration α (w_d = 1 − α·IG~)", f"{metric} on the validation samples", f"{dataset}: {metric} against α (validation)")
     _save(fig, path)
-    plt.close(fig)
     return f"{dataset}: validation {metric} of each α candidate; the best one (earliest on ties) is the α decoded on test."

@@ -44,6 +44,56 @@ def inference_dtype(device: torch.device) -> torch.dtype:
     return autocast_dtype(device) or torch.float32
 
 
+GQA_SDPA = "igdrec_gqa_sdpa"  # the attention implementation `use_gqa_kernel` registers
+
+
+def use_gqa_kernel(model) -> bool:
+    """On CPU, hand grouped key/value heads to PyTorch's SDPA kernel (`enable_gqa`) instead of letting
+    transformers repeat them to every query head first; returns whether the model now does so.
+
+    With a padding mask, transformers' SDPA attention copies each key and value `heads / kv_heads` times
+    per layer and pass (SmolLM2: 3×), which on CPU cost more than the attention itself: 29% of decode time,
+    where the kernel does the same arithmetic on the shared heads in a tenth of the time. Only on CPU: on
+    CUDA a mask with GQA drops SDPA to its slowest kernel. The output is the same up to float noise
+    (tests/test_modeling.py)."""
+    config = getattr(model, "config", None)
+    heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    device = next(model.parameters()).device
+    if device.type != "cpu" or not heads or not kv_heads or kv_heads == heads or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(GQA_SDPA, _gqa_sdpa_attention)
+    AttentionMaskInterface.register(GQA_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # the same (boolean) masks as SDPA's
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(GQA_SDPA)
+    else:
+        config._attn_implementation = GQA_SDPA
+    return True
+
+
+def _gqa_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' SDPA attention for (batch, heads, length, dim) tensors, with `key`/`value` left at
+    their (fewer) key/value heads for the kernel to share; anything beyond plain masked attention
+    (soft-capping, position bias, attention sinks), and training, go to transformers' own implementation."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    training = torch.is_grad_enabled() and query.requires_grad  # the GQA kernel's backward gained nothing on CPU
+    if training or kwargs.get("output_attentions") or any(kwargs.get(name) is not None for name in ("softcap", "position_bias", "s_aux", "sinks")):
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    q_length = query.shape[2]
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    is_causal = q_length > 1 and attention_mask is None and is_causal
+    if is_causal and key.shape[2] > q_length:  # SDPA aligns `is_causal` top-left: only the first q_length keys exist yet
+        key, value = key[:, :, :q_length], value[:, :, :q_length]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=is_causal,
+        enable_gqa=key.shape[1] != query.shape[1],
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
 def resolve_model_path(spec: str) -> str:
     """A directory or hub id that `from_pretrained` accepts."""
     if spec in EMBEDDED_MODELS:
@@ -208,7 +258,9 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except OSError as exc:
         raise IgdrecError(f"model {spec!r}: cannot load ({exc})") from exc
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    use_gqa_kernel(model)
+    return model
 
 
 def _has_tokenizer(path: str) -> bool:

@@ -18,7 +18,9 @@ they are split into micro-batches changes nothing but float rounding):
   computed once per micro-batch and every row attends to that one copy (its key/value cache repeated over the
   batch; the gradient through the repeat sums the rows' contributions). This is exact only when no dropout
   is active (LoRA dropout draws a different mask per row), so it switches itself off when dropout would act;
-- encodings are tokenised once and kept for later epochs.
+- encodings are tokenised once and kept for later epochs;
+- on CPU, LoRA dropout draws the gaps between dropped elements instead of one Bernoulli number per element
+  (igdrec.dropout): the same distribution of masks, a twentieth of the random draws at p = 0.05.
 
 Determinism and resume: the data order of epoch e is a permutation seeded by (seed, e), and the torch RNG
 (LoRA dropout) is re-seeded from (seed, step, rank) before every step. The step counter therefore fixes the

@@ -118,6 +118,8 @@ def _decode(config: DecodeConfig, run: RunDir, out: StageWriter, world: World) -
                 "forward_calls": decoder.stats.forward_calls,
                 "forward_calls_saved": decoder.stats.forward_calls_saved,
                 "steps": decoder.stats.steps,
+                "prefix_passes": decoder.stats.prefix_passes,
+                "prefix_tokens_saved": decoder.stats.prefix_tokens_saved,
                 "batch_size": decoder.last_batch_size,
             }
             atomic_write(stem.with_suffix(".parquet"), frame.write_parquet)  # the parquet first: the json marks a finished shard
@@ -139,7 +141,7 @@ def _decode(config: DecodeConfig, run: RunDir, out: StageWriter, world: World) -
     shard_dir.rmdir()
     totals = SearchStats()
     for record in records:
-        totals.add(SearchStats(record["forward_calls"], record["forward_calls_saved"], record["steps"]))
+        totals.add(SearchStats(**{f.name: record.get(f.name, 0) for f in dataclasses.fields(SearchStats)}))
     out.rows["beams"] = beams.height
     out.rows["samples"] = n
     out.stats = {
@@ -151,6 +153,8 @@ def _decode(config: DecodeConfig, run: RunDir, out: StageWriter, world: World) -
         "forward_calls": totals.forward_calls,
         "forward_calls_saved_by_jump_forward": totals.forward_calls_saved,
         "decoding_steps": totals.steps,
+        "prompt_prefix_passes": totals.prefix_passes,
+        "prompt_tokens_saved_by_shared_prefix": totals.prefix_tokens_saved,
         "resumed_samples": resumed,
         "world_size": world.size,
         "batch_size": config.batch_size,

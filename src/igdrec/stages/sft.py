@@ -27,6 +27,7 @@ from igdrec import schema, training
 from igdrec import config as cfg
 from igdrec.config import SFTConfig
 from igdrec.console import console, err_console, print_table, progress_bar
+from igdrec.dropout import use_gap_dropout
 from igdrec.errors import IgdrecError
 from igdrec.modeling import load_model, load_tokenizer, require_same_tokenizer, resolve_model_path
 from igdrec.prompt import item_token_sequences
@@ -165,6 +166,8 @@ def prepare_model(config: SFTConfig, device, precision: training.Precision | Non
             raise IgdrecError(f"--lora-target-modules {','.join(config.lora_target_modules)}: {exc}") from exc
         # The adapter must name the checkpoint it was trained on, so `load_model(<sft>/model)` finds it.
         model.peft_config["default"].base_model_name_or_path = base_path
+        if torch.device(device).type == "cpu":
+            use_gap_dropout(model)  # same dropout distribution, a fraction of the random draws (igdrec.dropout)
     if precision is not None and precision.param_dtype != torch.float32:
         model = model.to(precision.param_dtype)
     return model
