@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_sft_step.py [--run-dir runs/h3] [--reps 5] [--model smollm2-135m]
     .venv/bin/python bench/bench_sft_step.py --throughput [--lora-dropout 0] [--batch-size 16] [--threads 1]
+    .venv/bin/python bench/bench_sft_step.py --dropout-cost [--threads 1]
 
 `--throughput` compares instead the training step before and after the throughput work on the same
 samples (plain weighting): "old" = micro-batches in data order, every prompt run in full and re-tokenised
@@ -18,6 +19,10 @@ hits them alike. Reported: the median and minimum wall and process-CPU time per 
 per-repetition ratios to plain (each scheme against the plain step of the same repetition), and the
 floating-point operations of one step counted by torch's FlopCounterMode, a ratio that no other process
 on a shared machine can disturb. Targets (paper Table 3): Pos, IGD ≤ 1.02×, CFT ≤ 2.1×.
+
+`--dropout-cost` times one LoRA forward + backward of a micro-batch of 4 × 233 random tokens without
+dropout, with LoRA dropout 0.05 drawn as geometric gaps (igdrec.dropout) and with nn.Dropout's one
+Bernoulli draw per element, taking turns; it prints the fastest of --reps each.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--throughput", action="store_true", help="old vs new training step (see the docstring)")
+    parser.add_argument("--dropout-cost", action="store_true", help="LoRA forward + backward by dropout kind (see the docstring)")
     parser.add_argument("--lora-dropout", type=float, default=SFTConfig.lora_dropout)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--precision", default="fp32", help="fp32 | bf16-mixed | bf16 (the --throughput mode)")
@@ -83,6 +89,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.throughput:
         throughput(args)
+        return
+    if args.dropout_cost:
+        dropout_cost(args)
         return
 
     tokenizer = load_tokenizer(args.model)
@@ -194,6 +203,26 @@ def throughput(args) -> None:
             print(f"{label:4} {variant}: median {statistics.median(times[variant]):.2f} s/step = {target_tokens / statistics.median(times[variant]):.1f} target tokens/s")
         paired = statistics.median(o / n for o, n in zip(times["old"], times["new"]))
         print(f"{label:4} speed-up new/old (median of paired ratios): {paired:.3f}×")
+
+
+def dropout_cost(args) -> None:
+    torch.manual_seed(0)
+    ids = torch.randint(0, 40000, (4, 233))
+    models = {p: sft.prepare_model(SFTConfig(model=args.model, seed=0, lora_dropout=p), torch.device("cpu")).train() for p in (0.0, 0.05)}
+    kinds = {"no dropout": (0.0, True), "gap-drawn dropout 0.05": (0.05, True), "nn.Dropout 0.05": (0.05, False)}
+    seconds = {kind: [] for kind in kinds}
+    for rep in range(args.reps + 1):  # the first round warms up
+        for kind, (p, gaps) in kinds.items():
+            model = models[p]
+            use_gap_dropout(model, enabled=gaps)
+            started = time.perf_counter()
+            model(input_ids=ids, logits_to_keep=12).logits.logsumexp(-1).sum().backward()
+            if rep:
+                seconds[kind].append(time.perf_counter() - started)
+    base = min(seconds["no dropout"])
+    print(f"LoRA forward + backward, 4 × 233 tokens, {torch.get_num_threads()} threads, fastest of {args.reps}:")
+    for kind, times in seconds.items():
+        print(f"  {kind:24} {min(times):6.2f} s  ({min(times) / base:.2f}× no dropout)")
 
 
 if __name__ == "__main__":
