@@ -236,3 +236,18 @@ def test_dropping_dead_rows_changes_nothing_but_pass_sizes(setup, extra_beams):
     step_passes = {drop: [size for size in sizes[drop][2:] if size > 1] for drop in sizes}  # after the prefix and prefill
     assert all(size % K == 0 for size in step_passes[False])  # every pass carries K rows per sample
     assert any(size % K for size in step_passes[True])  # some passes left dead beams out
+
+
+def test_a_cache_layout_that_cannot_be_expanded_turns_prefix_sharing_off(setup, monkeypatch):
+    """A model whose cache layers are not plain (batch, heads, positions, dim) ones (sliding windows...)
+    pays one wasted prefix pass, then encodes prompts in full; results are unchanged."""
+    import igdrec.beam
+
+    tokenizer, model, trie, prompts = setup
+    monkeypatch.setattr(igdrec.beam, "_plain_layers", lambda cache: False)
+    results, beam = search(setup, num_beams=5, alpha=0.2, length_penalty=1.0)
+    expected, _ = search(setup, num_beams=5, alpha=0.2, length_penalty=1.0, share_prefix=False)
+    assert_same_hypotheses(results, expected)
+    assert beam.stats.prefix_passes == 1 and not beam.share_prefix and beam.stats.prefix_tokens_saved < 0
+    beam.search(prompts)
+    assert beam.stats.prefix_passes == 1

@@ -357,8 +357,9 @@ class BeamSearch:
         self._forward(ids, torch.ones_like(ids), torch.arange(length, device=device)[None], cache, keep=1, decoding=False)
         self.stats.prefix_passes += 1
         self.stats.prefix_tokens_saved -= length
-        if not _plain_layers(cache):
-            return None  # keys and values not in the (batch, heads, positions, dim) layout we can expand
+        if not _plain_layers(cache):  # keys and values not in the (batch, heads, positions, dim) layout we expand
+            self.share_prefix = False  # this model's cache never will be: no more prefix passes
+            return None
         self._prefix = _PromptPrefix(tokens, [(layer.keys, layer.values) for layer in cache.layers])
         return self._prefix
 
