@@ -78,6 +78,12 @@ def main() -> None:
 
     batches = [list(range(b, min(b + args.batch_size, len(prompts)))) for b in range(0, len(prompts), args.batch_size)]
     root = dict_trie(trie)
+
+    def reference_search(batch_prompts: list[list[int]]) -> list:
+        return reference_generate(model, batch_prompts, num_beams=args.num_beams, length_penalty=args.length_penalty,
+                                  alpha=args.alpha, root=root, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id, max_new_tokens=trie.max_depth)
+
     variants = [True, False] if args.check_jump_off else [True]
     searches = {
         jump: BeamSearch(model, tokenizer.eos_token_id, tokenizer.pad_token_id, num_beams=args.num_beams,
@@ -94,8 +100,7 @@ def main() -> None:
     for search in searches.values():
         search.search(prompts[:2])
         search.stats = type(search.stats)()
-    reference_generate(model, prompts[:2], num_beams=args.num_beams, length_penalty=args.length_penalty, alpha=args.alpha,
-                       root=root, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, max_new_tokens=trie.max_depth)
+    reference_search(prompts[:2])
     # The decoders take turns batch by batch, so load from other processes on a shared machine hits
     # both alike instead of whichever happened to run during it.
     for number, batch in enumerate(batches):
@@ -107,10 +112,7 @@ def main() -> None:
             if jump:
                 ours = time.perf_counter() - started
         started = time.perf_counter()
-        reference += reference_generate(model, batch_prompts, num_beams=args.num_beams,
-                                        length_penalty=args.length_penalty, alpha=args.alpha, root=root,
-                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                        max_new_tokens=trie.max_depth)
+        reference += reference_search(batch_prompts)
         baseline += time.perf_counter() - started
         paired.append((time.perf_counter() - started) / ours)
         print(f"batch {number + 1}/{len(batches)}: igdrec {seconds[True]:.1f} s, baseline {baseline:.1f} s so far "

@@ -42,6 +42,13 @@ def assert_same_hypotheses(results, expected) -> None:
             np.testing.assert_allclose(ha.step_logprobs, hb.step_logprobs, rtol=1e-5, atol=1e-5)
 
 
+def plain_logprobs(model, prompt_ids: list[int], tokens: list[int]) -> np.ndarray:
+    """The model's log p of each of `tokens` after the prompt, from one plain forward pass (no cache)."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt_ids + tokens])).logits[0]
+    return torch.log_softmax(logits.double(), -1)[len(prompt_ids) - 1:-1].gather(1, torch.tensor(tokens)[:, None])[:, 0].numpy()
+
+
 def leaf_groups(trie) -> dict[int, int]:
     return dict(zip(trie.item_leaf.tolist(), trie.item_title_group.tolist()))
 
@@ -71,10 +78,7 @@ def test_hypotheses_carry_model_logprobs_and_trie_nodes(setup):
     _, model, trie, prompts = setup
     results, _ = search(setup, num_beams=4, alpha=0.2, length_penalty=1.0)
     hyp = results[0][0]
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([prompts[0] + hyp.tokens])).logits[0]
-    lp = torch.log_softmax(logits.float(), -1)[len(prompts[0]) - 1:-1].gather(1, torch.tensor(hyp.tokens)[:, None])[:, 0]
-    np.testing.assert_allclose(hyp.step_logprobs, lp.numpy(), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(hyp.step_logprobs, plain_logprobs(model, prompts[0], hyp.tokens), rtol=1e-5, atol=1e-4)
     assert trie.token[hyp.nodes].tolist() == hyp.tokens
     weights = 1 - 0.2 * trie.ig_norm[hyp.nodes]
     assert hyp.score == pytest.approx(float(np.dot(weights, hyp.step_logprobs)) / len(hyp.tokens), rel=1e-5)
@@ -229,10 +233,7 @@ def test_dropping_dead_rows_changes_nothing_but_pass_sizes(setup, extra_beams):
     assert_same_hypotheses(results[True], results[False])
     for prompt_ids, hyps in zip(prompts, results[True]):  # every token's log p is the one of its own context
         for hyp in hyps:
-            with torch.no_grad():
-                logits = model(input_ids=torch.tensor([prompt_ids + hyp.tokens])).logits[0]
-            lp = torch.log_softmax(logits.double(), -1)[len(prompt_ids) - 1:-1].gather(1, torch.tensor(hyp.tokens)[:, None])[:, 0]
-            np.testing.assert_allclose(hyp.step_logprobs, lp.numpy(), atol=1e-4)
+            np.testing.assert_allclose(hyp.step_logprobs, plain_logprobs(model, prompt_ids, hyp.tokens), atol=1e-4)
     step_passes = {drop: [size for size in sizes[drop][2:] if size > 1] for drop in sizes}  # after the prefix and prefill
     assert all(size % K == 0 for size in step_passes[False])  # every pass carries K rows per sample
     assert any(size % K for size in step_passes[True])  # some passes left dead beams out

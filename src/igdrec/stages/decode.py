@@ -115,11 +115,7 @@ def _decode(config: DecodeConfig, run: RunDir, out: StageWriter, world: World) -
             record = {
                 "samples": shard.height,
                 "seconds": time.perf_counter() - started,
-                "forward_calls": decoder.stats.forward_calls,
-                "forward_calls_saved": decoder.stats.forward_calls_saved,
-                "steps": decoder.stats.steps,
-                "prefix_passes": decoder.stats.prefix_passes,
-                "prefix_tokens_saved": decoder.stats.prefix_tokens_saved,
+                **dataclasses.asdict(decoder.stats),
                 "batch_size": decoder.last_batch_size,
             }
             atomic_write(stem.with_suffix(".parquet"), frame.write_parquet)  # the parquet first: the json marks a finished shard
