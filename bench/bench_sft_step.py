@@ -7,8 +7,9 @@
 `--throughput` compares instead the training step before and after the throughput work on the same
 samples (plain weighting): "old" = micro-batches in data order, every prompt run in full and re-tokenised
 every step; "new" = length-grouped micro-batches, the common prompt prefix computed once per micro-batch
-(only where exact: no active dropout, so pass --lora-dropout 0 to see it), cached encodings and LoRA
-dropout masks drawn as gaps between dropped elements (igdrec.dropout; only with dropout). Steps
+(only where exact: no active dropout, so pass --lora-dropout 0 to see it), cached encodings, LoRA
+dropout masks drawn as gaps between dropped elements (igdrec.dropout; only with dropout) and each LoRA
+layer computed as one autograd function (igdrec.fused_lora) instead of peft's chain of modules. Steps
 alternate old/new; it prints target tokens/s of both and the median of the paired ratios.
 
 LoRA on the embedded model, micro-batch 4, effective batch 8 (two micro-batches per step), the same 8
@@ -38,6 +39,7 @@ import torch
 from igdrec import training
 from igdrec.config import SFTConfig
 from igdrec.dropout import use_gap_dropout
+from igdrec.fused_lora import use_fused_lora
 from igdrec.modeling import load_tokenizer
 from igdrec.prompt import item_token_sequences
 from igdrec.rundir import RunDir
@@ -172,6 +174,7 @@ def throughput(args) -> None:
         if variant == "old":
             data._encoded.clear()  # the old collate tokenised every sample on every step
         use_gap_dropout(model, enabled=variant == "new")  # the old LoRA dropout drew one Bernoulli number per element
+        use_fused_lora(model, enabled=variant == "new")  # the old LoRA layer was peft's
         started, cpu_started = time.perf_counter(), time.process_time()
         micro = training.micro_batch_rows(data, rows, args.micro_batch_size, variants[variant]["length_grouping"])
         batches = [data.collate(r) for r in micro]

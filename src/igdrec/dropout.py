@@ -41,7 +41,7 @@ def dropped_positions(n: int, p: float, device: torch.device | str = "cpu", gene
         parts.append(positions)
         end = int(positions[-1])
     positions = torch.cat(parts)
-    return positions[positions < n]
+    return positions[: int(torch.searchsorted(positions, n))]  # sorted: a slice, not a boolean mask's nonzero
 
 
 class GapDropout(nn.Dropout):
