@@ -82,3 +82,16 @@ def test_sft_model_on_cpu_draws_lora_dropout_as_gaps(tiny_model_dir):
     rates = [m.p for m in model.modules() if isinstance(m, GapDropout)]
     assert rates and set(rates) == {0.05}
     assert not any(type(m) is nn.Dropout and m.p > 0 for m in model.modules())
+
+
+def test_compiled_callers_draw_the_same_mask():
+    """The number of dropped positions depends on the draws, which dynamo cannot trace; `--compile` must
+    leave the drawing to eager mode instead of failing ("eager" backend: dynamo's tracing, no codegen)."""
+    layer = nn.Sequential(nn.Linear(8, 8), GapDropout(0.1)).train()
+    x = torch.randn(50, 8)
+    torch.manual_seed(4)
+    eager = layer(x)
+    torch.manual_seed(4)
+    compiled = torch.compile(layer, backend="eager", dynamic=True)(x)
+    torch.testing.assert_close(compiled, eager)
+    assert (eager == 0).any()

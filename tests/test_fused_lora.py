@@ -107,3 +107,19 @@ def test_everything_else_takes_peft_forward(lora_model, monkeypatch):
     assert [name for name, _ in lora_model.named_parameters()] == before
     use_fused_lora(lora_model, enabled=False)
     assert not any("forward" in m.__dict__ for m in lora_model.modules())
+
+
+def test_compiled_blocks_run_the_fused_layer_with_the_same_masks(lora_model):
+    """`--compile` compiles each decoder block; the masks' length depends on the draws, so dynamo must
+    leave their drawing to eager mode rather than fail (it did, with GapDropout alone too). The "eager"
+    backend traces like the real one without generating code, so this runs in seconds."""
+    use_fused_lora(lora_model)
+    lora_model.train()
+    eager_loss, eager_grads = loss_and_grads(lora_model, seed=7)
+    for module in lora_model.modules():
+        if type(module).__name__.endswith("DecoderLayer"):
+            module.compile(backend="eager", dynamic=True)
+    compiled_loss, compiled_grads = loss_and_grads(lora_model, seed=7)
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-3)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()))

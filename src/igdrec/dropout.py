@@ -26,6 +26,7 @@ from torch import nn
 GAP_DROPOUT_MAX_P = 0.25
 
 
+@torch.compiler.disable  # its length depends on the draws: compiled callers (`--compile`) run it eagerly
 def dropped_positions(n: int, p: float, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:
     """Sorted positions in range(n) where independent Bernoulli(p) trials succeed, drawn as geometric gaps."""
     if n == 0 or p <= 0:
