@@ -123,3 +123,44 @@ def test_compiled_blocks_run_the_fused_layer_with_the_same_masks(lora_model):
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-3)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()))
+
+
+def test_a_biased_layer_and_a_strided_input_with_its_gradient():
+    """Qwen-style biased projections, an input that is not contiguous, and the input's own gradient."""
+    from peft import LoraConfig, get_peft_model
+
+    from igdrec.dropout import use_gap_dropout
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(16, 12, bias=True)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(0)
+    net = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, target_modules=["proj"]))
+    with torch.no_grad():
+        net.base_model.model.proj.lora_B["default"].weight.normal_()
+    use_gap_dropout(net)
+    net.train()
+    source = torch.randn(16, 35)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        x = source.clone().requires_grad_(True)
+        net.zero_grad(set_to_none=True)
+        torch.manual_seed(11)
+        y = net(x.t())  # (35, 16) with the features strided: rows of the flattened input are not contiguous
+        (y * torch.arange(y.numel(), dtype=y.dtype).view(y.shape).cos()).sum().backward()
+        lora = net.base_model.model.proj
+        return y.detach(), x.grad, lora.lora_A["default"].weight.grad, lora.lora_B["default"].weight.grad
+
+    assert use_fused_lora(net) == 1
+    fused = run()
+    use_fused_lora(net, enabled=False)
+    peft = run()
+    assert (peft[0] != net.base_model.model.proj.base_layer(source.t())).any()  # the adapter counts
+    for mine, theirs in zip(fused, peft):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    assert net.base_model.model.proj.base_layer.bias.grad is None

@@ -21,8 +21,8 @@ masks — and hence losses and gradients, up to float rounding — equal peft's 
 (tests/test_fused_lora.py). The base weights are frozen: no gradient is computed for them.
 
 Anything else peft's layer supports (merged or disabled adapters, several active adapters, DoRA and
-other variants, LoRA bias, mixed-adapter batches, autocast, a non-`nn.Linear` base) takes peft's own
-forward, unchanged.
+other variants, LoRA bias, mixed-adapter batches, autocast, a non-`nn.Linear` base, a base weight or
+bias that trains) takes peft's own forward, unchanged.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class _LoRALinear(torch.autograd.Function):
         out = nn.functional.linear(rows, weight, bias)
         dropped = dropped_positions(rows.numel(), p, x.device) if p > 0 else None
         if dropped is not None:
-            rows = rows.clone()
+            rows = rows.clone(memory_format=torch.contiguous_format)
             rows.view(-1)[dropped] = 0
         inv_keep = 1.0 / (1.0 - p)
         h = torch.mm(rows, lora_a.t()).mul_(inv_keep)
@@ -68,8 +68,6 @@ class _LoRALinear(torch.autograd.Function):
             grad_a = torch.mm(g_h.t(), kept).mul_(ctx.inv_keep)
         if ctx.needs_input_grad[4]:
             grad_b = torch.mm(g.t(), h).mul_(ctx.scaling)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            raise RuntimeError("fused LoRA: the base layer's weights must be frozen")
         return grad_x, None, None, grad_a, grad_b, None, None
 
 
@@ -99,6 +97,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         and not getattr(self, "lora_bias", {}).get(name, False)
         and not torch.is_autocast_enabled(x.device.type)
         and not base.weight.requires_grad
+        and (base.bias is None or not base.bias.requires_grad)
         and x.dtype == base.weight.dtype == self.lora_A[name].weight.dtype
     )
     if not plain:
