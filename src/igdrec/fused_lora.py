@@ -63,7 +63,8 @@ class _LoRALinear(torch.autograd.Function):
             through_adapter = torch.mm(g_h, lora_a)
             if ctx.dropout:
                 through_adapter.view(-1)[dropped] = 0
-            grad_x = torch.addmm(through_adapter, g, weight, beta=ctx.inv_keep).view(ctx.input_shape)
+            # in place: torch.addmm would first copy the adapter term into a new output
+            grad_x = through_adapter.addmm_(g, weight, beta=ctx.inv_keep).view(ctx.input_shape)
         if ctx.needs_input_grad[3]:
             grad_a = torch.mm(g_h.t(), kept).mul_(ctx.inv_keep)
         if ctx.needs_input_grad[4]:
