@@ -34,6 +34,7 @@ from igdrec.assistant import MassTree, guided_step, node_mass, tfa_log_share
 from igdrec.errors import IgdrecError
 from igdrec.ig import CatalogTrie
 from igdrec.modeling import kv_cache_kwargs
+from igdrec.prompt import shared_prefix_len
 
 NEG_INF = float("-inf")
 
@@ -344,9 +345,7 @@ class BeamSearch:
             return kept
         if len(prompts) < 2:
             return None  # a prefix pass would save nothing
-        length = 0
-        while length < room and all(q[length] == prompts[0][length] for q in prompts):
-            length += 1
+        length = shared_prefix_len(prompts, [len(q) for q in prompts])
         if length == 0:
             return None
         from transformers import DynamicCache

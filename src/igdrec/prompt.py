@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
+
 from igdrec.errors import IgdrecError
 
 RESPONSE_HEADER = "### Response:\n"
@@ -119,3 +121,16 @@ def encode_sample(tokenizer, history_titles: Sequence[str], category: str, targe
     budget = None if cutoff_len is None else max(cutoff_len - len(target_ids), 1)
     prompt_ids, used = encode_prompt(tokenizer, history_titles, category, budget)
     return EncodedSample(input_ids=prompt_ids + list(target_ids), prompt_len=len(prompt_ids), history_used=used)
+
+
+def shared_prefix_len(sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]) -> int:
+    """Length of the token prefix common to all rows (the template's instruction, when their prompts are
+    built by this module), capped one short of the shortest prompt so that every row keeps its last prompt
+    token, whose logits predict what follows, outside the prefix."""
+    limit = min(prompt_lens) - 1
+    first = np.asarray(sequences[0][:limit])
+    for seq in sequences[1:]:
+        n = min(len(first), len(seq))
+        differ = np.flatnonzero(first[:n] != np.asarray(seq[:n]))
+        first = first[: differ[0] if differ.size else n]
+    return max(len(first), 0)

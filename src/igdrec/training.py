@@ -20,7 +20,9 @@ they are split into micro-batches changes nothing but float rounding):
   is active (LoRA dropout draws a different mask per row), so it switches itself off when dropout would act;
 - encodings are tokenised once and kept for later epochs;
 - on CPU, LoRA dropout draws the gaps between dropped elements instead of one Bernoulli number per element
-  (igdrec.dropout): the same distribution of masks, a twentieth of the random draws at p = 0.05.
+  (igdrec.dropout): the same distribution of masks, a twentieth of the random draws at p = 0.05, and each
+  LoRA layer runs as one autograd function (igdrec.fused_lora): the same function, fewer passes over the
+  activations.
 
 Determinism and resume: the data order of epoch e is a permutation seeded by (seed, e), and the torch RNG
 (LoRA dropout) is re-seeded from (seed, step, rank) before every step. The step counter therefore fixes the
@@ -44,7 +46,7 @@ from torch import nn
 
 from igdrec import weighting
 from igdrec.modeling import autocast_dtype, kv_cache_kwargs, pick_device, returned_cache
-from igdrec.prompt import encode_prompt, encode_sample
+from igdrec.prompt import encode_prompt, encode_sample, shared_prefix_len
 from igdrec.rundir import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
@@ -120,18 +122,6 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
         ids[row, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
         mask[row, width - len(seq):] = 1
     return ids, mask
-
-
-def shared_prefix_len(sequences: Sequence[np.ndarray], prompt_lens: Sequence[int]) -> int:
-    """Length of the token prefix common to all rows, capped one short of the shortest prompt so that every
-    row keeps the token that predicts its first target token outside the prefix."""
-    limit = min(prompt_lens) - 1
-    first = sequences[0][:limit]
-    for seq in sequences[1:]:
-        n = min(len(first), len(seq))
-        differ = np.flatnonzero(first[:n] != seq[:n])
-        first = first[: differ[0] if differ.size else n]
-    return max(len(first), 0)
 
 
 class SFTExamples:

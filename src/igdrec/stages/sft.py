@@ -28,8 +28,8 @@ from igdrec import config as cfg
 from igdrec.config import SFTConfig
 from igdrec.console import console, err_console, print_table, progress_bar
 from igdrec.dropout import use_gap_dropout
-from igdrec.fused_lora import use_fused_lora
 from igdrec.errors import IgdrecError
+from igdrec.fused_lora import use_fused_lora
 from igdrec.modeling import load_model, load_tokenizer, require_same_tokenizer, resolve_model_path
 from igdrec.prompt import item_token_sequences
 from igdrec.rundir import RunDir, StageWriter
