@@ -198,6 +198,7 @@ def test_source_and_weighting_choices_match_their_implementations():
     from igdrec import training
 
     assert cfg.PRECISIONS == training.PRECISIONS
+    assert cfg.LR_SCHEDULES == training.LR_SCHEDULES
 
 
 @pytest.mark.parametrize("stage", list(cfg.STAGE_CONFIGS))
@@ -229,6 +230,89 @@ def test_every_field_is_settable_from_cli_and_yaml_and_has_a_key_role(stage, tmp
             assert cfg.key_params(base)[opt.name] != cfg.key_params(changed)[opt.name], f"{stage}.{opt.name}"
         else:  # a run setting or an input file (keyed by its content fingerprint) never is a key parameter
             assert opt.name not in cfg.key_params(base) and opt.name not in cfg.key_params(changed), f"{stage}.{opt.name}"
+
+
+NUMERIC = [(stage, opt) for stage, cls in cfg.STAGE_CONFIGS.items() for opt in cfg.options(cls)
+           if opt.kind in (int, float) or (opt.kind is list and opt.element in (int, float))]
+
+
+def out_of_range(opt: cfg.Option) -> list:
+    """The nearest values beyond each declared bound."""
+    kind = opt.element if opt.kind is list else opt.kind
+    step = 1 if kind is int else 0.5
+    values = [opt.min - step if opt.min is not None else opt.gt, opt.max + step if opt.max is not None else opt.lt]
+    return [kind(v) for v in values if v is not None]
+
+
+@pytest.mark.parametrize("stage, opt", NUMERIC, ids=[f"{stage}.{opt.name}" for stage, opt in NUMERIC])
+def test_every_number_declares_its_bounds_and_the_cli_refuses_values_beyond_them(stage, opt, captured):
+    assert opt.min is not None or opt.gt is not None, f"{stage} {opt.cli_name}: declare a lower bound (min= or gt=)"
+    assert opt.max is None or opt.lt is None, opt.name
+    for value in out_of_range(opt):
+        text = f"{value:g}" if isinstance(value, float) else str(value)
+        result = CliRunner().invoke(app, [stage, opt.cli_name, text])
+        assert result.exit_code != 0 and not captured, f"{stage} {opt.cli_name} {text}: {result.output}"
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and f"{opt.cli_name} {text}: must " in lines[0], result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sft", "--lora-dropout", "1"], "--lora-dropout 1: must lie in [0, 1)"),
+    (["sft", "--seed", "-1"], "--seed -1: must lie in [0, 4294967295]"),
+    (["metrics", "--compare", "a", "b", "--seed", "-1"], "--seed -1: must lie in [0, 4294967295]"),
+    (["baseline", "--seed", "4294967296"], "--seed 4294967296: must lie in [0, 4294967295]"),
+    (["decode", "--length-penalty", "1000"], "--length-penalty 1000: must lie in [0, 10]"),
+    (["decode", "--device", "tpu"], "--device 'tpu': expected one of auto, cpu, cuda, mps or cuda:N (did you mean 'cpu'?)"),
+    (["sft", "--device", "CUDA"], "--device 'CUDA': expected one of auto, cpu, cuda, mps or cuda:N (did you mean 'cuda'?)"),
+    (["rerank", "--device", "cuda:x"], "--device 'cuda:x': expected one of auto, cpu, cuda, mps or cuda:N (did you mean 'cuda'?)"),
+    (["sft", "--lr-schedule", "linaer"], "--lr-schedule 'linaer': expected one of cosine, linear (did you mean 'linear'?)"),
+])
+def test_bad_option_values_are_refused_on_one_line(args, message, captured):
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0 and not captured, result.output
+    assert result.output.strip().splitlines() == [f"error: {message}"]
+
+
+def test_device_strings_that_name_a_device_are_accepted(captured):
+    for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:12", "mps"):
+        result = CliRunner().invoke(app, ["decode", "--device", device])
+        assert result.exit_code == 0 and captured[-1][1].device == device, result.output
+
+
+def test_a_device_this_machine_lacks_is_refused_on_one_line(monkeypatch):
+    import torch
+
+    from igdrec.modeling import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(IgdrecError, match=r"^--device cuda:1: CUDA is not available on this machine$"):
+        pick_device("cuda:1")
+    assert pick_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(IgdrecError, match=r"^--device cuda:2: this machine has 2 CUDA device\(s\), cuda:0 to cuda:1$"):
+        pick_device("cuda:2")
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(IgdrecError, match=r"^--device mps: MPS .* is not available on this machine$"):
+        pick_device("mps")
+
+
+def test_cut_offs_are_a_set_sorted_without_repeats(tmp_path, captured):
+    result = CliRunner().invoke(app, ["metrics", "--ks", "5,5,1,1"])
+    assert result.exit_code == 0 and captured[-1][1].ks == [1, 5], result.output
+    from_yaml = cfg.load_pipeline(write(tmp_path, "metrics:\n  ks: [10, 1, 10]\n")).stage_config("metrics")
+    assert from_yaml.ks == [1, 10]
+    # one value, one cache key: also for a config built in Python with the cut-offs in any order
+    assert cfg.key_params(cfg.MetricsConfig(ks=[1])) == cfg.key_params(cfg.MetricsConfig(ks=[1, 1]))
+    assert cfg.key_params(cfg.MetricsConfig(ks=[5, 1, 5]))["ks"] == [1, 5]
+
+
+def test_min_lr_ratio_acts_only_on_the_cosine_schedule():
+    linear = cfg.SFTConfig(lr_schedule="linear")
+    assert "min_lr_ratio" not in cfg.key_params(linear)
+    assert cfg.key_params(linear) == cfg.key_params(dataclasses.replace(linear, min_lr_ratio=0.5))
+    assert cfg.key_params(cfg.SFTConfig())["min_lr_ratio"] == 0.1 and cfg.SFTConfig().lr_schedule == "cosine"
 
 
 def test_inert_fields_stay_out_of_the_key():

@@ -234,6 +234,15 @@ def test_decoder_on_cpu_keeps_fp32_and_batches_eight(run, model_dir):
     assert next(decoder.model.parameters()).dtype == torch.float32
     assert decoder.batch_size(prompt_len=100) == 8
     assert Decoder(decoder.model, decoder.tokenizer, decoder.catalog, DecodeConfig(batch_size="5")).batch_size(100) == 5
+    # S / L^lp needs L^lp finite in float32: the largest length penalty (10) with a hypothesis of 10^5 tokens is not
+    with pytest.raises(IgdrecError, match=r"^--length-penalty 10: L\^lp overflows float32 for hypotheses of up to 100001 tokens"):
+        Decoder(decoder.model, decoder.tokenizer, decoder.catalog, DecodeConfig(constrained=False, max_new_tokens=100_000, length_penalty=10))
+    Decoder(decoder.model, decoder.tokenizer, decoder.catalog, DecodeConfig(constrained=False, max_new_tokens=7000, length_penalty=10))
+
+
+def test_a_missing_assistant_baseline_names_the_command_that_makes_it(run, model_dir):
+    with pytest.raises(IgdrecError, match=r"baseline/nosuch has no finished, intact artifacts; run `igdrec baseline --name nosuch` first$"):
+        decode.run(DecodeConfig(model=str(model_dir), tfa="nosuch"), run)
 
 
 def test_merged_lora_is_cast_after_merging(tmp_path, model_dir):

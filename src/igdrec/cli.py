@@ -76,7 +76,7 @@ def run_stage(stage: str, config, run_dir: Path | None, force: bool):
 
 def _metavar(opt: cfg.Option) -> str:
     if opt.choices:
-        return "|".join(map(str, opt.choices))
+        return "|".join([*map(str, opt.choices), *([opt.pattern[1]] if opt.pattern else [])])
     names = {int: "INT", float: "FLOAT", str: "TEXT"}
     if opt.kind is list:
         return f"{names.get(opt.element, 'TEXT')},..."

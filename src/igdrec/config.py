@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -46,6 +47,9 @@ def option(
     min: float | None = None,
     max: float | None = None,
     gt: float | None = None,
+    lt: float | None = None,
+    pattern: tuple[str, str] | None = None,
+    as_set: bool = False,
     only: dict | Callable | None = None,
     input: bool = False,
     flags: str | None = None,
@@ -57,7 +61,12 @@ def option(
     `input=True`: the value names an input file; the stage keys on the file's content fingerprint (its
     `inputs`), never on the path's spelling, so the field stays out of `key_params`.
     `choices`: the allowed values (a near miss is answered with the closest one).
-    `min`/`max`: inclusive bounds, `gt`: exclusive lower bound (of a number, or of each list element).
+    `min`/`max`: inclusive bounds, `gt`/`lt`: exclusive ones (of a number, or of each list element). Every
+    number declares at least its lower bound (tests/test_config.py).
+    `pattern`: (regular expression, how it reads), a family of strings accepted beside `choices`
+    (e.g. `cuda:N`).
+    `as_set`: a list whose order and repeats mean nothing: parsed sorted without repeats, so that
+    `--ks 5,1,1` and `--ks 1,5` are one value and one cache key.
     `only`: the field has an effect only when `{other_field: value or tuple of values}` holds (or when
     `only(config)` is true); otherwise it is inert and left out of the cache key. The CLI lists such
     options under their own heading.
@@ -67,7 +76,7 @@ def option(
     role = INPUT_FILE if input else KEY if key else RUN_SETTING
     metadata = {
         "help": help, "key": role == KEY, "role": role, "choices": tuple(choices) if choices else None,
-        "min": min, "max": max, "gt": gt, "only": only, "flags": flags,
+        "min": min, "max": max, "gt": gt, "lt": lt, "pattern": pattern, "as_set": as_set, "only": only, "flags": flags,
     }
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
@@ -83,9 +92,18 @@ def option(
 SOURCES = ("ml-100k", "amazon2018", "d3-csv", "interactions")
 WEIGHTINGS = ("plain", "pos", "cft", "igd")
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")  # kept equal to igdrec.training.PRECISIONS by tests/test_config.py
+LR_SCHEDULES = ("cosine", "linear")  # kept equal to igdrec.training.LR_SCHEDULES by tests/test_config.py
 _AMAZON = {"source": "amazon2018"}
 _D3 = {"source": "d3-csv"}
 _INTERACTIONS = {"source": "interactions"}
+# Seeds reach numpy, Python's random and torch; numpy's legacy seeding, the narrowest, takes [0, 2**32 - 1].
+SEED_MAX = 2**32 - 1
+# Where a stage runs; whether the machine has it is checked when the device is opened (modeling.pick_device).
+DEVICES, CUDA_INDEX = ("auto", "cpu", "cuda", "mps"), (r"cuda:\d+", "cuda:N")
+
+
+def _device_option(help: str = "auto, cpu, cuda, cuda:N or mps."):
+    return option("auto", help, key=False, choices=DEVICES, pattern=CUDA_INDEX)
 
 
 @dataclass
@@ -109,7 +127,7 @@ class PreprocessConfig:
     k_core: int = option(5, "Iterative K-core on users and items.", min=1, only=_AMAZON)
     min_items: int = option(10000, "Extend the window a year back while fewer items remain.", min=0, only=_AMAZON)
     earliest_year: int = option(1996, "Extend the window back no further than this year.", min=1970, only=_AMAZON)
-    seed: int = option(42, "Item-id shuffle seed.", only=_AMAZON)
+    seed: int = option(42, "Item-id shuffle seed.", min=0, max=SEED_MAX, only=_AMAZON)
     # d3-csv
     train: str | None = option(None, "Train CSV.", input=True, only=_D3)
     valid: str | None = option(None, "Valid CSV.", input=True, only=_D3)
@@ -154,14 +172,21 @@ class SFTConfig:
     micro_batch_size: int = option(4, "Samples per forward pass.", min=1)
     cutoff_len: int = option(512, "Most tokens of prompt + target.", min=1)
     warmup_steps: int = option(20, "Linear warm-up steps, capped at a tenth of the planned steps.", min=0)
-    min_lr_ratio: float = option(0.1, "Floor of the cosine decay, as a share of the peak learning rate.", min=0.0, max=1.0)
+    # cosine stays the default so that earlier fine-tunes (and the demo's loss curve) are unchanged; the paper's
+    # configs run linear, the schedule the reference's Trainer used (docs/method.md §5).
+    lr_schedule: str = option(
+        "cosine", "After the warm-up: cosine decay to --min-lr-ratio × lr, or linear decay to 0 (the HF Trainer "
+        "default, as the reference ran).", choices=LR_SCHEDULES)
+    min_lr_ratio: float = option(0.1, "Floor of the cosine decay, as a share of the peak learning rate.", min=0.0, max=1.0,
+                                 only={"lr_schedule": "cosine"})
     weight_decay: float = option(0.0, "AdamW weight decay.", min=0.0)
     max_grad_norm: float = option(1.0, "Gradient clipping norm, as the reference (HF Trainer default); 0 = off.", min=0.0)
-    seed: int = option(42, "Seed of the sample subsets, the data order and the LoRA initialisation.")
+    seed: int = option(42, "Seed of the sample subsets, the data order and the LoRA initialisation.", min=0, max=SEED_MAX)
     lora: bool = option(True, "LoRA adapters, or full fine-tuning.", flags="--lora/--full")
     lora_r: int = option(8, "LoRA rank.", min=1, only={"lora": True})
     lora_alpha: int = option(16, "LoRA alpha.", min=1, only={"lora": True})
-    lora_dropout: float = option(0.05, "LoRA dropout.", min=0.0, max=1.0, only={"lora": True})
+    # p = 1 would zero every adapter input: the adapters would never move from their initialisation.
+    lora_dropout: float = option(0.05, "LoRA dropout.", min=0.0, lt=1.0, only={"lora": True})
     lora_target_modules: list[str] = option(
         factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         help="Comma-separated LoRA target modules (default: all linear layers).", only={"lora": True},
@@ -170,7 +195,7 @@ class SFTConfig:
     log_every: int = option(1, "Optimiser steps between training-log rows.", min=1, key=False)
     save_every: int = option(50, "Optimiser steps between resumable checkpoints (0 = none).", min=0, key=False)
     resume: bool = option(False, "Continue from the last checkpoint of an interrupted run.", key=False)
-    device: str = option("auto", "auto, cpu, cuda or cuda:N.", key=False)
+    device: str = _device_option()
     ig_group_threshold: float | None = option(
         None, "IG above which a positive-IG target token counts as high IG in the CE-by-group logs "
         "(default: the median positive IG of the training targets used; docs/method.md §5).", gt=0.0)
@@ -201,7 +226,8 @@ class DecodeConfig:
     split: str = option("test", "Split to decode.", choices=("test", "valid"))
     limit: int | None = option(None, "Decode only the first N samples in sample_id order.", min=1)
     num_beams: int = option(10, "Beams = items returned per sample.", min=1)
-    length_penalty: float = option(1.0, "Final score S / L^lp: 1.0 = BIGRec, 0.0 = D3 (docs/method.md §6).")
+    # At most 10: L^lp stays finite in float32 for hypotheses of up to 7,079 tokens (docs/method.md §6.2).
+    length_penalty: float = option(1.0, "Final score S / L^lp: 1.0 = BIGRec, 0.0 = D3 (docs/method.md §6.2).", min=0.0, max=10.0)
     alpha: float = option(0.0, "IGD decoding calibration w_d = 1 - alpha * IG~ (0 = off); must stay in [0, 1] so "
                                "step scores stay ≤ 0 (docs/method.md §6).", min=0.0, max=1.0)
     batch_size: str | int = option(
@@ -213,7 +239,7 @@ class DecodeConfig:
     jump_fill: float = option(1.0, "Least share of real (not pad) tokens in a jump-forward pass; lower suits GPUs.",
                               gt=0.0, max=1.0, key=False)
     cutoff_len: int = option(512, "Most prompt tokens (the oldest history items are cut first).", min=1)
-    device: str = option("auto", "auto, cpu, cuda or cuda:N.", key=False)
+    device: str = _device_option()
     constrained: bool = option(True, "Constrain beams to catalog titles, or generate freely (then rerank --grounding).",
                                flags="--constrained/--unconstrained")
     max_new_tokens: int | None = option(None, "Unconstrained: most tokens generated (default: the longest catalog title).", min=1)
@@ -249,7 +275,7 @@ class RerankConfig:
         only={"grounding": True},
     )
     grounding_batch_size: int = option(32, "Texts per forward pass when embedding for --grounding.", key=False, min=1)
-    device: str = option("auto", "auto | cpu | cuda (the grounding model's device).", key=False)
+    device: str = _device_option("The grounding model's device: auto, cpu, cuda, cuda:N or mps.")
 
     def cross_check(self) -> None:
         if self.grounding_model and not self.grounding:
@@ -277,10 +303,10 @@ class BaselineConfig:
     dropout: float | None = option(None, "Hidden dropout (SASRec, default 0.5) or dropout on the item embeddings (GRU4Rec, default 0.3).", min=0.0, max=0.99)
     attn_dropout: float = option(0.5, "SASRec: dropout on the attention probabilities.", min=0.0, max=0.99)
     gru_hidden_size: int = option(128, "GRU4Rec: GRU hidden size.", min=1)
-    seed: int = option(42, "Seed of the initialisation, the batch order and dropout.")
+    seed: int = option(42, "Seed of the initialisation, the batch order and dropout.", min=0, max=SEED_MAX)
     top_k: int = option(20, "Length of the ranked test lists in topk.parquet.", min=1)
     eval_batch_size: int = option(4096, "Windows per scoring batch (validation, test, probabilities).", key=False, min=1)
-    device: str = option("auto", "auto | cpu | cuda.", key=False)
+    device: str = _device_option()
 
 
 @dataclass
@@ -293,12 +319,13 @@ class MetricsConfig:
     rerank: str | None = option(None, "Name of a rerank in this run directory.")
     baseline: str | None = option(None, "Score a traditional baseline (<run>/baseline/NAME) instead of a rerank.")
     name: str | None = option(None, "Name of the metrics result (default: the rerank's or baseline's name).", key=False)
-    ks: list[int] = option(factory=lambda: [1, 3, 5, 10, 20], help="Comma-separated cut-offs K (those beyond the list length are dropped).", min=1)
+    ks: list[int] = option(factory=lambda: [1, 3, 5, 10, 20], help="Comma-separated cut-offs K (sorted, repeats dropped; "
+                           "those beyond the list length are dropped too).", min=1, as_set=True)
     diversity_k: int = option(10, "List length the diversity and entropy statistics look at.", min=1)
     limit: int | None = option(None, "Score only the first N samples of the split in sample_id order (e.g. a baseline "
                                      "beside a --limit'ed decode, so both are scored on the same samples).", min=1)
     bootstrap: int = option(1000, "Paired bootstrap resamples of --compare.", min=1, key=False)
-    seed: int = option(0, "Seed of the --compare bootstrap.", key=False)
+    seed: int = option(0, "Seed of the --compare bootstrap.", key=False, min=0, max=SEED_MAX)
 
     def cross_check(self) -> None:
         if self.rerank is not None and self.baseline is not None:
@@ -335,6 +362,9 @@ class Option:
     min: float | None = None
     max: float | None = None
     gt: float | None = None
+    lt: float | None = None
+    pattern: tuple[str, str] | None = None
+    as_set: bool = False
     only: dict | Callable | None = None
     flags: str | None = None
 
@@ -380,7 +410,8 @@ def options(cls: type) -> tuple[Option, ...]:
         result.append(Option(
             name=f.name, annotation=hints[f.name], default=default, help=meta.get("help", ""), role=role,
             declared="help" in meta and bool(meta.get("help")), choices=meta.get("choices"), min=meta.get("min"),
-            max=meta.get("max"), gt=meta.get("gt"), only=meta.get("only"), flags=meta.get("flags"),
+            max=meta.get("max"), gt=meta.get("gt"), lt=meta.get("lt"), pattern=meta.get("pattern"),
+            as_set=meta.get("as_set", False), only=meta.get("only"), flags=meta.get("flags"),
         ))
     return tuple(result)
 
@@ -401,7 +432,7 @@ def key_params(config) -> dict:
     A stage adds what only it can resolve (a resolved upstream name, a tokenizer identity) on top.
     """
     values = dataclasses.asdict(config)
-    return {o.name: values[o.name] for o in options(type(config)) if o.role == KEY and o.applies(config)}
+    return {o.name: _as_set(o, values[o.name]) for o in options(type(config)) if o.role == KEY and o.applies(config)}
 
 
 def _shape(annotation: Any) -> tuple[type, bool, type | None]:
@@ -442,8 +473,13 @@ def parse(opt: Option, value: Any, where: str) -> Any:
         raise IgdrecError(f"{where}: expected {_type_name(opt.kind, opt.element)}, got nothing")
     if opt.kind is list:
         items = value if isinstance(value, (list, tuple)) else [v.strip() for v in str(value).split(",") if v.strip()]
-        return [_scalar(opt.element, v, where) for v in items]
+        return _as_set(opt, [_scalar(opt.element, v, where) for v in items])
     return _scalar(opt.kind, value, where)
+
+
+def _as_set(opt: Option, value: Any) -> Any:
+    """An `as_set` list sorted and without repeats; any other value as it is."""
+    return sorted(set(value)) if opt.as_set and isinstance(value, list) else value
 
 
 def _scalar(kind: type, value: Any, where: str) -> Any:
@@ -494,25 +530,34 @@ def validate(opt: Option, value: Any, where: str) -> None:
     for v in value if isinstance(value, list) else [value]:
         if v is None:
             continue
-        if opt.choices and v not in opt.choices:
-            raise IgdrecError(f"{where} {v!r}: expected one of {', '.join(map(str, opt.choices))}{suggestion(v, opt.choices)}")
+        matches = opt.pattern is not None and isinstance(v, str) and re.fullmatch(opt.pattern[0], v) is not None
+        if opt.choices and v not in opt.choices and not matches:
+            expected = ", ".join(map(str, opt.choices)) + (f" or {opt.pattern[1]}" if opt.pattern else "")
+            raise IgdrecError(f"{where} {v!r}: expected one of {expected}{suggestion(v, opt.choices)}")
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            if not math.isfinite(v):
+            if isinstance(v, float) and not math.isfinite(v):
                 raise IgdrecError(f"{where} {v}: must be a finite number")
             low_ok = (opt.min is None or v >= opt.min) and (opt.gt is None or v > opt.gt)
-            if not low_ok or (opt.max is not None and v > opt.max):
-                raise IgdrecError(f"{where} {v:g}: must {_bounds(opt)}")
+            high_ok = (opt.max is None or v <= opt.max) and (opt.lt is None or v < opt.lt)
+            if not (low_ok and high_ok):
+                raise IgdrecError(f"{where} {_num(v)}: must {_bounds(opt)}")
 
 
 def _bounds(opt: Option) -> str:
-    low = f"[{opt.min:g}" if opt.min is not None else f"({opt.gt:g}" if opt.gt is not None else None
-    if low and opt.max is not None:
-        return f"lie in {low}, {opt.max:g}]"
+    low = f"[{_num(opt.min)}" if opt.min is not None else f"({_num(opt.gt)}" if opt.gt is not None else None
+    high = f"{_num(opt.max)}]" if opt.max is not None else f"{_num(opt.lt)})" if opt.lt is not None else None
+    if low and high:
+        return f"lie in {low}, {high}"
     if opt.min is not None:
-        return f"be ≥ {opt.min:g}"
+        return f"be ≥ {_num(opt.min)}"
     if opt.gt is not None:
-        return f"be > {opt.gt:g}"
-    return f"be ≤ {opt.max:g}"
+        return f"be > {_num(opt.gt)}"
+    return f"be ≤ {_num(opt.max)}" if opt.max is not None else f"be < {_num(opt.lt)}"
+
+
+def _num(x: float) -> str:
+    """An integer in full (a seed bound 4294967295), any other number short (0.1, 1e-05)."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 def check(config) -> None:

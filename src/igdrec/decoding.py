@@ -265,6 +265,10 @@ class Decoder:
         self.device = next(model.parameters()).device
         self.fixed_batch_size = parse_batch_size(config.batch_size)
         self.last_batch_size: int | None = None
+        longest = config.max_new_tokens or catalog.trie.max_depth
+        if float(longest + 1) ** config.length_penalty > float(np.finfo(np.float32).max):  # S / L^lp would be -0 for all
+            raise IgdrecError(f"--length-penalty {config.length_penalty:g}: L^lp overflows float32 for hypotheses of up to "
+                              f"{longest + 1} tokens; choose a smaller length penalty (docs/method.md §6.2)")
         self.engine = BeamSearch(
             model=model,
             eos_token_id=tokenizer.eos_token_id,

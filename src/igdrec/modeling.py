@@ -24,11 +24,20 @@ _CONVERTED_MARKER = "igdrec-converted.json"
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """The device a `--device` value names (its spelling was checked with the config: config.DEVICES), or a
+    one-line error where this machine lacks it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise IgdrecError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise IgdrecError(f"--device {name}: CUDA is not available on this machine")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise IgdrecError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise IgdrecError(f"--device {name}: MPS (Apple's GPU backend) is not available on this machine")
+    return device
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:

@@ -358,10 +358,19 @@ def effective_warmup(warmup_steps: int, total_steps: int) -> int:
     return min(warmup_steps, max(1, total_steps // 10))
 
 
-def make_scheduler(optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float):
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+LR_SCHEDULES = ("cosine", "linear")
 
-    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup_steps, total_steps, min_lr_rate=min_lr_ratio)
+
+def make_scheduler(optimizer, schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float):
+    """Linear warm-up to the peak, then `cosine` decay to min_lr_ratio × peak, or `linear` decay to 0 (the HF
+    Trainer's default, which the reference's scripts ran; docs/method.md §5)."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    if schedule == "linear":
+        return get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    if schedule == "cosine":
+        return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup_steps, total_steps, min_lr_rate=min_lr_ratio)
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}; known: {', '.join(LR_SCHEDULES)}")
 
 
 # ------------------------------------------------------------------------------------------- loop
@@ -375,6 +384,7 @@ class TrainSettings:
     max_steps: int | None
     lr: float
     warmup_steps: int
+    lr_schedule: str
     min_lr_ratio: float
     weight_decay: float
     max_grad_norm: float
@@ -518,7 +528,8 @@ def train(
     loss_module = WeightedLoss(model, scheme, alpha, share_prefix=settings.share_prefix)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, settings.lr, settings.weight_decay, device)
-    scheduler = make_scheduler(optimizer, effective_warmup(settings.warmup_steps, total_steps), total_steps, settings.min_lr_ratio)
+    scheduler = make_scheduler(optimizer, settings.lr_schedule, effective_warmup(settings.warmup_steps, total_steps), total_steps,
+                               settings.min_lr_ratio)
     dtype = autocast_dtype(device) if settings.autocast == "device" else settings.autocast
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     shape = attention_shape(model)

@@ -37,7 +37,7 @@ def run(config: DecodeConfig, run_dir: RunDir, force: bool = False) -> dict:
     source = decoding.resolve_source(run, config.sft, config.model)
     inputs = source.inputs | {"data": data["fingerprint"], "ig": ig["fingerprint"]}
     if config.tfa is not None:
-        baseline = run.require(f"baseline/{config.tfa}", hint=f"the baseline {config.tfa!r}")
+        baseline = run.require(f"baseline/{config.tfa}", hint=f"igdrec baseline --name {config.tfa}")
         inputs["tfa"] = baseline["fingerprint"]
     name = config.name or default_name(source.label, config)
     params = cache_params(config, source)

@@ -225,7 +225,8 @@ def run(config: SFTConfig, run_dir: RunDir, force: bool = False) -> dict:
         training.compile_blocks(model)
     settings = training.TrainSettings(
         batch_size=config.batch_size, micro_batch_size=config.micro_batch_size, epochs=config.epochs,
-        max_steps=config.max_steps, lr=config.lr, warmup_steps=config.warmup_steps, min_lr_ratio=config.min_lr_ratio,
+        max_steps=config.max_steps, lr=config.lr, warmup_steps=config.warmup_steps,
+        lr_schedule=config.lr_schedule, min_lr_ratio=config.min_lr_ratio,
         weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, seed=config.seed,
         log_every=config.log_every, save_every=config.save_every, patience=config.patience,
         autocast=precision.autocast, length_grouping=config.length_grouping, share_prefix=config.share_prefix,
