@@ -43,6 +43,7 @@ MANIFEST = "stage.json"
 # fingerprint so that a rerun which writes the same artifacts keeps downstream stages cached.
 _RUN_RECORD_FIELDS = ("fingerprint", "digest", "versions", "wall_time_s", "created_at")
 DEFAULT_RUN_DIR = "runs/default"
+SINGLE_STAGE_PATHS = ("data", "ig")  # the stages with one artifact per run; any other is <stage folder>/NAME
 _TRACKED_PACKAGES = ("igdrec", "torch", "transformers", "peft", "polars", "numpy", "typer", "rich", "gguf")
 
 
@@ -241,7 +242,11 @@ class StageWriter:
     rows: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for part in self.stage_path.split("/"):
+        parts = self.stage_path.split("/")
+        if len(parts) != 2 and self.stage_path not in SINGLE_STAGE_PATHS:
+            raise IgdrecError(f"{self.stage} stage path {self.stage_path!r}: expected <stage folder>/NAME "
+                              f"(or one of {', '.join(SINGLE_STAGE_PATHS)})")
+        for part in parts:
             cfg.check_artifact_name(part, f"{self.stage} name")  # also what a default name is made of
         self.key = fingerprint_obj({"stage": self.stage, "params": self.params, "inputs": self.inputs})
         self.final_dir = self.run.stage_dir(self.stage_path)

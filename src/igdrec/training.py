@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -693,7 +694,9 @@ def load_checkpoint(path: Path) -> dict:
     lists and dicts; anything else is refused unread): run directories are shared and copied between
     machines, and nothing igdrec reads may run code."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a pickle protocol before it refuses the file
+            warnings.filterwarnings("ignore", message=".*pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch's restricted unpickler, or a damaged file
         raise IgdrecError(
             f"{path}: refused, not a checkpoint igdrec wrote (it holds more than tensors and plain values, or is "
