@@ -135,6 +135,7 @@ ABSOLUTE = "/tmp/igdrec-absolute-name"
         (["metrics", "--rerank", ".."], "--rerank '..'"),
         (["metrics", "--baseline", "../baseline/b"], "--baseline '../baseline/b'"),
         (["metrics", "--compare", "a", "../metrics/a"], "--compare '../metrics/a'"),
+        (["metrics", "--compare", "nosuch", ".."], "--compare '..'"),
     ],
 )
 def test_a_name_that_is_a_path_is_refused_and_the_run_stays_intact(args, shown, full_run, tmp_path):
