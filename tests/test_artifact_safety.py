@@ -142,8 +142,7 @@ def test_a_name_that_is_a_path_is_refused_and_the_run_stays_intact(args, shown, 
     run, before = full_run
     seen = outside(tmp_path, run)
     metrics_json = (run.root / "metrics" / "a.json").read_text()
-    one_line_error(CliRunner().invoke(app, [*args, "--force", "--run-dir", str(run.root)]
-                                      if "--compare" not in args else [*args, "--run-dir", str(run.root)]), shown, RULE)
+    one_line_error(CliRunner().invoke(app, [*args, "--force", "--run-dir", str(run.root)]), shown, RULE)
     assert finished(run) == before
     assert (run.root / "metrics" / "a.json").read_text() == metrics_json
     assert outside(tmp_path, run) == seen
@@ -193,9 +192,7 @@ def test_the_writer_refuses_a_stage_path_that_is_not_made_of_valid_names(full_ru
 @pytest.mark.parametrize("model, label", [("/models/.hidden_model", "hidden_model"), ("..", "model"),
                                           ("org/-odd name", "odd_name"), ("HuggingFaceTB/SmolLM2-135M", "SmolLM2-135M")])
 def test_default_names_made_from_a_model_path_are_valid(model, label):
-    from pathlib import Path as P
-
-    made = cfg.artifact_label(P(model.rstrip("/")).name)
+    made = cfg.artifact_label(Path(model.rstrip("/")).name)
     assert made == label and cfg.check_artifact_name(made, "label") == label
 
 
@@ -286,6 +283,18 @@ def test_a_forced_rerun_of_a_real_directory_still_replaces_it_and_leaves_no_tras
     assert run.manifest("rerank/a")["params"] == {"new": 1}
     assert sorted(p.name for p in run.stage_dir("rerank").iterdir()) == ["a"]
     assert {k: v for k, v in finished(run).items() if k != "rerank/a"} == {k: v for k, v in before.items() if k != "rerank/a"}
+
+
+def test_a_run_directory_reached_through_a_link_still_publishes(tmp_path):
+    """Links above the run directory (runs/ on another disk) are the user's choice; only links inside it are refused."""
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "runs").symlink_to(tmp_path / "disk", target_is_directory=True)
+    run = RunDir(tmp_path / "runs" / "r")
+    for params in ({"v": 1}, {"v": 2}):
+        with StageWriter(run, "decode/x", stage="decode", params=params, force=True) as out:
+            out.path("beams.parquet").write_bytes(b"b")
+    assert run.manifest("decode/x")["params"] == {"v": 2}
+    assert sorted(p.name for p in (tmp_path / "disk" / "r" / "decode").iterdir()) == ["x"]
 
 
 # --------------------------------------------------------------------------------------------------
