@@ -12,10 +12,10 @@ when it has finished is the manifest written and the directory renamed into plac
 never leaves an artifact that a later stage would accept. Resumable stages (sft, decode) keep their
 partial directory after a failure and pick it up again on the next run with the same key.
 
-A stage directory is `<run>/<stage root>/NAME` (or `<run>/data`, `<run>/ig`) with NAME a valid artifact name
-(`config.check_artifact_name`), reached through no symbolic link: publishing removes the previous
+A stage directory is `<run>/<stage folder>/NAME` (or `<run>/data`, `<run>/ig`) with NAME a valid artifact
+name (`config.check_artifact_name`), reached through no symbolic link: publishing removes the previous
 directory, and must never remove anything else. While a stage writes, it holds an exclusive lock on
-`<run>/.partial/<stage>.lock`, so a second process writing the same artifact is refused at once.
+`<run>/.partial/<stage folder>__NAME.lock`, so a second process writing the same artifact is refused at once.
 """
 
 from __future__ import annotations
