@@ -38,12 +38,10 @@ def test_the_writer_sees_a_hidden_sibling_of_the_target(tmp_path):
 
 
 def test_training_checkpoints_go_through_it(tmp_path):
-    import torch
-
-    from igdrec.training import save_checkpoint
+    from igdrec.training import load_checkpoint, save_checkpoint
 
     path = tmp_path / "checkpoint" / "state.pt"
     save_checkpoint(path, {"step": 3})
     save_checkpoint(path, {"step": 4})
-    assert torch.load(path, weights_only=False)["step"] == 4
+    assert load_checkpoint(path)["step"] == 4
     assert [p.name for p in path.parent.iterdir()] == ["state.pt"]

@@ -36,6 +36,25 @@ EMBEDDED_MODEL = "smollm2-135m"
 # Cache-key roles of a field (see `option`).
 KEY, RUN_SETTING, INPUT_FILE = "key", "run setting", "input file"
 
+# An artifact name becomes one directory (and file) name inside the run directory: `<run>/sft/NAME`,
+# `.partial/sft__NAME-KEY`, `metrics/NAME.json`. So it is one path component that cannot climb out of its
+# stage folder (`..`, `/`), stand for the folder itself (`.`), hide (a leading dot), read as an option (a
+# leading `-`) or break a line of output, and it stays short of the file system's 255-byte limit.
+ARTIFACT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
+ARTIFACT_NAME_RULE = "1-100 letters, digits, '_', '-' or '.', starting with a letter, digit or '_'"
+
+
+def check_artifact_name(value: Any, where: str) -> str:
+    """`value` if it is a valid artifact name, else a one-line error naming `where` (an option or a file's key)."""
+    if not isinstance(value, str) or ARTIFACT_NAME.fullmatch(value) is None:
+        raise IgdrecError(f"{where} {value!r}: not a valid name; use {ARTIFACT_NAME_RULE} (it names a directory of the run)")
+    return value
+
+
+def artifact_label(text: str, fallback: str = "model") -> str:
+    """A valid artifact-name part made from free text (a model path or id): other characters become '_'."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).lstrip(".-") or fallback
+
 
 def option(
     default: Any = dataclasses.MISSING,
@@ -53,6 +72,7 @@ def option(
     only: dict | Callable | None = None,
     input: bool = False,
     flags: str | None = None,
+    artifact: bool = False,
 ):
     """A stage-config field with its help text, cache-key role and accepted values, written once.
 
@@ -71,12 +91,15 @@ def option(
     `only(config)` is true); otherwise it is inert and left out of the cache key. The CLI lists such
     options under their own heading.
     `flags`: the command-line spelling of a bool, e.g. "--lora/--full" (default "--name/--no-name").
+    `artifact=True`: the value names an artifact of the run (`--name`, `--sft NAME`...), so it must pass
+    `check_artifact_name`.
     The CLI options, the YAML loader, the validation and the cache keys are all derived from these fields.
     """
     role = INPUT_FILE if input else KEY if key else RUN_SETTING
     metadata = {
         "help": help, "key": role == KEY, "role": role, "choices": tuple(choices) if choices else None,
         "min": min, "max": max, "gt": gt, "lt": lt, "pattern": pattern, "as_set": as_set, "only": only, "flags": flags,
+        "artifact": artifact,
     }
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
@@ -162,7 +185,7 @@ class SFTConfig:
                          min=0.0, max=1.0, only=lambda c: c.weighting != "plain")
     alpha: float = option(0.0, "CFT: weight of the causal loss.", min=0.0, only={"weighting": "cft"})
     model: str = option(EMBEDDED_MODEL, "smollm2-135m, a Hugging Face id or a local directory.")
-    name: str | None = option(None, "Name of this fine-tune (default from weighting and parameters).", key=False)
+    name: str | None = option(None, "Name of this fine-tune (default from weighting and parameters).", key=False, artifact=True)
     sample: int | None = option(None, "Train on a seeded random subset of N training samples (default: all).", min=1)
     valid_sample: int | None = option(256, "Validate on a seeded subset of N valid samples (none: all, 0: no validation).", min=0)
     epochs: int = option(3, "Epochs.", min=1)
@@ -220,9 +243,9 @@ class SFTConfig:
 class DecodeConfig:
     """Constrained, IG-calibrated beam search over the catalog (<run>/decode/NAME)."""
 
-    sft: str | None = option(None, "Name of a fine-tune in this run directory.")
+    sft: str | None = option(None, "Name of a fine-tune in this run directory.", artifact=True)
     model: str | None = option(None, "Decode with an un-fine-tuned model instead of --sft.")
-    name: str | None = option(None, "Name of this decode (default from the model and parameters).", key=False)
+    name: str | None = option(None, "Name of this decode (default from the model and parameters).", key=False, artifact=True)
     split: str = option("test", "Split to decode.", choices=("test", "valid"))
     limit: int | None = option(None, "Decode only the first N samples in sample_id order.", min=1)
     num_beams: int = option(10, "Beams = items returned per sample.", min=1)
@@ -244,7 +267,7 @@ class DecodeConfig:
                                flags="--constrained/--unconstrained")
     max_new_tokens: int | None = option(None, "Unconstrained: most tokens generated (default: the longest catalog title).", min=1)
     tfa: str | None = option(None, "D3 text-free assistant inside the search: a baseline of this run (<run>/baseline/NAME); "
-                                   "docs/method.md §6.4.")
+                                   "docs/method.md §6.4.", artifact=True)
     tfa_guidance: float = option(
         0.5, "D3 guidance g in g * (llm - tfa) + tfa = g * llm + (1 - g) * tfa: 0 = the assistant alone; 1 would "
         "cancel the assistant, so it is refused (docs/method.md §6.4).", min=0.0, max=1.0,
@@ -262,8 +285,8 @@ class DecodeConfig:
 class RerankConfig:
     """Turn beams into the final deduplicated top-K per sample (<run>/rerank/NAME)."""
 
-    decode: str | None = option(None, "Name of a decode in this run directory.")
-    name: str | None = option(None, "Name of this rerank (default: the decode's name + options).", key=False)
+    decode: str | None = option(None, "Name of a decode in this run directory.", artifact=True)
+    name: str | None = option(None, "Name of this rerank (default: the decode's name + options).", key=False, artifact=True)
     top_k: int = option(20, "Items kept per sample.", min=1)
     grounding: bool = option(
         False,
@@ -291,7 +314,7 @@ class BaselineConfig:
 
     model: str = option("sasrec", "Traditional recommender (pop = most popular training target; docs/method.md §7.4).",
                         choices=BASELINE_MODELS)
-    name: str | None = option(None, "Name of the result under <run>/baseline/ (default: the model).", key=False)
+    name: str | None = option(None, "Name of the result under <run>/baseline/ (default: the model).", key=False, artifact=True)
     epochs: int = option(300, "Most training epochs (early stopping usually ends sooner).", min=1)
     lr: float = option(1e-3, "Adam learning rate.", gt=0.0)
     batch_size: int = option(2048, "Training windows per optimiser step.", min=1)
@@ -316,9 +339,9 @@ class MetricsConfig:
     `igdrec metrics --compare A B` compares two results with paired-bootstrap 95% intervals.
     """
 
-    rerank: str | None = option(None, "Name of a rerank in this run directory.")
-    baseline: str | None = option(None, "Score a traditional baseline (<run>/baseline/NAME) instead of a rerank.")
-    name: str | None = option(None, "Name of the metrics result (default: the rerank's or baseline's name).", key=False)
+    rerank: str | None = option(None, "Name of a rerank in this run directory.", artifact=True)
+    baseline: str | None = option(None, "Score a traditional baseline (<run>/baseline/NAME) instead of a rerank.", artifact=True)
+    name: str | None = option(None, "Name of the metrics result (default: the rerank's or baseline's name).", key=False, artifact=True)
     ks: list[int] = option(factory=lambda: [1, 3, 5, 10, 20], help="Comma-separated cut-offs K (sorted, repeats dropped; "
                            "those beyond the list length are dropped too).", min=1, as_set=True)
     diversity_k: int = option(10, "List length the diversity and entropy statistics look at.", min=1)
@@ -367,6 +390,7 @@ class Option:
     as_set: bool = False
     only: dict | Callable | None = None
     flags: str | None = None
+    artifact: bool = False
 
     @property
     def cli_name(self) -> str:
@@ -412,6 +436,7 @@ def options(cls: type) -> tuple[Option, ...]:
             declared="help" in meta and bool(meta.get("help")), choices=meta.get("choices"), min=meta.get("min"),
             max=meta.get("max"), gt=meta.get("gt"), lt=meta.get("lt"), pattern=meta.get("pattern"),
             as_set=meta.get("as_set", False), only=meta.get("only"), flags=meta.get("flags"),
+            artifact=meta.get("artifact", False),
         ))
     return tuple(result)
 
@@ -524,12 +549,14 @@ def _type_name(kind: type, element: type | None = None) -> str:
 
 
 def validate(opt: Option, value: Any, where: str) -> None:
-    """Choices and bounds of one field's value (each element of a list)."""
+    """Choices, bounds and the artifact-name rule of one field's value (each element of a list)."""
     if opt.kind is list and value is not None and len(value) == 0:
         raise IgdrecError(f"{where}: expected at least one value")
     for v in value if isinstance(value, list) else [value]:
         if v is None:
             continue
+        if opt.artifact:
+            check_artifact_name(v, where)
         matches = opt.pattern is not None and isinstance(v, str) and re.fullmatch(opt.pattern[0], v) is not None
         if opt.choices and v not in opt.choices and not matches:
             expected = ", ".join(map(str, opt.choices)) + (f" or {opt.pattern[1]}" if opt.pattern else "")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -62,7 +61,7 @@ def resolve_source(run: RunDir, sft: str | None, model: str | None) -> ModelSour
         manifest = run.require(f"sft/{sft}", hint=f"igdrec sft --name {sft}")
         spec = str(run.stage_dir(f"sft/{sft}") / "model")
         return ModelSource(label=sft, spec=spec, sft=sft, inputs={"sft": manifest["fingerprint"]}, key={"sft": sft})
-    label = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model.rstrip("/")).name) or "model"
+    label = cfg.artifact_label(Path(model.rstrip("/")).name)
     local = Path(model).expanduser()
     # A local directory is keyed by its absolute path so that two spellings of it are one decode.
     key_model = str(local.resolve()) if local.exists() else model

@@ -144,6 +144,7 @@ def load_grid(path: str | Path, run_root: str | Path | None = None) -> GridConfi
     shared_weightings = _weightings(raw.get("weightings"), f"{path}:weightings")
     datasets = []
     for name, spec in _mapping(raw.get("datasets"), f"{path}:datasets").items():
+        cfg.check_artifact_name(name, f"{path}:datasets")  # the name is the dataset's run directory
         where = f"{path}:datasets.{name}"
         spec = _mapping(spec, where)
         bad = sorted(set(spec) - _DATASET_KEYS)

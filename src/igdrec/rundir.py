@@ -11,10 +11,17 @@ statistics such as `category_word`), so nothing a later stage reads from a manif
 when it has finished is the manifest written and the directory renamed into place, so a killed stage
 never leaves an artifact that a later stage would accept. Resumable stages (sft, decode) keep their
 partial directory after a failure and pick it up again on the next run with the same key.
+
+A stage directory is `<run>/<stage folder>/NAME` (or `<run>/data`, `<run>/ig`) with NAME a valid artifact
+name (`config.check_artifact_name`), reached through no symbolic link: publishing removes the previous
+directory, and must never remove anything else. While a stage writes, it holds an exclusive lock on
+`<run>/.partial/<stage folder>__NAME.lock`, so a second process writing the same artifact is refused at once.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -27,6 +34,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
+from igdrec import config as cfg
 from igdrec.console import console
 from igdrec.errors import IgdrecError
 
@@ -35,6 +43,7 @@ MANIFEST = "stage.json"
 # fingerprint so that a rerun which writes the same artifacts keeps downstream stages cached.
 _RUN_RECORD_FIELDS = ("fingerprint", "digest", "versions", "wall_time_s", "created_at")
 DEFAULT_RUN_DIR = "runs/default"
+SINGLE_STAGE_PATHS = ("data", "ig")  # the stages with one artifact per run; any other is <stage folder>/NAME
 _TRACKED_PACKAGES = ("igdrec", "torch", "transformers", "peft", "polars", "numpy", "typer", "rich", "gguf")
 
 
@@ -81,10 +90,34 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if disk_full(exc):
+            raise IgdrecError(f"{path}: no space left on the device; the file was left as it was (free some space and rerun)") from exc
         raise
     return path
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) is a full disk or an exceeded quota; polars reports one as a
+    ComputeError whose text ends in "(os error 28)"."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if not isinstance(exc, (OSError, IgdrecError)) and any(
+            f"(os error {code})" in str(exc) for code in (errno.ENOSPC, errno.EDQUOT)
+        ):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _remove(path: Path) -> None:
+    """Remove a directory tree, a file or a symbolic link (the link only, never what it points to)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
@@ -209,10 +242,18 @@ class StageWriter:
     rows: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        parts = self.stage_path.split("/")
+        if len(parts) != 2 and self.stage_path not in SINGLE_STAGE_PATHS:
+            raise IgdrecError(f"{self.stage} stage path {self.stage_path!r}: expected <stage folder>/NAME "
+                              f"(or one of {', '.join(SINGLE_STAGE_PATHS)})")
+        for part in parts:
+            cfg.check_artifact_name(part, f"{self.stage} name")  # also what a default name is made of
         self.key = fingerprint_obj({"stage": self.stage, "params": self.params, "inputs": self.inputs})
         self.final_dir = self.run.stage_dir(self.stage_path)
         safe = self.stage_path.replace("/", "__")
         self.partial_dir = self.run.root / ".partial" / f"{safe}-{self.key[:16]}"
+        self.lock_path = self.run.root / ".partial" / f"{safe}.lock"
+        self._lock_fd: int | None = None
         self.manifest: dict | None = None
         existing = None if self.force else self.run.manifest(self.stage_path)
         self.cached = existing is not None and existing.get("key") == self.key
@@ -227,9 +268,15 @@ class StageWriter:
         if self.cached:
             return self
         self.run.ensure_writable()
-        if self.partial_dir.exists() and not (self.resumable and not self.force):
-            shutil.rmtree(self.partial_dir)
-        self.partial_dir.mkdir(parents=True, exist_ok=True)
+        self._refuse_links()
+        self._lock()
+        try:
+            if self.partial_dir.exists() and not (self.resumable and not self.force):
+                _remove(self.partial_dir)
+            self.partial_dir.mkdir(parents=True, exist_ok=True)
+        except BaseException:
+            self._unlock()
+            raise
         self._started = time.perf_counter()
         return self
 
@@ -242,12 +289,80 @@ class StageWriter:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if self.cached:
             return False
-        if exc_type is not None:
-            if not self.resumable:
-                shutil.rmtree(self.partial_dir, ignore_errors=True)
-            return False
-        self._commit()
+        try:
+            if exc is None:
+                try:
+                    self._commit()
+                except BaseException as failure:  # a failed publish fails the stage the same way
+                    self._discard(failure)
+                    raise
+            else:
+                self._discard(exc)
+        finally:
+            self._unlock()
         return False
+
+    def _discard(self, exc: BaseException) -> None:
+        """After a failure: drop the partial directory (a resumable stage keeps it) and turn a full disk
+        into a one-line error that names the artifact."""
+        if not self.resumable:
+            _remove(self.partial_dir)
+        if disk_full(exc) and not isinstance(exc, IgdrecError):
+            kept = f"; its finished part stays in {self.partial_dir} for a rerun" if self.resumable else ""
+            raise IgdrecError(f"{self.stage_path}: no space left on the device of {self.run.root} while writing it; "
+                              f"nothing was published{kept} (free some space and rerun)") from exc
+
+    # --- the stage directory and its lock
+
+    def _refuse_links(self) -> None:
+        """Refuse a stage directory (or a folder on the way to it, or `.partial`) that is a symbolic link:
+        replacing it would remove or overwrite what the link points to."""
+        root = self.run.root
+        parts = self.stage_path.split("/")
+        for path in (root / ".partial", *(root.joinpath(*parts[:i]) for i in range(1, len(parts) + 1))):
+            if path.is_symlink():
+                raise IgdrecError(f"{path} is a symbolic link (to {os.readlink(path)}); igdrec replaces only directories "
+                                  "it made itself: remove the link (what it points to stays) and rerun")
+        # With valid names and no links the stage directory lies inside the run; checked, not assumed.
+        resolved = root.resolve()
+        if self.final_dir.resolve() != resolved.joinpath(*parts) or resolved not in self.final_dir.resolve().parents:
+            raise IgdrecError(f"{self.final_dir}: does not lie inside the run directory {root}; refusing to replace it")
+
+    def _lock(self) -> None:
+        """Take the artifact's lock, or refuse at once naming the process that holds it."""
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as exc:  # e.g. a symbolic link planted in its place
+                raise IgdrecError(f"{self.lock_path}: cannot open the artifact's lock ({exc.strerror or exc})") from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise IgdrecError(f"{self.stage_path}: {holder} is writing it now (lock {self.lock_path}); "
+                                  "wait for it to finish, or stop it, and rerun") from None
+            # The previous holder removes the file as it lets go: a lock on a file no longer at the path
+            # excludes nobody, so open the path again.
+            try:
+                current = os.stat(self.lock_path)
+            except FileNotFoundError:
+                current = None
+            mine = os.fstat(fd)
+            if current is not None and (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"igdrec pid {os.getpid()}".encode())
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is None:
+            return
+        self.lock_path.unlink(missing_ok=True)  # while still held, so no one takes a lock on it in between
+        os.close(self._lock_fd)
+        self._lock_fd = None
 
     def _commit(self) -> None:
         outputs = {}
@@ -275,13 +390,15 @@ class StageWriter:
         self.manifest["digest"] = manifest_digest(self.manifest)
         # The manifest goes in last, then one rename publishes the whole directory.
         write_json_atomic(self.partial_dir / MANIFEST, self.manifest)
+        self._refuse_links()  # again: a link may have appeared while the stage ran
         self.final_dir.parent.mkdir(parents=True, exist_ok=True)
         trash = None
         if self.final_dir.exists():
-            (self.final_dir / MANIFEST).unlink(missing_ok=True)
+            if self.final_dir.is_dir():
+                (self.final_dir / MANIFEST).unlink(missing_ok=True)
             trash = self.final_dir.with_name(f".{self.final_dir.name}.old-{os.getpid()}")
-            shutil.rmtree(trash, ignore_errors=True)  # left by a crashed process that had our pid
+            _remove(trash)  # left by a crashed process that had our pid
             os.replace(self.final_dir, trash)
         os.replace(self.partial_dir, self.final_dir)
         if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+            _remove(trash)

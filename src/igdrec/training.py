@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -45,6 +46,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from igdrec import weighting
+from igdrec.errors import IgdrecError
 from igdrec.modeling import autocast_dtype, kv_cache_kwargs, pick_device, returned_cache
 from igdrec.prompt import encode_prompt, encode_sample, shared_prefix_len
 from igdrec.rundir import atomic_write
@@ -539,7 +541,7 @@ def train(
     best = {"loss": None, "step": None, "state": None, "bad_epochs": 0}
     checkpoint_path = checkpoint_dir / CHECKPOINT
     if resume and checkpoint_path.exists():
-        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(checkpoint_path)
         load_trainable_state(model, ckpt["trainable"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -693,13 +695,32 @@ def compile_blocks(model: nn.Module) -> int:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write-then-rename, so a kill during the write leaves the previous checkpoint intact."""
+    """Write-then-rename, so a kill during the write leaves the previous checkpoint intact. `state` holds
+    tensors and plain Python values only, so `load_checkpoint` reads it back without running code."""
     atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint of `save_checkpoint`, read with torch's restricted unpickler (tensors, numbers, strings,
+    lists and dicts; anything else is refused unread): run directories are shared and copied between
+    machines, and nothing igdrec reads may run code."""
+    try:
+        with warnings.catch_warnings():  # torch warns about a pickle protocol before it refuses the file
+            warnings.filterwarnings("ignore", message=".*pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch's restricted unpickler, or a damaged file
+        raise IgdrecError(
+            f"{path}: refused, not a checkpoint igdrec wrote (it holds more than tensors and plain values, or is "
+            f"damaged: {type(exc).__name__}); nothing in it was run; delete it or pass --force to start over"
+        ) from exc
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise IgdrecError(f"{path}: refused, not a checkpoint igdrec wrote (no step); delete it or pass --force to start over")
+    return state
 
 
 def checkpoint_step(checkpoint_dir: Path) -> int | None:
     path = checkpoint_dir / CHECKPOINT
     if not path.exists():
         return None
-    return int(torch.load(path, map_location="cpu", weights_only=False)["step"])
+    return load_checkpoint(path)["step"]
 

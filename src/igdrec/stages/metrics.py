@@ -193,6 +193,8 @@ def compare(names: list[str], run_dir: RunDir, bootstrap: int | None = None, see
     cfg.validate(cfg.option_named(MetricsConfig, "bootstrap"), resamples, "--bootstrap")
     frames = []
     for n in names:
+        cfg.check_artifact_name(n, "--compare")
+    for n in names:
         rerank_hint = f"--rerank {n}" if run.manifest(f"rerank/{n}") is not None else f"--rerank RERANK --name {n}"
         run.require(f"metrics/{n}", hint=f"igdrec metrics {rerank_hint}")
         frames.append(schema.read(run.artifact(f"metrics/{n}", PER_SAMPLE), "per_sample_metrics").sort("sample_id"))

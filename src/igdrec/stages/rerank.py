@@ -9,7 +9,6 @@ cached per model in `<run>/grounding/`.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +134,7 @@ def catalog_embeddings(run: RunDir, model_spec: str, model_and_tokenizer, batch_
     """
     data = run.require("data", hint="igdrec preprocess")
     ig = run.require("ig", hint="igdrec build-ig-index")
-    label = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model_spec.rstrip("/")).name) or "model"
+    label = cfg.artifact_label(Path(model_spec.rstrip("/")).name)
     stage_path = f"grounding/{label}-{fingerprint_obj(model_spec)[:8]}"
     inputs = {"data": data["fingerprint"], "ig": ig["fingerprint"]}
     with StageWriter(run, stage_path, stage="grounding-embeddings", params={"model": model_spec}, inputs=inputs, force=force) as out:
