@@ -205,9 +205,12 @@ def table1(c: _Collected, out: Path) -> list[dict]:
             md += [f"**The rows above were scored on different numbers of test samples ({', '.join(map(str, sorted(counts)))}); "
                    "compare rows with the same count only.**", ""]
     md += ["Improvement: relative change of +IGD over its base row (IGD − base) / base, then Δ = IGD − base with its "
-           "paired-bootstrap 95% interval over the test samples (resamples: the metrics `bootstrap` setting, default 1000). Rows marked n/a need a stage "
-           "this igdrec does not have yet (see README.md). α (and β where several are listed) were chosen on the "
-           "validation split; the paper's columns are the paper's own numbers (Qwen2.5-1.5B, full Amazon test sets), "
+           "paired-bootstrap 95% interval over the test samples (resamples: the metrics `bootstrap` setting, default 1000). "
+           "**What the interval covers:** test-sample noise only — both rows' lists are held fixed and the test samples are "
+           "resampled in pairs — for one fine-tuning run per row (one seed); the variation between fine-tuning seeds and the "
+           "choice of α/β on validation are not in it. Rows marked n/a need a stage "
+           "this igdrec does not have yet (see README.md). α, and the fine-tune where a weighting lists candidates (IGD β, "
+           "Pos β, CFT β × α), were chosen on the validation split; the paper's columns are the paper's own numbers (Qwen2.5-1.5B, full Amazon test sets), "
            "never ours."]
     (out / "table1.md").write_text("\n".join(md) + "\n")
     _write_csv(out / "table1.csv", records)
@@ -398,12 +401,13 @@ def readme(c: _Collected, out: Path, made: list[tuple[str, str]], figure_error: 
              f"- run root: `{grid.run_root}`; re-render with `igdrec report {grid.run_root}` (reads artifacts, recomputes nothing)", "",
              "## Tables", "",
              "- [table1.md](table1.md) / table1.csv: performance (N@K = NDCG@K, H@K = HR@K) with the Improvement rows' "
-             "paired-bootstrap 95% intervals",
+             "paired-bootstrap 95% intervals (test-sample noise of one fine-tuning seed only, not seed-to-seed variation)",
              "- [table2.md](table2.md) / table2.csv: ablation on the D3 base",
              "- [table3.md](table3.md) / table3.csv: training time relative to plain fine-tuning",
              "- [table4.md](table4.md) / table4.csv: dataset and IG statistics", "",
              "## How the numbers were chosen", "",
-             f"- α (and β where several are listed) is chosen on the **validation** split by {grid.selection.metric}: every candidate "
+             f"- α, and the fine-tune where a weighting lists candidates (IGD β, Pos β, CFT β × α), are chosen on the "
+             f"**validation** split by {grid.selection.metric}: every candidate "
              "is decoded, reranked and scored on the validation samples, the best (earliest on ties) is decoded once on test. "
              "The reference implementation picks α by test metrics; we do not, so our +IGD rows are not tuned on test.",
              "- Every score is read from the named metrics artifact (`<run>/<dataset>/metrics/<name>.json`); the CSVs keep full precision.",
