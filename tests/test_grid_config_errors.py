@@ -164,3 +164,22 @@ def test_pos_and_cft_winner_is_the_best_valid_score_earliest_on_ties(tmp_path, r
     assert decode.length_penalty == lp and all(
         next(s for s in c.steps if s.stage == "decode").config.length_penalty == lp for c in row_plan.candidates)
     assert json.loads((run_dir / "metrics" / f"{row_plan.candidates[winner].metrics}.json").read_text())["NDCG@10"] == max(scores)
+
+
+def test_method_doc_states_what_each_shipped_scale_selects():
+    """docs/method.md §6.7's table is the shipped grids' selection, value for value."""
+    section = (REPO / "docs" / "method.md").read_text().split("### §6.7", 1)[1].split("\n## ", 1)[0]
+
+    def shown(value) -> str:
+        return "{" + ", ".join(f"{v:g}" for v in value) + "}" if isinstance(value, list) else f"{value:g}"
+
+    for scale in ("smoke", "mini", "gpu", "paper"):
+        grid = G.load_grid(REPO / "configs" / "grid" / f"{scale}.yaml", run_root="unused")
+        w = grid.datasets[0].weightings
+        line = next(line for line in section.splitlines() if line.startswith(f"| {scale} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")][1:]
+        assert cells[0] == shown(grid.selection.alphas)
+        if scale != "paper":  # the paper's IGD β differs per dataset
+            assert cells[1] == shown(w["igd"]["beta"])
+        assert cells[2] == shown(w["pos"]["beta"])
+        assert cells[3] == f"{shown(w['cft']['beta'])} × {shown(w['cft']['alpha'])}"
