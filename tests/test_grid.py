@@ -160,7 +160,7 @@ def test_changed_settings_show_as_to_run(finished, tmp_path, tiny_model_dir):
     tmp, _, _, _ = finished
     changed = grid_yaml(tmp_path, tiny_model_dir, run_root=str(tmp / "grid"))
     spec = yaml.safe_load(changed.read_text())
-    spec["stages"]["decode"]["num_beams"] = 4
+    spec["stages"]["decode"]["num_beams"] = 12
     changed.write_text(yaml.safe_dump(spec))
     states = {(r["row"], r["stage"], r["path"]): r["state"] for r in G.dry_run(G.plan_grid(G.load_grid(changed)))}
     assert states[("bigrec", "sft", "sft/plain-s16")] == "cached"
@@ -267,3 +267,46 @@ def test_a_killed_grid_resumes_without_redoing_finished_steps(monkeypatch, tmp_p
     G.run_grid(plan, report=False)
     assert all(p.stat().st_mtime_ns == t for p, t in finished.items())
     assert {r["state"] for r in G.dry_run(plan)} == {"cached"}
+
+
+def test_improvement_note_says_what_its_interval_covers(finished):
+    tmp, _, _, _ = finished
+    table1 = (tmp / "grid" / "reports" / "table1.md").read_text()
+    assert "test-sample noise only" in table1 and "one seed" in table1 and "resampled in pairs" in table1
+    assert "one fine-tuning seed only" in (tmp / "grid" / "reports" / "README.md").read_text()
+
+
+def test_report_renders_an_older_grid_whose_metrics_lack_a_printed_cut_off(finished, tmp_path):
+    """A run root made before the cut-off check (ks without 5) renders, the missing columns as —;
+    `igdrec grid` refuses the same config before running anything."""
+    import shutil
+
+    tmp, _, _, _ = finished
+    old = tmp_path / "old"
+    shutil.copytree(tmp / "grid", old, ignore=shutil.ignore_patterns("reports"))
+    spec = yaml.safe_load((old / G.CONFIG_COPY).read_text())
+    spec["stages"]["metrics"]["ks"] = [1, 10]
+    (old / G.CONFIG_COPY).write_text(yaml.safe_dump(spec))
+    for summary_path in (old / "toy" / "metrics").glob("*/metrics.json"):  # what such a grid's metrics held
+        summary = json.loads(summary_path.read_text())
+        summary = {k: v for k, v in summary.items() if not k.endswith("@5")}
+        summary_path.write_text(json.dumps(summary))
+        manifest_path = summary_path.parent / "stage.json"  # keep the artifact intact in its manifest's eyes
+        manifest = json.loads(manifest_path.read_text())
+        from igdrec.rundir import fingerprint_file, manifest_digest
+
+        manifest["outputs"]["metrics.json"] = {**manifest["outputs"]["metrics.json"], "bytes": summary_path.stat().st_size,
+                                               "fingerprint": fingerprint_file(summary_path)}
+        manifest["digest"] = manifest_digest(manifest)
+        manifest_path.write_text(json.dumps(manifest))
+    result = CliRunner().invoke(app, ["grid", str(old / G.CONFIG_COPY), "--dry-run", "--run-root", str(old)])
+    assert result.exit_code != 0 and "would lack NDCG@5, HR@5" in result.output
+    result = CliRunner().invoke(app, ["report", str(old)])
+    assert result.exit_code == 0, result.output
+    rows = {r["row"]: r for r in _csv(old / "reports" / "table1.csv")}
+    before = {r["row"]: r for r in _csv(tmp / "grid" / "reports" / "table1.csv")}
+    assert rows["d3"]["NDCG@5"] == "" and rows["d3"]["NDCG@10"] == before["d3"]["NDCG@10"] != ""
+    improvement = rows["improvement:d3+igd"]
+    assert improvement["diff_NDCG@5"] == "" and improvement["diff_NDCG@10"] == before["improvement:d3+igd"]["diff_NDCG@10"]
+    d3_line = next(line for line in (old / "reports" / "table1.md").read_text().splitlines() if line.startswith("| D3 |"))
+    assert d3_line.split(" | ")[1] == "—" and d3_line.split(" | ")[2] == f"{float(before['d3']['NDCG@10']):.4f}"

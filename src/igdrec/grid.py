@@ -7,10 +7,12 @@ chain of stages that ends in a `metrics` artifact. Cells share their upstream st
 run directory's stage cache: per dataset one preprocess and one IG index, one fine-tune per variant,
 and many decodes of each. `<run_root>/<dataset>/` is each dataset's run directory.
 
-Selection (α, and β when several IGD β are listed) happens on the **validation** split: every candidate
-is decoded on `selection.valid_limit` valid samples, reranked and scored, the best `selection.metric`
-wins (ties: the earlier candidate, i.e. the smaller α), and only the winner is decoded on test. (The
-reference code picks α by test metrics; we do not.)
+Selection happens on the **validation** split: a row with several candidates — the decoding α of the
+`selection.alphas` grid, and the fine-tunes of a weighting that lists candidate values (IGD β, Pos β, CFT
+β × α: one fine-tune per combination) — decodes every candidate on `selection.valid_limit` valid samples,
+reranks and scores it; the best `selection.metric` wins (ties: the earlier candidate, i.e. the earlier
+listed value and the smaller α), and only the winner is decoded on test. (The reference code picks α by
+test metrics; we do not.)
 
 Rows whose stage this igdrec does not have yet (the `baseline` stage, TFA inside decode) are
 *unavailable*: left out of `rows: all` with a note, an error when asked for by name.
@@ -23,6 +25,7 @@ import difflib
 import dataclasses
 import itertools
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -106,6 +109,12 @@ class GridConfig:
 _TOP_KEYS = {"scale", "description", "run_root", "datasets", "stages", "weightings", "selection", "rows", "tfa_guidance", "cost"}
 _DATASET_KEYS = {"preprocess", "stages", "weightings", "paper", "cost"}
 _GRID_STAGES = ("build-ig-index", "sft", "decode", "rerank", "metrics", "baseline")
+# The rates and sizes estimate_seconds() reads (a misspelt one would silently leave its steps unestimated).
+_COST_KEYS = ("train_tokens_per_s", "tokens_per_sample", "cft_factor", "decode_s_per_sample",
+              "train_samples", "valid_samples", "test_samples",
+              *(f"{s.replace('-', '_')}_overhead_s" for s in ("preprocess", *_GRID_STAGES)))
+# The cut-offs the report's tables print (report.py); a grid whose metrics lack one is refused before it runs.
+REPORT_METRICS = ("NDCG@5", "NDCG@10", "HR@5", "HR@10")
 
 
 def _mapping(value: Any, where: str) -> dict:
@@ -116,29 +125,115 @@ def _mapping(value: Any, where: str) -> dict:
     return value
 
 
+def _unknown_keys(keys, known, where: str) -> None:
+    bad = sorted(str(k) for k in keys if k not in known)
+    if bad:
+        hint = cfg.suggestion(bad[0], known) if len(bad) == 1 else ""
+        raise IgdrecError(f"{where}: unknown key(s) {', '.join(bad)}{hint}; known: {', '.join(sorted(known))}")
+
+
+def _value(cls: type, name: str, value: Any, where: str) -> Any:
+    """A grid value parsed and bounded by the stage option it stands for (config.py declares each once)."""
+    opt = cfg.option_named(cls, name)
+    parsed = cfg.parse(opt, value, where)
+    cfg.validate(opt, parsed, where)
+    return parsed
+
+
 def _stage_sections(value: Any, where: str) -> dict[str, dict]:
     sections = {}
     for key, values in _mapping(value, where).items():
-        stage = key.replace("_", "-")
+        stage = str(key).replace("_", "-")
         if stage not in _GRID_STAGES:
-            raise IgdrecError(f"{where}: unknown stage {key!r}; known: {', '.join(_GRID_STAGES)}")
+            raise IgdrecError(f"{where}: unknown stage {key!r}{cfg.suggestion(stage, _GRID_STAGES)}; known: {', '.join(_GRID_STAGES)}")
         sections[stage] = dict(_mapping(values, f"{where}.{key}"))
     return sections
 
 
-def load_grid(path: str | Path, run_root: str | Path | None = None) -> GridConfig:
+def _selection(value: Any, where: str) -> Selection:
+    sel = _mapping(value, where)
+    _unknown_keys(sel, {f.name for f in dataclasses.fields(Selection)}, where)
+    selection = Selection()
+    if "alphas" in sel:
+        alphas = sel["alphas"]
+        if not isinstance(alphas, list) or not alphas:
+            raise IgdrecError(f"{where}.alphas: expected a list of decoding α candidates, e.g. [0.0, 0.2], got {alphas!r}")
+        selection.alphas = [_value(cfg.DecodeConfig, "alpha", a, f"{where}.alphas") for a in alphas]
+        if len(set(selection.alphas)) < len(selection.alphas):
+            raise IgdrecError(f"{where}.alphas: {alphas} lists an α twice")
+    if "valid_limit" in sel:
+        selection.valid_limit = _value(cfg.DecodeConfig, "limit", sel["valid_limit"], f"{where}.valid_limit")
+    if "metric" in sel:
+        if not isinstance(sel["metric"], str):
+            raise IgdrecError(f"{where}.metric: expected a metric name such as NDCG@10, got {sel['metric']!r}")
+        selection.metric = sel["metric"]
+    return selection
+
+
+def _cost(value: Any, where: str) -> dict:
+    cost = _mapping(value, where)
+    _unknown_keys(cost, _COST_KEYS, where)
+    for key, rate in cost.items():
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
+            raise IgdrecError(f"{where}.{key}: expected a number ≥ 0, got {rate!r}")
+    return cost
+
+
+def _cutoffs(grid_path: Path, dataset: Dataset, baselines: bool) -> tuple[list[int], str]:
+    """The cut-offs K this dataset's metrics will hold, and what bounds them.
+
+    The metrics stage keeps the `ks` no longer than the lists (stages/metrics.py, cutoffs_within_lists):
+    an LLM row's list holds at most min(decode num_beams, rerank top_k) items, a baseline's its top_k.
+    """
+    where = f"{grid_path}:datasets.{dataset.name}"
+
+    def setting(stage: str, cls: type, name: str) -> Any:
+        values = dataset.stages.get(stage, {})
+        return _value(cls, name, values[name], f"{where}.{stage}.{name}") if name in values else cfg.option_named(cls, name).default
+
+    ks = setting("metrics", cfg.MetricsConfig, "ks")
+    bounds = {f"{stage} {name}": setting(stage, cls, name)
+              for stage, cls, name in (("decode", cfg.DecodeConfig, "num_beams"), ("rerank", cfg.RerankConfig, "top_k"),
+                                       *((("baseline", cfg.BaselineConfig, "top_k"),) if baselines else ()))}
+    what, longest = min(bounds.items(), key=lambda item: item[1])
+    return sorted({k for k in ks if k <= longest}), f"metrics.ks {ks}, lists of at most {longest} items ({what} {longest})"
+
+
+def _check_metrics(grid: GridConfig) -> None:
+    """Refuse, before anything runs, a selection metric or a report cut-off the grid's metrics will not hold
+    (either would otherwise fail only after every validation decode, or every cell, has run)."""
+    baselines = any("baseline" in ROWS[r] for r in grid.rows)
+    names: set[str] | None = None
+    for dataset in grid.datasets:
+        ks, _ = _cutoffs(grid.path, dataset, baselines=False)
+        held = {f"{m}@{k}" for m in ("NDCG", "HR") for k in ks}
+        names = held if names is None else names & held
+        ks_all, why = _cutoffs(grid.path, dataset, baselines)
+        missing = [m for m in REPORT_METRICS if int(m.split("@")[1]) not in ks_all]
+        if missing:
+            raise IgdrecError(f"{grid.path}:datasets.{dataset.name}: the report's tables show {', '.join(REPORT_METRICS)} but "
+                              f"this grid's metrics would lack {', '.join(missing)} ({why}); keep 5 and 10 in metrics.ks "
+                              "and num_beams, top_k ≥ 10")
+    known = sorted(names or (), key=lambda n: (n.split("@")[0], int(n.split("@")[1])))
+    if grid.selection.metric not in known:
+        raise IgdrecError(f"{grid.path}:selection.metric: {grid.selection.metric!r} is not a metric this grid computes"
+                          f"{cfg.suggestion(grid.selection.metric, known)}; known: {', '.join(known)}")
+
+
+def load_grid(path: str | Path, run_root: str | Path | None = None, check_metrics: bool = True) -> GridConfig:
+    """Read and check a grid config: every mistake is one line naming the file and key, before anything runs.
+
+    `check_metrics=False` (the report re-rendering a finished run root) skips the refusal of a selection
+    metric or report cut-off the metrics lack: an older grid's results render, missing columns shown empty.
+    """
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError as exc:
-        raise IgdrecError(f"{path}: grid config not found") from exc
-    except yaml.YAMLError as exc:
-        raise IgdrecError(f"{path}: is not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+    raw = cfg._read_yaml(path) or {}  # a directory, a missing or non-UTF-8 file, broken YAML: one line each
     if not isinstance(raw, dict):
         raise IgdrecError(f"{path}: top level must be a mapping")
-    unknown = sorted(set(raw) - _TOP_KEYS)
-    if unknown:
-        raise IgdrecError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(_TOP_KEYS))}")
+    _unknown_keys(raw, _TOP_KEYS, path)
+    for key in ("scale", "run_root", "description"):
+        if key in raw and not isinstance(raw[key], str):
+            raise IgdrecError(f"{path}:{key}: expected a string, got {raw[key]!r}")
     root = Path(run_root or raw.get("run_root") or f"runs/grid-{raw.get('scale', path.stem)}")
     shared = _stage_sections(raw.get("stages"), f"{path}:stages")
     shared_weightings = _weightings(raw.get("weightings"), f"{path}:weightings")
@@ -147,9 +242,7 @@ def load_grid(path: str | Path, run_root: str | Path | None = None) -> GridConfi
         cfg.check_artifact_name(name, f"{path}:datasets")  # the name is the dataset's run directory
         where = f"{path}:datasets.{name}"
         spec = _mapping(spec, where)
-        bad = sorted(set(spec) - _DATASET_KEYS)
-        if bad:
-            raise IgdrecError(f"{where}: unknown key(s) {', '.join(bad)}; known: {', '.join(sorted(_DATASET_KEYS))}")
+        _unknown_keys(spec, _DATASET_KEYS, where)
         stages = copy.deepcopy(shared)
         for stage, values in _stage_sections(spec.get("stages"), f"{where}.stages").items():
             stages.setdefault(stage, {}).update(values)
@@ -163,17 +256,15 @@ def load_grid(path: str | Path, run_root: str | Path | None = None) -> GridConfi
         paper = spec.get("paper")
         if paper is not None and paper not in ("Books", "Games", "Toys", "CDs"):
             raise IgdrecError(f"{where}.paper: {paper!r} is not one of the paper's datasets (Books, Games, Toys, CDs)")
-        datasets.append(Dataset(name, root / name, preprocess, stages, weightings, paper, _mapping(spec.get("cost"), f"{where}.cost")))
+        datasets.append(Dataset(name, root / name, preprocess, stages, weightings, paper, _cost(spec.get("cost"), f"{where}.cost")))
     if not datasets:
         raise IgdrecError(f"{path}: `datasets` is empty; name at least one dataset")
-    sel = _mapping(raw.get("selection"), f"{path}:selection")
-    bad = sorted(set(sel) - {f.name for f in dataclasses.fields(Selection)})
-    if bad:
-        raise IgdrecError(f"{path}:selection: unknown key(s) {', '.join(bad)}; known: alphas, valid_limit, metric")
-    selection = Selection(**sel)
-    if not selection.alphas:
-        raise IgdrecError(f"{path}:selection.alphas: give at least one α")
+    selection = _selection(raw.get("selection"), f"{path}:selection")
     rows = raw.get("rows", "all")
+    if isinstance(rows, str) and rows != "all":  # `rows: bigrec, d3`
+        rows = [r.strip() for r in rows.split(",") if r.strip()]
+    if rows != "all" and (not isinstance(rows, list) or not rows):
+        raise IgdrecError(f"{path}:rows: expected `all` or a list of rows, got {rows!r}; known rows: {', '.join(ROWS)}")
     explicit = rows != "all"
     rows = list(ROWS) if rows == "all" else list(rows)
     for row in rows:
@@ -181,8 +272,12 @@ def load_grid(path: str | Path, run_root: str | Path | None = None) -> GridConfi
             close = difflib.get_close_matches(str(row), list(ROWS), n=1, cutoff=0.5)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise IgdrecError(f"{path}:rows: unknown row {row!r}{hint}; known: {', '.join(ROWS)}")
-    return GridConfig(path, str(raw.get("scale", path.stem)), root, datasets, selection, rows, explicit,
-                      float(raw.get("tfa_guidance", 0.5)), _mapping(raw.get("cost"), f"{path}:cost"), raw)
+    tfa_guidance = _value(cfg.DecodeConfig, "tfa_guidance", raw.get("tfa_guidance", 0.5), f"{path}:tfa_guidance")
+    grid = GridConfig(path, str(raw.get("scale", path.stem)), root, datasets, selection, rows, explicit,
+                      tfa_guidance, _cost(raw.get("cost"), f"{path}:cost"), raw)
+    if check_metrics:
+        _check_metrics(grid)
+    return grid
 
 
 def _weightings(value: Any, where: str) -> dict[str, dict]:
@@ -191,6 +286,9 @@ def _weightings(value: Any, where: str) -> dict[str, dict]:
         if w not in WEIGHTINGS:
             raise IgdrecError(f"{where}: unknown weighting {w!r}; known: {', '.join(WEIGHTINGS)}")
         out[w] = dict(_mapping(values, f"{where}.{w}"))
+        for key, value in out[w].items():
+            if isinstance(value, list) and key != "lora_target_modules" and len(set(map(repr, value))) < max(len(value), 1):
+                raise IgdrecError(f"{where}.{w}.{key}: a candidate list needs at least one value, each once; got {value!r}")
     return out
 
 
@@ -463,6 +561,12 @@ def choose(run_dir: Path, candidates: list[Cell], metric: str) -> tuple[dict | N
     return {k: scores[best][k] for k in ("sft", "beta", "alpha")}, scores
 
 
+def selected_over(row: RowPlan) -> str | None:
+    """What a row chooses on valid ("α", "fine-tune", "fine-tune and α"), or None for a fixed row."""
+    varied = [what for what, key in (("fine-tune", "sft"), ("α", "alpha")) if len({c.candidate[key] for c in row.candidates}) > 1]
+    return " and ".join(varied) or None
+
+
 def resolve_test_cell(row: RowPlan, metric: str) -> Cell | None:
     if row.fixed is not None:
         return row.fixed
@@ -515,9 +619,8 @@ def dry_run(plan: Plan) -> list[dict]:
     rows = []
     states: dict[tuple[str, str], str] = {}
     seen = set()
-    selection_note = {}
 
-    def add(cell: Cell, row: RowPlan, role: str) -> None:
+    def add(cell: Cell, row: RowPlan, role: str, note: dict[str, str]) -> None:
         for step in cell.steps:
             key = (step.dataset, step.path)
             if key in seen:
@@ -525,19 +628,22 @@ def dry_run(plan: Plan) -> list[dict]:
             seen.add(key)
             states[key] = cache_state(step, states)
             rows.append({"dataset": step.dataset, "row": row.row, "role": role, "stage": step.stage, "path": step.path,
-                         "state": states[key], "estimate_s": estimate_seconds(step, plan.grid)})
+                         "state": states[key], "estimate_s": estimate_seconds(step, plan.grid), "note": note.get(step.path)})
 
     for row in plan.rows:
+        # a fine-tune among several the row chooses from says so (where it first appears)
+        sfts = list(dict.fromkeys(c.candidate["sft"] for c in row.candidates))
+        note = {f"sft/{name}": f"candidate {i} of {len(sfts)}, chosen on valid by {plan.grid.selection.metric}"
+                for i, name in enumerate(sfts, 1)} if len(sfts) > 1 else {}
         for cell in row.candidates:
-            add(cell, row, "select on valid")
+            add(cell, row, "select on valid", note)
         test = resolve_test_cell(row, plan.grid.selection.metric)
         if test is not None:
-            add(test, row, "test")
+            add(test, row, "test", {})
         else:
-            selection_note[(row.dataset, row.row)] = True
             rows.append({"dataset": row.dataset, "row": row.row, "role": "test", "stage": "decode+rerank+metrics",
-                         "path": "(α chosen on valid)", "state": "pending",
-                         "estimate_s": _pending_test_estimate(row, plan.grid)})
+                         "path": f"({selected_over(row)} chosen on valid)", "state": "pending",
+                         "estimate_s": _pending_test_estimate(row, plan.grid), "note": None})
     return rows
 
 
@@ -689,11 +795,12 @@ def print_dry_run(plan: Plan) -> list[dict]:
         est = "" if r["estimate_s"] is None else f"  ~{r['estimate_s'] / 60:.1f} min"
         role = "valid" if r["role"].startswith("select") else "test "
         state = f"[{colours[r['state']]}]{r['state']:<7}[/]"
-        console.print(f"  {state}  {r['row']:<{width}}  {role}  {r['stage']:<14} {r['path']}{est}", soft_wrap=True)
+        note = f"  [cyan]({r['note']})[/]" if r["note"] else ""
+        console.print(f"  {state}  {r['row']:<{width}}  {role}  {r['stage']:<14} {r['path']}{est}{note}", soft_wrap=True)
     todo = [r for r in rows if r["state"] != "cached"]
     known = [r["estimate_s"] for r in todo if r["estimate_s"] is not None]
     console.print(f"{len(rows) - len(todo)} of {len(rows)} steps cached; {len(todo)} to run or pending "
-                  "(pending: an upstream step runs first, or the test decode waits for the choice of α on valid)")
+                  "(pending: an upstream step runs first, or the test decode waits for the choice on valid)")
     if known:
         if len(plan.grid.datasets) > 1:
             per = {d.name: sum(r["estimate_s"] or 0 for r in todo if r["dataset"] == d.name) / 3600 for d in plan.grid.datasets}
@@ -702,7 +809,12 @@ def print_dry_run(plan: Plan) -> list[dict]:
                       f"(cost model `cost:` in {plan.grid.path}; {len(todo) - len(known)} steps without an estimate)", soft_wrap=True)
     for row, why in plan.unavailable.items():
         console.print(f"[yellow]left out:[/] {row}: {why}", soft_wrap=True)
-    selects_beta = any(len({c.candidate["sft"] for c in r.candidates}) > 1 for r in plan.rows)
-    console.print(("α and β" if selects_beta else "α") + f" chosen on the validation split by {plan.grid.selection.metric} "
-                  "(the reference picks α by test metrics; we do not)", soft_wrap=True)
+    console.print(f"chosen on the validation split by {plan.grid.selection.metric} (ties: the earlier candidate; the "
+                  "reference picks α by test metrics, we do not):", soft_wrap=True)
+    for dataset in plan.grid.datasets:
+        for row in (r for r in plan.rows if r.dataset == dataset.name and r.candidates):
+            sfts = list(dict.fromkeys(c.candidate["sft"] for c in row.candidates))
+            alphas = list(dict.fromkeys(c.candidate["alpha"] for c in row.candidates))
+            console.print(f"  {dataset.name} {row.row}: {selected_over(row)} among {len(row.candidates)} candidates "
+                          f"(fine-tunes {', '.join(sfts)}; α {', '.join(map(_fmt, alphas))})", soft_wrap=True)
     return rows

@@ -22,7 +22,7 @@ from igdrec.errors import IgdrecError
 from igdrec.metrics import paired_bootstrap
 from igdrec.rundir import RunDir
 
-METRICS = ("NDCG@5", "NDCG@10", "HR@5", "HR@10")
+METRICS = G.REPORT_METRICS  # a result without one of them (an older grid's cut-offs) shows "—" there
 SHORT = {"NDCG@5": "N@5", "NDCG@10": "N@10", "HR@5": "H@5", "HR@10": "H@10"}
 BOOTSTRAP = 1000
 REPORTS = "reports"
@@ -177,7 +177,7 @@ def table1(c: _Collected, out: Path) -> list[dict]:
             record = {"dataset": ds.name, "row": row, "method": G.ROWS[row]["label"], "kind": "score",
                       "metrics": cell.metrics if values else None, "n_samples": values["n_samples"] if values else None,
                       "sft": sft, "beta": beta, "alpha": alpha}
-            record |= {m: values[m] if values else None for m in METRICS}
+            record |= {m: values.get(m) if values else None for m in METRICS}
             if paper and row in paper:
                 record |= {f"paper_{m}": v for m, v in zip(METRICS, paper[row])}
             records.append(record)
@@ -191,7 +191,8 @@ def table1(c: _Collected, out: Path) -> list[dict]:
                     imp = _improvement_record(c, ds, base, better, paper)
                     if imp:
                         records.append(imp)
-                        cells = [f"{imp[m]:+.1f}% (Δ {imp[f'diff_{m}']:+.4f} [{imp[f'ci_low_{m}']:+.4f}, {imp[f'ci_high_{m}']:+.4f}])"
+                        cells = [_f(None) if imp[f"diff_{m}"] is None
+                                 else f"{imp[m]:+.1f}% (Δ {imp[f'diff_{m}']:+.4f} [{imp[f'ci_low_{m}']:+.4f}, {imp[f'ci_high_{m}']:+.4f}])"
                                  if imp[m] is not None else f"Δ {imp[f'diff_{m}']:+.4f} [{imp[f'ci_low_{m}']:+.4f}, {imp[f'ci_high_{m}']:+.4f}]"
                                  for m in METRICS]
                         line = ["*Improvement*", *cells, "", "", ""]
@@ -204,9 +205,12 @@ def table1(c: _Collected, out: Path) -> list[dict]:
             md += [f"**The rows above were scored on different numbers of test samples ({', '.join(map(str, sorted(counts)))}); "
                    "compare rows with the same count only.**", ""]
     md += ["Improvement: relative change of +IGD over its base row (IGD − base) / base, then Δ = IGD − base with its "
-           "paired-bootstrap 95% interval over the test samples (resamples: the metrics `bootstrap` setting, default 1000). Rows marked n/a need a stage "
-           "this igdrec does not have yet (see README.md). α (and β where several are listed) were chosen on the "
-           "validation split; the paper's columns are the paper's own numbers (Qwen2.5-1.5B, full Amazon test sets), "
+           "paired-bootstrap 95% interval over the test samples (resamples: the metrics `bootstrap` setting, default 1000). "
+           "**What the interval covers:** test-sample noise only — both rows' lists are held fixed and the test samples are "
+           "resampled in pairs — for one fine-tuning run per row (one seed); the variation between fine-tuning seeds and the "
+           "choice of α/β on validation are not in it. Rows marked n/a need a stage "
+           "this igdrec does not have yet (see README.md). α, and the fine-tune where a weighting lists candidates (IGD β, "
+           "Pos β, CFT β × α), were chosen on the validation split; the paper's columns are the paper's own numbers (Qwen2.5-1.5B, full Amazon test sets), "
            "never ours."]
     (out / "table1.md").write_text("\n".join(md) + "\n")
     _write_csv(out / "table1.csv", records)
@@ -222,6 +226,9 @@ def _improvement_record(c: _Collected, ds, base: str, better: str, paper) -> dic
               "metrics": f"{b.metrics} vs {a.metrics}", "n_samples": vb["n_samples"], "sft": None, "beta": None, "alpha": None}
     resamples = int(ds.stages.get("metrics", {}).get("bootstrap", BOOTSTRAP))
     for m in METRICS:
+        if m not in va or m not in vb:
+            record |= {m: None, f"diff_{m}": None, f"ci_low_{m}": None, f"ci_high_{m}": None}
+            continue
         imp = improvement(a, b, m, va[m], resamples)
         record |= {m: imp["rel_pct"], f"diff_{m}": imp["diff"], f"ci_low_{m}": imp["ci_low"], f"ci_high_{m}": imp["ci_high"]}
     if paper and base in paper:
@@ -254,7 +261,7 @@ def table2(c: _Collected, out: Path) -> list[dict]:
                 continue
             cell, values = c.cell(ds.name, row), c.values(ds.name, row)
             record = {"dataset": ds.name, "method": label, "row": row, "metrics": cell.metrics if values else None,
-                      "alpha": _settings(cell, values)[2]} | {m: values[m] if values else None for m in METRICS}
+                      "alpha": _settings(cell, values)[2]} | {m: values.get(m) if values else None for m in METRICS}
             if paper:
                 record |= {f"paper_{m}": v for m, v in zip(METRICS, paper[label])}
             records.append(record)
@@ -394,12 +401,13 @@ def readme(c: _Collected, out: Path, made: list[tuple[str, str]], figure_error: 
              f"- run root: `{grid.run_root}`; re-render with `igdrec report {grid.run_root}` (reads artifacts, recomputes nothing)", "",
              "## Tables", "",
              "- [table1.md](table1.md) / table1.csv: performance (N@K = NDCG@K, H@K = HR@K) with the Improvement rows' "
-             "paired-bootstrap 95% intervals",
+             "paired-bootstrap 95% intervals (test-sample noise of one fine-tuning seed only, not seed-to-seed variation)",
              "- [table2.md](table2.md) / table2.csv: ablation on the D3 base",
              "- [table3.md](table3.md) / table3.csv: training time relative to plain fine-tuning",
              "- [table4.md](table4.md) / table4.csv: dataset and IG statistics", "",
              "## How the numbers were chosen", "",
-             f"- α (and β where several are listed) is chosen on the **validation** split by {grid.selection.metric}: every candidate "
+             f"- α, and the fine-tune where a weighting lists candidates (IGD β, Pos β, CFT β × α), are chosen on the "
+             f"**validation** split by {grid.selection.metric}: every candidate "
              "is decoded, reranked and scored on the validation samples, the best (earliest on ties) is decoded once on test. "
              "The reference implementation picks α by test metrics; we do not, so our +IGD rows are not tuned on test.",
              "- Every score is read from the named metrics artifact (`<run>/<dataset>/metrics/<name>.json`); the CSVs keep full precision.",
@@ -437,7 +445,8 @@ def write_reports(run_root: str | Path, config: str | Path | None = None, only: 
     config_path = Path(config) if config else run_root / G.CONFIG_COPY
     if not config_path.exists():
         raise IgdrecError(f"{run_root}: no {G.CONFIG_COPY}; is this a grid run root? (or pass the grid config with --config)")
-    plan = G.plan_grid(G.load_grid(config_path, run_root=run_root), only=only)
+    # an older run root whose metrics lack a cut-off the tables print still renders (those cells empty)
+    plan = G.plan_grid(G.load_grid(config_path, run_root=run_root, check_metrics=False), only=only)
     out = run_root / REPORTS
     out.mkdir(parents=True, exist_ok=True)
     collected = _Collected(plan)
