@@ -19,6 +19,7 @@ from igdrec.sources.tables import (
     file_fingerprint,
     first_true,
     gzip_errors,
+    missing_ids,
     open_binary,
     parse_timestamps,
     read_table,
@@ -88,6 +89,10 @@ def read_split(path: Path, catalog: pl.DataFrame, info_path: Path) -> pl.DataFra
     df = read_table(path, REQUIRED_COLUMNS, "d3-csv split")
     for column in REQUIRED_COLUMNS:
         require_values(df, column, path, column)
+    users = text_values(df["user_id"], path)
+    bad = first_true(missing_ids(users))
+    if bad is not None:
+        raise IgdrecError(f"{record_label(path, bad)}: missing user_id ({users[bad]!r})")
     history_ids = read_histories(df["history_item_id"], path)
     bad = first_true(history_ids.list.len() == 0)
     if bad is not None:
@@ -107,7 +112,7 @@ def read_split(path: Path, catalog: pl.DataFrame, info_path: Path) -> pl.DataFra
     to_dense = {"old": catalog["reference_id"], "new": catalog["item_id"], "return_dtype": pl.Int64}
     samples = pl.DataFrame(
         {
-            "user_id": text_values(df["user_id"], path),
+            "user_id": users,
             "history_item_ids": history_ids.list.eval(pl.element().replace_strict(**to_dense)),
             "item_id": targets.replace_strict(**to_dense),
             "timestamp": parse_timestamps(df["timestamp"], path) if "timestamp" in df.columns else pl.Series([None] * df.height, dtype=pl.Int64),

@@ -165,16 +165,14 @@ def read_csv_strings(path: Path, **options) -> pl.DataFrame:
 
 
 def require_values(df: pl.DataFrame, column: str, path: Path, what: str, rows: pl.Series | None = None) -> None:
-    """Error at the first row whose `column` is null, blank or a float NaN."""
+    """Error at the first row whose `column` is null or blank."""
     series = df[column]
     blank = series.is_null()
     if series.dtype == pl.String:
         blank = blank | (series.str.strip_chars() == "")
-    elif series.dtype.is_float():
-        blank = blank | series.is_nan()
     bad = first_true(blank)
     if bad is not None:
-        raise IgdrecError(f"{record_label(path, bad, rows)}: empty {what} ({column!r} is {series[bad]!r})")
+        raise IgdrecError(f"{record_label(path, bad, rows)}: empty {what} ({column!r})")
 
 
 def text_values(series: pl.Series, path: Path, rows: pl.Series | None = None) -> pl.Series:
@@ -238,9 +236,10 @@ def drop_missing_ids(table: pl.DataFrame, columns: list[str], path: Path, drop: 
     if n_missing and not drop:
         first = first_true(missing)
         column = next(column for column, mask in zip(columns, masks) if mask[first])
+        rows_lack = f"{n_missing:,} rows of this file lack" if n_missing > 1 else "1 row of this file lacks"
         raise IgdrecError(
-            f"{record_label(path, first)}: missing {column} ({table[column][first]!r}); {n_missing:,} row{'s' if n_missing > 1 else ''} "
-            f"of this file lack {' or '.join(columns)} (empty, null or NaN); --drop-missing drops them"
+            f"{record_label(path, first)}: missing {column} ({table[column][first]!r}); {rows_lack} {' or '.join(columns)} "
+            "(empty, null or NaN); --drop-missing drops them"
         )
     return table.filter(~missing), (~missing).arg_true(), n_missing
 
