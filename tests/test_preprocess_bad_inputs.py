@@ -197,3 +197,55 @@ def test_huge_history_len_is_fast_and_equals_the_longest_sequence():
 def test_huge_history_len_on_the_command_line(tmp_path):
     manifest, _ = succeed(tmp_path, *interactions_files(tmp_path, GOOD), "--history-len", "1000000")
     assert manifest["stats"]["history_len_max"] == 3
+
+
+# ---------------------------------------------------------------- the same rules in the other sources and columns
+
+
+def test_d3_missing_user_id_is_refused(tmp_path):
+    args = d3_args(tmp_path)
+    valid = tmp_path / "valid.csv"
+    lines = valid.read_text().splitlines()
+    lines[1] = "NaN" + lines[1][lines[1].index(","):]
+    valid.write_text("\n".join(lines) + "\n")
+    assert fail(tmp_path, *args) == f"error: {valid}:2: missing user_id ('NaN')"
+
+
+def test_d3_parquet_split_with_list_histories_equals_the_csv(tmp_path):
+    from test_preprocess_sources import write_d3_inputs
+
+    from igdrec.config import PreprocessConfig
+    from igdrec.rundir import RunDir
+    from igdrec.stages import preprocess
+
+    files = write_d3_inputs(tmp_path)
+    preprocess.run(PreprocessConfig(source="d3-csv", **files), RunDir(tmp_path / "csv"))
+    for split in ("train", "valid", "test"):
+        frame = pl.read_csv(files[split], infer_schema=False)
+        histories = [json.loads(h) for h in frame["history_item_id"]]
+        frame.with_columns(pl.Series("history_item_id", histories, dtype=pl.List(pl.Int64))).write_parquet(tmp_path / f"{split}.parquet")
+        files[split] = str(tmp_path / f"{split}.parquet")
+    preprocess.run(PreprocessConfig(source="d3-csv", **files), RunDir(tmp_path / "parquet"))
+    for split in ("train", "valid", "test"):
+        assert pl.read_parquet(tmp_path / "parquet" / "data" / f"{split}.parquet").equals(pl.read_parquet(tmp_path / "csv" / "data" / f"{split}.parquet"))
+
+
+def test_non_utf8_binary_title_column_is_refused(tmp_path):
+    items = pl.DataFrame({"item_id": ["a", "b"], "title": [b"Alpha", b"B\xffta"]})
+    assert items.schema["title"] == pl.Binary
+    args = parquet_args(tmp_path, good_rows(), items.to_dict(as_series=False))
+    assert fail(tmp_path, *args) == f"error: {tmp_path / 'items.parquet'}: row 2: column 'title' holds bytes that are not UTF-8 (b'B\\xffta')"
+
+
+def test_struct_timestamp_column_is_refused(tmp_path):
+    columns = good_rows(timestamp=[{"s": t} for t in good_rows()["timestamp"]])
+    assert fail(tmp_path, *parquet_args(tmp_path, columns)) == (
+        f"error: {tmp_path / 'inter.parquet'}: row 1: column 'timestamp' holds Struct({{'s': Int64}}) values ({{'s': 1}}), not text or numbers"
+    )
+
+
+def test_one_column_for_two_roles_is_refused(tmp_path):
+    assert fail(tmp_path, *interactions_files(tmp_path, GOOD), "--time-col", "user_id") == (
+        "error: --user-col 'user_id', --item-col 'item_id' and --time-col 'user_id' must name three different columns, "
+        "and --title-col 'title' another than --item-col"
+    )

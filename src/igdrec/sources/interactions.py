@@ -37,6 +37,11 @@ def load(config) -> Dataset:
     interactions_path = require_file(config.interactions, "--interactions")
     items_path = require_file(config.items, "--items")
     user, item, time, title = config.user_col, config.item_col, config.time_col, config.title_col
+    if len({user, item, time}) < 3 or item == title:
+        raise IgdrecError(
+            f"--user-col {user!r}, --item-col {item!r} and --time-col {time!r} must name three different columns, "
+            f"and --title-col {title!r} another than --item-col"
+        )
     raw = read_table(interactions_path, [user, item, time], "interactions")
     raw = raw.select(text_values(raw[user], interactions_path), text_values(raw[item], interactions_path), time)
     raw, rows, missing_interactions = drop_missing_ids(raw, [user, item], interactions_path, config.drop_missing)
