@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
+from rich.text import Text
 
 from igdrec import config as cfg
-from igdrec.console import err_console
+from igdrec.console import err_console, shown
 from igdrec.errors import IgdrecError
 from igdrec.rundir import RunDir
 
@@ -60,7 +61,8 @@ _COMMON = {"run_dir": (RunDirOpt, None), "config": (ConfigOpt, None), "force": (
 
 
 def _fail(exc: IgdrecError) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+    # Messages quote titles and paths: shown escaped, so they stay one line and no bracket reads as markup.
+    err_console.print(Text.assemble(("error:", "bold red"), " ", shown(exc)), soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 
 
@@ -332,14 +334,14 @@ def recommend(
         sys.stdout.write(json.dumps(rows, ensure_ascii=False) + "\n")
         return
     decoding = recommender.decoder.config
-    table = Table(title=f"{recommender.decoder.source.label}: next items after {len(prepared.item_ids)} "
-                        f"(alpha {decoding.alpha:g}, length penalty {decoding.length_penalty:g})")
+    table = Table(title=shown(f"{recommender.decoder.source.label}: next items after {len(prepared.item_ids)} "
+                              f"(alpha {decoding.alpha:g}, length penalty {decoding.length_penalty:g})"))
     table.add_column("rank", justify="right")
     table.add_column("title")
     table.add_column("item id", justify="right")
     table.add_column("score", justify="right")
     for rank, item in enumerate(found, start=1):
-        table.add_row(str(rank), item.title, str(item.item_id), f"{item.score:.4f}")
+        table.add_row(str(rank), shown(item.title), str(item.item_id), f"{item.score:.4f}")
     console.print(table)
     if len(found) < top_k:
         err_console.print(f"[yellow]note:[/] only {len(found)} items left after leaving out the history")

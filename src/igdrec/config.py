@@ -164,6 +164,10 @@ class PreprocessConfig:
     time_col: str = option("timestamp", "Timestamp column.", only=_INTERACTIONS)
     title_col: str = option("title", "Title column.", only=_INTERACTIONS)
     drop_unknown: bool = option(False, "Drop interactions whose item has no title (default: error).", only=_INTERACTIONS)
+    drop_missing: bool = option(
+        False, "Drop interactions and items whose user or item id is missing: empty, null or NaN (default: error); "
+        "the statistics count them.", only=_INTERACTIONS,
+    )
 
 
 @dataclass

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from igdrec import schema
 from igdrec.config import EMBEDDED_MODEL, DecodeConfig
-from igdrec.console import console, err_console
+from igdrec.console import console, err_console, shown
 from igdrec.errors import IgdrecError
 from igdrec.ig import CatalogTrie
 from igdrec.modeling import load_tokenizer
@@ -26,7 +26,8 @@ def show_prompt(run: RunDir, split: str, sample_id: int, as_ids: bool = False, m
     """Print the prompt of one sample exactly as the model gets it (text, or token ids as a JSON list).
 
     History titles that do not fit into the cutoff are dropped oldest first, as SFT and decoding do, so
-    the tokenizer is needed for the text as well.
+    the tokenizer is needed for the text as well. In the text, control characters of titles are shown
+    escaped (`console.shown`), so that printing a prompt cannot drive the terminal; the ids are exact.
     """
     if split not in SPLITS:
         raise IgdrecError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
@@ -46,10 +47,10 @@ def show_prompt(run: RunDir, split: str, sample_id: int, as_ids: bool = False, m
     if as_ids:
         sys.stdout.write(json.dumps(ids) + "\n")
     else:
-        sys.stdout.write(render_prompt(history[len(history) - used :], category))
+        sys.stdout.write(render_prompt([shown(title).plain for title in history[len(history) - used :]], shown(category).plain))
         sys.stdout.flush()
         dropped = f"; {len(history) - used} oldest history titles dropped to fit {PROMPT_CUTOFF} tokens" if used < len(history) else ""
-        err_console.print(f"[dim]{split} sample {sample_id}: {len(ids)} prompt tokens; target {target!r}{dropped}[/]", soft_wrap=True)
+        err_console.print(shown(f"{split} sample {sample_id}: {len(ids)} prompt tokens; target {target!r}{dropped}"), style="dim", soft_wrap=True)
 
 
 def show_item_ig(run: RunDir, item_id: int | None = None, title: str | None = None) -> None:
@@ -75,10 +76,10 @@ def show_item_ig(run: RunDir, item_id: int | None = None, title: str | None = No
             f"{run.artifact('ig', 'item_paths.parquet')}: item {ids[0]} is not in the IG catalog "
             f"(built with --catalog {manifest['params']['catalog']})"
         )
-    shown = ids[int(np.argmax(rows >= 0))]
-    path = trie.path(shown)
+    shown_id = ids[int(np.argmax(rows >= 0))]
+    path = trie.path(shown_id)
     tokenizer = load_tokenizer(manifest["params"]["model"])
-    table = Table(title=f"item {shown}: {matches.filter(pl.col('item_id') == shown)['title'][0]!r}")
+    table = Table(title=shown(f"item {shown_id}: {matches.filter(pl.col('item_id') == shown_id)['title'][0]!r}"))
     for column in ("#", "token", "text", "IG", "IG~", "H(prefix)", "zero-IG", "choices"):
         table.add_column(column, justify="left" if column == "text" else "right")
     table.add_row("", "", "[dim](root)[/]", "", "", f"{trie.entropy[0]:.4f}", "", "")
@@ -87,7 +88,7 @@ def show_item_ig(run: RunDir, item_id: int | None = None, title: str | None = No
         table.add_row(
             str(step),
             str(trie.token[node]),
-            repr(tokenizer.decode([int(trie.token[node])])),
+            shown(repr(tokenizer.decode([int(trie.token[node])]))),
             f"{trie.ig[node]:.4f}",
             f"{trie.ig_norm[node]:.3f}",
             f"{trie.entropy[node]:.4f}",
@@ -95,7 +96,7 @@ def show_item_ig(run: RunDir, item_id: int | None = None, title: str | None = No
             str(trie.child_count[parent]),
         )
     console.print(table)
-    row = trie.item_index(np.array([shown]))[0]
+    row = trie.item_index(np.array([shown_id]))[0]
     same_leaf = trie.item_ids[trie.item_leaf == trie.item_leaf[row]].tolist()
     shared = f"; items sharing this title: {same_leaf} (title group {trie.item_title_group[row]})" if len(same_leaf) > 1 else ""
     console.print(

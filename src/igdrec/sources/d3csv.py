@@ -19,12 +19,14 @@ from igdrec.sources.tables import (
     file_fingerprint,
     first_true,
     gzip_errors,
+    missing_ids,
     open_binary,
     parse_timestamps,
     read_table,
     record_label,
     require_file,
     require_values,
+    text_values,
 )
 from igdrec.sources.windows import SPLITS, number_samples
 
@@ -87,17 +89,15 @@ def read_split(path: Path, catalog: pl.DataFrame, info_path: Path) -> pl.DataFra
     df = read_table(path, REQUIRED_COLUMNS, "d3-csv split")
     for column in REQUIRED_COLUMNS:
         require_values(df, column, path, column)
-    histories = df["history_item_id"].cast(pl.String)
-    bad = first_true(~histories.str.contains(INT_LIST))
+    users = text_values(df["user_id"], path)
+    bad = first_true(missing_ids(users))
     if bad is not None:
-        raise IgdrecError(f"{record_label(path, bad)}: history_item_id {histories[bad]!r} is not a list of integers")
-    history_ids = histories.str.strip_chars().str.strip_chars("[]").str.split(",").list.eval(
-        pl.element().str.strip_chars(" '\"").filter(pl.element().str.strip_chars() != "").cast(pl.Int64)
-    )
+        raise IgdrecError(f"{record_label(path, bad)}: missing user_id ({users[bad]!r})")
+    history_ids = read_histories(df["history_item_id"], path)
     bad = first_true(history_ids.list.len() == 0)
     if bad is not None:
         raise IgdrecError(f"{record_label(path, bad)}: empty history_item_id")
-    targets = df["item_id"].cast(pl.String).str.strip_chars().cast(pl.Int64, strict=False)
+    targets = text_values(df["item_id"], path).str.strip_chars().cast(pl.Int64, strict=False)
     bad = first_true(targets.is_null())
     if bad is not None:
         raise IgdrecError(f"{record_label(path, bad)}: item_id {df['item_id'][bad]!r} is not an integer")
@@ -112,16 +112,16 @@ def read_split(path: Path, catalog: pl.DataFrame, info_path: Path) -> pl.DataFra
     to_dense = {"old": catalog["reference_id"], "new": catalog["item_id"], "return_dtype": pl.Int64}
     samples = pl.DataFrame(
         {
-            "user_id": df["user_id"].cast(pl.String),
+            "user_id": users,
             "history_item_ids": history_ids.list.eval(pl.element().replace_strict(**to_dense)),
             "item_id": targets.replace_strict(**to_dense),
             "timestamp": parse_timestamps(df["timestamp"], path) if "timestamp" in df.columns else pl.Series([None] * df.height, dtype=pl.Int64),
         }
     )
     if "item_title" in df.columns:
-        given = clean_titles(pl.col("item_title").cast(pl.String))
+        given = clean_titles(text_values(df["item_title"], path))
         expected = samples.join(catalog, on="item_id", how="left", maintain_order="left")["title"]
-        mismatch = df.select(given).to_series() != expected
+        mismatch = given != expected
         bad = first_true(mismatch)
         if bad is not None:
             raise IgdrecError(
@@ -129,3 +129,19 @@ def read_split(path: Path, catalog: pl.DataFrame, info_path: Path) -> pl.DataFra
                 f"the title of item {targets[bad]} in {info_path}"
             )
     return number_samples(samples)
+
+
+def read_histories(column: pl.Series, path: Path) -> pl.Series:
+    """history_item_id as lists of ints: a Parquet list column as it is, text as Python writes a list."""
+    if isinstance(column.dtype, pl.List) and column.dtype.inner.is_integer():
+        bad = first_true(column.list.drop_nulls().list.len() != column.list.len())
+        if bad is not None:
+            raise IgdrecError(f"{record_label(path, bad)}: history_item_id {column[bad].to_list()!r} holds a null")
+        return column.cast(pl.List(pl.Int64))
+    histories = text_values(column, path)
+    bad = first_true(~histories.str.contains(INT_LIST))
+    if bad is not None:
+        raise IgdrecError(f"{record_label(path, bad)}: history_item_id {histories[bad]!r} is not a list of integers")
+    return histories.str.strip_chars().str.strip_chars("[]").str.split(",").list.eval(
+        pl.element().str.strip_chars(" '\"").filter(pl.element().str.strip_chars() != "").cast(pl.Int64)
+    )

@@ -6,9 +6,11 @@ user can fix the input without a traceback.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import json
+import operator
 import os
 import time
 import zlib
@@ -76,8 +78,13 @@ def is_parquet(path: Path) -> bool:
         return handle.read(4) == PARQUET_MAGIC
 
 
-def record_label(path: Path, index: int) -> str:
-    """`file:line` for a 0-based data row of a CSV with a header, `file: row N` for Parquet."""
+def record_label(path: Path, index: int, rows: pl.Series | None = None) -> str:
+    """`file:line` for a 0-based data row of a CSV with a header, `file: row N` for Parquet.
+
+    `rows`: the file row of each index, for a table that has lost rows (dropped records) since reading.
+    """
+    if rows is not None:
+        index = int(rows[index])
     if path.suffix.lower() in (".parquet", ".pq") or is_parquet(path):
         return f"{path}: row {index + 1}"
     return f"{path}:{index + 2}"
@@ -157,7 +164,7 @@ def read_csv_strings(path: Path, **options) -> pl.DataFrame:
         raise IgdrecError(f"{path}: cannot parse as CSV ({_first_line(exc)})") from exc
 
 
-def require_values(df: pl.DataFrame, column: str, path: Path, what: str) -> None:
+def require_values(df: pl.DataFrame, column: str, path: Path, what: str, rows: pl.Series | None = None) -> None:
     """Error at the first row whose `column` is null or blank."""
     series = df[column]
     blank = series.is_null()
@@ -165,10 +172,40 @@ def require_values(df: pl.DataFrame, column: str, path: Path, what: str) -> None
         blank = blank | (series.str.strip_chars() == "")
     bad = first_true(blank)
     if bad is not None:
-        raise IgdrecError(f"{record_label(path, bad)}: empty {what} ({column!r})")
+        raise IgdrecError(f"{record_label(path, bad, rows)}: empty {what} ({column!r})")
 
 
-def clean_titles(titles: pl.Expr) -> pl.Expr:
+def text_values(series: pl.Series, path: Path, rows: pl.Series | None = None) -> pl.Series:
+    """A column of one text or number per row, as text; a list, struct or non-UTF-8 column is refused by row."""
+    dtype = series.dtype
+    if dtype.is_nested() or dtype == pl.Object:
+        bad = first_true(series.is_not_null())
+        shown = "" if bad is None else f" ({_short_repr(series.slice(bad, 1).to_list()[0])})"
+        label = path if bad is None else record_label(path, bad, rows)
+        raise IgdrecError(f"{label}: column {series.name!r} holds {dtype} values{shown}, not text or numbers")
+    if dtype == pl.Binary:
+        for index, value in enumerate(series.to_list()):
+            try:
+                if value is not None:
+                    value.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise IgdrecError(
+                    f"{record_label(path, index, rows)}: column {series.name!r} holds bytes that are not UTF-8 ({_short_repr(value)})"
+                ) from exc
+    return series.cast(pl.String)
+
+
+def missing_ids(ids: pl.Series) -> pl.Series:
+    """True where an id (as text) is missing: null, blank or NaN.
+
+    A float column's NaN becomes the text "NaN", and CSV writers spell a missing float so too: kept as an
+    id, every such row would be one user (or item) called "NaN".
+    """
+    text = ids.str.strip_chars()
+    return (ids.is_null() | (text == "") | (text.str.to_lowercase() == "nan")).fill_null(True)
+
+
+def clean_titles(titles: pl.Expr | pl.Series) -> pl.Expr | pl.Series:
     """One line, no surrounding whitespace: a newline inside a title would end its token sequence early."""
     return titles.str.replace_all(r"[\r\n\t]+", " ").str.strip_chars()
 
@@ -190,36 +227,64 @@ def require_title_lengths(items: pl.DataFrame, max_chars: int, origin: str) -> N
         )
 
 
-def parse_timestamps(series: pl.Series, path: Path) -> pl.Series:
-    """Integer timestamps from integers, floats, numeric strings, dates or datetimes (UTC seconds)."""
-    if series.dtype.is_integer():
-        parsed = series.cast(pl.Int64)
-    elif series.dtype.is_float():
-        parsed = series.floor().cast(pl.Int64)
+def drop_missing_ids(table: pl.DataFrame, columns: list[str], path: Path, drop: bool) -> tuple[pl.DataFrame, pl.Series, int]:
+    """`table` less the rows whose id in one of `columns` (text) is missing (`missing_ids`), the file row of
+    each row kept (for `record_label`), and the number dropped. Unless `drop`, the first such row is refused."""
+    masks = [missing_ids(table[column]) for column in columns]
+    missing = functools.reduce(operator.or_, masks)
+    n_missing = int(missing.sum())
+    if n_missing and not drop:
+        first = first_true(missing)
+        column = next(column for column, mask in zip(columns, masks) if mask[first])
+        rows_lack = f"{n_missing:,} rows of this file lack" if n_missing > 1 else "1 row of this file lacks"
+        raise IgdrecError(
+            f"{record_label(path, first)}: missing {column} ({table[column][first]!r}); {rows_lack} {' or '.join(columns)} "
+            "(empty, null or NaN); --drop-missing drops them"
+        )
+    return table.filter(~missing), (~missing).arg_true(), n_missing
+
+
+def parse_timestamps(series: pl.Series, path: Path, rows: pl.Series | None = None) -> pl.Series:
+    """Integer timestamps from integers, floats, numeric strings, dates or datetimes (UTC seconds).
+
+    The first value that is no finite number or date, or lies outside 1970 .. 2100, is refused by row
+    (`rows`: see `record_label`). The checks run on floats, before the cast to integers, which NaN,
+    infinities and values past 2^63 would fail with no row named.
+    """
+    if series.dtype.is_numeric():
+        seconds = series.cast(pl.Float64)
+        is_number = pl.repeat(True, series.len(), eager=True)
     elif isinstance(series.dtype, pl.Datetime):
-        parsed = series.dt.epoch("s")  # an absolute instant: the same with or without a time zone
+        seconds = series.dt.epoch("s").cast(pl.Float64)  # an absolute instant: the same with or without a time zone
+        is_number = pl.repeat(False, series.len(), eager=True)
     elif series.dtype == pl.Date:
-        parsed = series.cast(pl.Datetime("us")).dt.epoch("s")
+        seconds = series.cast(pl.Datetime("us")).dt.epoch("s").cast(pl.Float64)
+        is_number = pl.repeat(False, series.len(), eager=True)
     else:
-        text = series.cast(pl.String).str.strip_chars()
-        parsed = text.cast(pl.Float64, strict=False).floor().cast(pl.Int64)
-        if parsed.null_count():
-            parsed = parsed.fill_null(_parse_dates(text.zip_with(parsed.is_null(), pl.Series([None], dtype=pl.String))))
-    bad = first_true(parsed.is_null())
-    if bad is not None:
-        raise IgdrecError(f"{record_label(path, bad)}: timestamp {series[bad]!r} is not a number or a date")
-    bad = first_true(parsed < 0)
-    if bad is not None:
-        raise IgdrecError(
-            f"{record_label(path, bad)}: timestamp {series[bad]!r} is before 1970; timestamps are UTC seconds since 1970-01-01"
-        )
-    bad = first_true(parsed > LATEST_TIMESTAMP_S)
-    if bad is not None:
-        raise IgdrecError(
-            f"{record_label(path, bad)}: timestamp {series[bad]!r} is after the year 2100 as seconds since 1970; "
-            "it looks like milliseconds: divide the column by 1000"
-        )
-    return parsed.rename(series.name)
+        text = text_values(series, path, rows).str.strip_chars()
+        seconds = text.cast(pl.Float64, strict=False)
+        is_number = seconds.is_not_null()
+        if not is_number.all():
+            dates = _parse_dates(text.zip_with(~is_number, pl.Series([None], dtype=pl.String)))
+            seconds = seconds.fill_null(dates.cast(pl.Float64))
+
+    def refuse(mask: pl.Series, why: str) -> None:
+        bad = first_true(mask)
+        if bad is not None:
+            raise IgdrecError(f"{record_label(path, bad, rows)}: timestamp {series[bad]!r} {why}")
+
+    refuse(seconds.is_null(), "is not a number or a date")
+    refuse(~seconds.is_finite(), "is not a finite number; timestamps are UTC seconds since 1970-01-01")
+    refuse(seconds < 0, "is before 1970; timestamps are UTC seconds since 1970-01-01")
+    late = seconds > LATEST_TIMESTAMP_S
+    first = first_true(late)
+    if first is not None and is_number[first]:
+        # A number in a finer unit than seconds: name the unit whose division brings it before 2100.
+        for factor, unit in ((10**3, "milliseconds"), (10**6, "microseconds"), (10**9, "nanoseconds")):
+            if seconds[first] / factor <= LATEST_TIMESTAMP_S:
+                refuse(late, f"is after the year 2100 as seconds since 1970; it looks like {unit}: divide the column by {factor}")
+    refuse(late, f"is after the year 2100; timestamps are UTC seconds since 1970-01-01, at most {LATEST_TIMESTAMP_S}")
+    return seconds.floor().cast(pl.Int64).rename(series.name)
 
 
 def _parse_dates(text: pl.Series) -> pl.Series:
@@ -287,12 +352,19 @@ def _parse_lines_strictly(path: Path, block: bytes, first_line: int, columns: di
             elif dtype == pl.Int64:
                 try:
                     value = int(value)
-                except (TypeError, ValueError) as exc:
+                except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: Infinity
                     raise IgdrecError(f"{path}:{line_no}: field {column!r} is {value!r}, expected an integer") from exc
+                if not -(2**63) <= value < 2**63:
+                    raise IgdrecError(f"{path}:{line_no}: field {column!r} is {record[column]!r}, beyond the 64-bit integer range")
             elif not isinstance(value, str):
                 value = json.dumps(value) if not isinstance(value, (int, float)) else str(value)
             rows[column].append(value)
     return pl.DataFrame(rows, schema=columns)
+
+
+def _short_repr(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _first_line(exc: Exception) -> str:

@@ -18,18 +18,25 @@ def build_windows(interactions: pl.DataFrame, history_len: int) -> pl.DataFrame:
     `interactions` has user_id, item_id, timestamp, in input order. Within a user, interactions are
     ordered by timestamp with ties in input order. The result is sorted by target timestamp; windows
     with equal timestamps keep the order users first appear in the input, then their position — i.e.
-    a stable sort of the per-user window lists, as the reference pipeline does.
+    a stable sort of the per-user window lists, as the reference pipeline does. A `history_len` longer
+    than every user's sequence keeps whole pasts.
     """
+    history_len = min(history_len, max(interactions.height, 1))  # no history is longer; keeps offsets in range
     ordered = (
         interactions.select("user_id", "item_id", "timestamp")
         .with_row_index("input_row")
         .with_columns(pl.col("input_row").min().over("user_id").alias("user_rank"))
         .sort("user_rank", "timestamp", "input_row")
-        .with_columns(pl.int_range(pl.len()).over("user_rank").alias("position"))
+        .with_row_index("order")
+        .with_columns(pl.col("order").cast(pl.Int64), pl.int_range(pl.len()).over("user_rank").alias("position"))
     )
-    previous_items = [pl.col("item_id").shift(lag).over("user_rank") for lag in range(history_len, 0, -1)]
+    # A user's rows are consecutive in `order`, so the history of row t is the user's rows t-L .. t-1: a
+    # rolling window, whose cost is the size of the histories it returns, whatever history_len is.
+    histories = ordered.rolling(
+        "order", period=f"{history_len}i", offset=f"-{history_len + 1}i", closed="right", group_by="user_rank"
+    ).agg(pl.col("item_id").alias("history_item_ids"))
     return (
-        ordered.with_columns(pl.concat_list(previous_items).list.drop_nulls().alias("history_item_ids"))
+        ordered.join(histories, on=["user_rank", "order"], how="left", maintain_order="left")
         .filter(pl.col("position") >= 1)
         .sort("timestamp", "user_rank", "position")
         .select("user_id", "history_item_ids", "item_id", "timestamp")
