@@ -158,5 +158,5 @@ def test_assistant_refuses_a_baseline_without_a_usable_model(run_with_sasrec):
         TextFreeAssistant.load(run, "sasrec", trie, "cpu")
     (directory / "model.json").unlink()
     with pytest.raises(IgdrecError, match=r"baseline/sasrec: no saved model for the text-free assistant \(a baseline from an earlier "
-                                          r"igdrec\); rerun `igdrec baseline --name sasrec`"):
+                                          r"igdrec\); rerun the `igdrec baseline` that made it \(--name sasrec\)"):
         TextFreeAssistant.load(run, "sasrec", trie, "cpu")

@@ -165,6 +165,7 @@ def test_stage_is_deterministic_and_writes_every_artifact(tmp_path):
     again = baseline_stage.run(config, run)
     assert again["key"] == first["key"] and again["created_at"] == first["created_at"]  # cached
     assert set(first["outputs"]) == {"topk.parquet", "model.safetensors", "model.json", "training.json"}  # no per-sample probs
+    assert first["params"]["assistant_from"] == "model"  # keyed: a baseline that wrote probabilities instead reruns
     baseline_stage.run(config, run, force=True)
     assert schema.read(run.artifact("baseline/sasrec", "topk.parquet"), "topk").equals(topk_first)
     np.testing.assert_array_equal(saved_probs(run, "sasrec", "test")[1], probs_first)

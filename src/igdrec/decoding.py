@@ -180,7 +180,7 @@ class TextFreeAssistant:
     """A baseline's next-item probabilities, computed for each decode batch from its saved model
     (D3, docs/method.md §6.4): memory O(batch × catalog items) and nothing per sample on disk.
 
-    `probs(histories)` gives what `BeamSearch.search(assistant_probs=...)` takes: one row per history, the
+    `probs(histories, sample_ids)` gives what `BeamSearch.search(assistant_probs=...)` takes: one row per history, the
     model's softmax over all item ids taken at the trie's item rows (`trie.item_ids`). A history is cut
     to the model's `max_len` most recent items, as the baseline stage cut it in training."""
 
@@ -201,7 +201,7 @@ class TextFreeAssistant:
         directory = run.stage_dir(f"baseline/{baseline}")
         if not (directory / seqrec.checkpoint.SETTINGS).exists():
             raise IgdrecError(f"{directory}: no saved model for the text-free assistant (a baseline from an earlier igdrec); "
-                              f"rerun `igdrec baseline --name {baseline}`")
+                              f"rerun the `igdrec baseline` that made it (--name {baseline})")
         model, max_len = seqrec.load_recommender(directory, device)
         needed = int(trie.item_ids.max()) + 1 if len(trie.item_ids) else 0
         if model.n_items < needed:
