@@ -154,7 +154,8 @@ def test_assistant_refuses_a_baseline_without_a_usable_model(run_with_sasrec):
     directory = run.stage_dir("baseline/sasrec")
     small = seqrec.ModelSettings(hidden_size=8, inner_size=8)
     seqrec.save_recommender(seqrec.build_model("sasrec", 3, 4, small, np.zeros(0)), directory, "sasrec", 4, small)
-    with pytest.raises(IgdrecError, match=r"baseline/sasrec/model.json: the baseline scores 3 items, the catalog needs one per item id up to \d+"):
+    with pytest.raises(IgdrecError, match=r"baseline/sasrec/model.json: the baseline scores 3 items, "
+                                          r"the catalog needs one per item id up to \d+"):
         TextFreeAssistant.load(run, "sasrec", trie, "cpu")
     (directory / "model.json").unlink()
     with pytest.raises(IgdrecError, match=r"baseline/sasrec: no saved model for the text-free assistant \(a baseline from an earlier "

@@ -244,7 +244,8 @@ def test_saved_model_refuses_files_that_do_not_rebuild_it(tmp_path):
     fails_with(good | {"model": "bert"}, r"model.json: model 'bert' is not one of sasrec, gru4rec, pop")
     fails_with(good | {"n_items": "9"}, r"model.json: n_items '9' is not a positive integer")
     fails_with(good | {"settings": good["settings"] | {"hidden_size": 8.0}}, r"model.json: settings.hidden_size 8.0 is not an integer")
-    fails_with(good | {"settings": good["settings"] | {"n_heads": 3}}, r"model.json: cannot build a sasrec of these settings \(hidden size 8 is not a multiple of 3 heads\)")
+    fails_with(good | {"settings": good["settings"] | {"n_heads": 3}},
+               r"model.json: cannot build a sasrec of these settings \(hidden size 8 is not a multiple of 3 heads\)")
     fails_with(good | {"n_items": 10}, r"model.safetensors: the weights do not fit a sasrec of the shape in model.json \(.*size mismatch")
     (tmp_path / "model.json").write_text(json.dumps(good))
     assert seqrec.load_recommender(tmp_path)[0].n_items == 9  # each refusal above was the edit's doing

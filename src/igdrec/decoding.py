@@ -180,9 +180,9 @@ class TextFreeAssistant:
     """A baseline's next-item probabilities, computed for each decode batch from its saved model
     (D3, docs/method.md §6.4): memory O(batch × catalog items) and nothing per sample on disk.
 
-    `probs(histories, sample_ids)` gives what `BeamSearch.search(assistant_probs=...)` takes: one row per history, the
-    model's softmax over all item ids taken at the trie's item rows (`trie.item_ids`). A history is cut
-    to the model's `max_len` most recent items, as the baseline stage cut it in training."""
+    `probs(histories, sample_ids)` gives what `BeamSearch.search(assistant_probs=...)` takes: one row per
+    history, the model's softmax over all item ids taken at the trie's item rows (`trie.item_ids`). A
+    history is cut to the model's `max_len` most recent items, as the baseline stage cut it in training."""
 
     def __init__(self, model, max_len: int, item_ids: np.ndarray, device, source: str):
         import torch
