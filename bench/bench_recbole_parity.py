@@ -33,10 +33,12 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import torch
 
-from igdrec import schema
+from igdrec import schema, seqrec
 from igdrec.config import BaselineConfig, MetricsConfig
 from igdrec.rundir import RunDir
+from igdrec.seqrec.evaluation import full_sort_scores
 from igdrec.stages import baseline as baseline_stage
 from igdrec.stages import metrics as metrics_stage
 
@@ -117,9 +119,10 @@ def igdrec_rows(run: RunDir, model: str, epochs: int, patience: int, seed: int) 
     name = f"parity-{model}"
     manifest = baseline_stage.run(BaselineConfig(model=model, name=name, epochs=epochs, patience=patience, seed=seed), run)
     by_title = metrics_stage.run(MetricsConfig(baseline=name, ks=list(KS)), run)["stats"]
-    probs = schema.read(run.artifact(f"baseline/{name}", "probs_test.parquet"), "item_probs").sort("sample_id")
-    targets = schema.read(run.artifact("data", "test.parquet"), "samples").sort("sample_id")["item_id"].to_numpy()
-    matrix = np.array(probs["probs"].to_list(), dtype=np.float32)
+    model, max_len = seqrec.load_recommender(run.stage_dir(f"baseline/{name}"))  # the trained model, as saved
+    test = seqrec.SequenceData.from_samples(schema.read(run.artifact("data", "test.parquet"), "samples"), model.n_items, max_len)
+    matrix = torch.cat([scores for _, scores in full_sort_scores(model, test, 4096, torch.device("cpu"))]).numpy()
+    targets = test.target.numpy()
     target_p = matrix[np.arange(len(targets)), targets]
     ranks = (matrix > target_p[:, None]).sum(axis=1)  # 0-based rank of the target id in the full ranking
     by_id = {}

@@ -146,17 +146,29 @@ def test_metrics_stage_scores_a_baseline_like_a_rerank(tmp_path, tiny_tokenizer)
         metrics_stage.run(MetricsConfig(baseline="pop", rerank="x"), run)
 
 
+def saved_probs(run, name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(sample ids, dense probabilities over all item ids) of a split, from the baseline's saved model."""
+    from igdrec.seqrec.evaluation import full_sort_scores
+
+    model, max_len = seqrec.load_recommender(run.stage_dir(f"baseline/{name}"))
+    data = seqrec.SequenceData.from_samples(schema.read(run.artifact("data", f"{split}.parquet"), "samples"), model.n_items, max_len)
+    chunks = [model.item_probabilities(scores) for _, scores in full_sort_scores(model, data, 64, torch.device("cpu"))]
+    return data.sample_ids, torch.cat(chunks).numpy()
+
+
 def test_stage_is_deterministic_and_writes_every_artifact(tmp_path):
     run = synthetic_run(tmp_path / "run", n_users=60)
     config = BaselineConfig(model="sasrec", epochs=3, batch_size=64, top_k=4, seed=7)
     first = baseline_stage.run(config, run)
     topk_first = schema.read(run.artifact("baseline/sasrec", "topk.parquet"), "topk")
-    probs_first = schema.read(run.artifact("baseline/sasrec", "probs_test.parquet"), "item_probs")
+    ids, probs_first = saved_probs(run, "sasrec", "test")
     again = baseline_stage.run(config, run)
     assert again["key"] == first["key"] and again["created_at"] == first["created_at"]  # cached
+    assert set(first["outputs"]) == {"topk.parquet", "model.safetensors", "model.json", "training.json"}  # no per-sample probs
+    assert first["params"]["assistant_from"] == "model"  # keyed: a baseline that wrote probabilities instead reruns
     baseline_stage.run(config, run, force=True)
     assert schema.read(run.artifact("baseline/sasrec", "topk.parquet"), "topk").equals(topk_first)
-    assert schema.read(run.artifact("baseline/sasrec", "probs_test.parquet"), "item_probs").equals(probs_first)
+    np.testing.assert_array_equal(saved_probs(run, "sasrec", "test")[1], probs_first)
 
     stats = first["stats"]
     assert stats["epochs_run"] == 3 and 1 <= stats["best_epoch"] <= 3 and stats["parameters"] > 0
@@ -165,17 +177,18 @@ def test_stage_is_deterministic_and_writes_every_artifact(tmp_path):
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert stats["valid_NDCG@10"] == max(h["valid"] for h in history)
     for split in ("valid", "test"):
-        probs = schema.read(run.artifact("baseline/sasrec", f"probs_{split}.parquet"), "item_probs")
+        split_ids, matrix = saved_probs(run, "sasrec", split)
         samples = pl.read_parquet(run.artifact("data", f"{split}.parquet"))
-        assert sorted(probs["sample_id"].to_list()) == sorted(samples["sample_id"].to_list())
-        matrix = np.array(probs["probs"].to_list())
+        assert sorted(split_ids.tolist()) == sorted(samples["sample_id"].to_list())
         assert matrix.shape == (samples.height, len(TITLES))
         np.testing.assert_allclose(matrix.sum(axis=1), 1.0, atol=1e-5)
-    # the test lists are the probabilities' order, one item per title
-    first_sample = topk_first.filter(pl.col("sample_id") == probs_first["sample_id"][0]).sort("rank")["item_id"].to_list()
-    p = np.array(probs_first["probs"][0].to_list())
-    assert p[first_sample].tolist() == sorted(p[first_sample].tolist(), reverse=True)
-    assert len({TITLES[i] for i in first_sample}) == len(first_sample)
+    # the saved model is the one whose test lists were written: they are its probabilities' order
+    for row in (0, len(ids) - 1):
+        listed = topk_first.filter(pl.col("sample_id") == int(ids[row])).sort("rank")["item_id"].to_list()
+        best_per_title = {}
+        for item in np.argsort(-probs_first[row], kind="stable"):  # best first, ties by smaller id
+            best_per_title.setdefault(TITLES[item].strip(), int(item))
+        assert listed == list(best_per_title.values())[:len(listed)] and len(listed) == 4
 
     other = baseline_stage.run(BaselineConfig(model="sasrec", epochs=3, batch_size=64, top_k=4, seed=8, name="seed8"), run)
     assert other["key"] != first["key"]
@@ -197,3 +210,44 @@ def test_gru4rec_stage_runs_and_bad_options_fail(tmp_path):
     with pytest.raises(IgdrecError, match="items.parquet: item ids must be dense"):
         baseline_stage.run(BaselineConfig(model="pop"), gappy)
     assert not (gappy.root / "baseline" / "pop").exists()
+
+
+@pytest.mark.parametrize("model_name", ["sasrec", "gru4rec", "pop"])
+def test_saved_model_scores_exactly_as_the_trained_one(tmp_path, model_name):
+    n_items = 9
+    data = seqrec.SequenceData.from_samples(successor_windows(n_items, 12, seed=4), n_items, max_len=5)
+    settings = seqrec.ModelSettings(hidden_size=8, inner_size=16, gru_hidden_size=8)
+    torch.manual_seed(0)
+    model = seqrec.build_model(model_name, n_items, 5, settings, data.target.numpy())
+    batch = next(data.batches(12))
+    model.eval()
+    expected = model.full_sort_predict(batch)
+    seqrec.save_recommender(model, tmp_path, model_name, 5, settings)
+    loaded, max_len = seqrec.load_recommender(tmp_path)
+    assert max_len == 5 and type(loaded) is type(model) and not loaded.training
+    assert torch.equal(loaded.full_sort_predict(batch), expected)
+    assert json.loads((tmp_path / "model.json").read_text())["settings"]["n_layers"] == {"sasrec": 2, "gru4rec": 1, "pop": None}[model_name]
+
+
+def test_saved_model_refuses_files_that_do_not_rebuild_it(tmp_path):
+    settings = seqrec.ModelSettings(hidden_size=8, inner_size=16)
+    seqrec.save_recommender(seqrec.build_model("sasrec", 9, 5, settings, np.zeros(0)), tmp_path, "sasrec", 5, settings)
+    good = json.loads((tmp_path / "model.json").read_text())
+
+    def fails_with(shape, message: str) -> None:
+        (tmp_path / "model.json").write_text(shape if isinstance(shape, str) else json.dumps(shape))
+        with pytest.raises(IgdrecError, match=message):
+            seqrec.load_recommender(tmp_path)
+
+    fails_with("{", r"model.json: cannot read the model's settings")
+    fails_with(good | {"extra": 1}, r"model.json: expected an object with exactly the keys model, n_items, max_len, settings")
+    fails_with(good | {"model": "bert"}, r"model.json: model 'bert' is not one of sasrec, gru4rec, pop")
+    fails_with(good | {"n_items": "9"}, r"model.json: n_items '9' is not a positive integer")
+    fails_with(good | {"settings": good["settings"] | {"hidden_size": 8.0}}, r"model.json: settings.hidden_size 8.0 is not an integer")
+    fails_with(good | {"settings": good["settings"] | {"n_heads": 3}},
+               r"model.json: cannot build a sasrec of these settings \(hidden size 8 is not a multiple of 3 heads\)")
+    fails_with(good | {"n_items": 10}, r"model.safetensors: the weights do not fit a sasrec of the shape in model.json \(.*size mismatch")
+    (tmp_path / "model.json").write_text(json.dumps(good))
+    assert seqrec.load_recommender(tmp_path)[0].n_items == 9  # each refusal above was the edit's doing
+    (tmp_path / "model.safetensors").write_bytes(b"\x80\x04not a safetensors file")
+    fails_with(good, r"model.safetensors: cannot read the model's weights")

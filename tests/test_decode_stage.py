@@ -7,6 +7,7 @@ import json
 import numpy as np
 import polars as pl
 import pytest
+import torch
 from decode_helpers import CacheIgnoringModel, publish_ig, save_peaked_model
 from fixtures import synthetic_run
 from tiny_model import build_tokenizer
@@ -270,17 +271,26 @@ def test_merged_lora_is_cast_after_merging(tmp_path, model_dir):
     assert not torch.equal(q32, load_model(str(model_dir)).state_dict()["model.layers.0.self_attn.q_proj.weight"])
 
 
-def _publish_baseline(run, name: str, n_items: int, seed: int = 0):
+def _publish_baseline(run, name: str, seed: int = 0):
+    """A baseline stage holding a random-weight SASRec; returns each test sample's dense distribution over
+    all item ids, computed as the baseline stage scores a whole split."""
+    from igdrec import seqrec
     from igdrec.rundir import StageWriter
+    from igdrec.seqrec.evaluation import full_sort_scores
 
+    n_items = schema.read(run.artifact("data", "items.parquet"), "items").height
     samples = schema.read(run.artifact("data", "test.parquet"), "samples")
-    rng = np.random.default_rng(seed)
-    probs = rng.dirichlet(np.ones(n_items), size=samples.height).astype(np.float32)
+    settings = seqrec.ModelSettings(hidden_size=16, inner_size=32).resolved("sasrec")
+    torch.manual_seed(seed)
+    model = seqrec.build_model("sasrec", n_items, 6, settings, np.zeros(0))
+    with torch.no_grad():  # sharper than N(0, 0.02): distinct rows per history
+        model.item_embedding.weight.normal_(0, 1.0)
     with StageWriter(run, f"baseline/{name}", stage="baseline", params={}, inputs={}, force=True) as out:
-        frame = pl.DataFrame({"sample_id": samples["sample_id"], "probs": [list(p) for p in probs]},
-                             schema={"sample_id": pl.Int64, "probs": pl.List(pl.Float32)})
-        frame.reverse().write_parquet(out.path("probs_test.parquet"))  # any row order
-    return dict(zip(samples["sample_id"].to_list(), probs))
+        seqrec.save_recommender(model, out.partial_dir, "sasrec", 6, settings)
+    data = seqrec.SequenceData.from_samples(samples, n_items, 6)
+    model.eval()
+    dense = torch.cat([model.item_probabilities(scores) for _, scores in full_sort_scores(model, data, 64, torch.device("cpu"))])
+    return dict(zip(data.sample_ids.tolist(), dense.numpy()))
 
 
 def test_assistant_probabilities_reach_the_search_aligned_with_prompts_and_trie(run, model_dir, monkeypatch):
@@ -288,32 +298,33 @@ def test_assistant_probabilities_reach_the_search_aligned_with_prompts_and_trie(
     from igdrec import beam, decoding
 
     trie = CatalogTrie.load(run.artifact("ig", "trie_nodes.parquet"), run.artifact("ig", "item_paths.parquet"))
-    n_items = int(schema.read(run.artifact("data", "items.parquet"), "items")["item_id"].max()) + 1
-    by_sample = _publish_baseline(run, "pop", n_items)
-    loaded = decoding.load_assistant_probs(run, "pop", "test", [3, 1], trie)
-    np.testing.assert_array_equal(loaded, np.stack([by_sample[3], by_sample[1]])[:, trie.item_ids])
-    with pytest.raises(IgdrecError, match="probs_test.parquet: no probabilities for test sample_id 99999"):
-        decoding.load_assistant_probs(run, "pop", "test", [1, 99999], trie)
-
+    by_sample = _publish_baseline(run, "sas")
     seen = []
 
     class RecordingSearch(beam.BeamSearch):  # stands in for a search that uses the assistant
         def search(self, prompts, assistant_probs=None):
-            seen.extend(zip(map(tuple, prompts), assistant_probs, [self.tfa_guidance] * len(prompts)))
+            seen.extend(zip(map(tuple, prompts), assistant_probs.numpy(), [self.tfa_guidance] * len(prompts)))
             return super().search(prompts)
 
     RecordingSearch.tfa_guidance = None
     monkeypatch.setattr(beam, "BeamSearch", RecordingSearch)
-    config = DecodeConfig(model=str(model_dir), limit=5, num_beams=2, batch_size=2, shard_size=3, tfa="pop", tfa_guidance=0.7)
+    config = DecodeConfig(model=str(model_dir), limit=5, num_beams=2, batch_size=2, shard_size=3, tfa="sas", tfa_guidance=0.7)
     manifest = decode.run(config, run)
-    assert manifest["inputs"]["tfa"] == run.manifest("baseline/pop")["fingerprint"]
-    assert "tfa-pop-g0.7" in manifest["stage_path"]
+    assert manifest["inputs"]["tfa"] == run.manifest("baseline/sas")["fingerprint"]
+    assert "tfa-sas-g0.7" in manifest["stage_path"]
     decoder = decoding.Decoder.from_run(run, config)
     samples = schema.read(run.artifact("data", "test.parquet"), "samples").sort("sample_id").head(5)
-    expected = sorted((tuple(decoder.prompt(h)[0]), tuple(by_sample[s][trie.item_ids].tolist()))
-                      for s, h in zip(samples["sample_id"], samples["history_item_ids"]))
-    assert sorted((p, tuple(np.asarray(row).tolist())) for p, row, _ in seen) == expected
+    expected = sorted((tuple(decoder.prompt(h)[0]), s) for s, h in zip(samples["sample_id"], samples["history_item_ids"]))
+    got = sorted(((p, row) for p, row, _ in seen), key=lambda pair: pair[0])
+    assert [p for p, _ in got] == [p for p, _ in expected]
+    assert len({tuple(by_sample[s]) for _, s in expected}) >= 4  # the rows differ: a misaligned row would show
+    for (_, row), (_, sample_id) in zip(got, expected):
+        np.testing.assert_allclose(row, by_sample[sample_id][trie.item_ids], rtol=1e-5, atol=1e-9)
     assert all(guidance == 0.7 for _, _, guidance in seen)
+
+    # a new baseline (other weights) is another input: the decode reruns instead of counting as cached
+    _publish_baseline(run, "sas", seed=1)
+    assert decode.run(config, run)["inputs"]["tfa"] != manifest["inputs"]["tfa"]
 
 
 def test_two_process_decode_writes_the_same_beams_as_one(run, model_dir):

@@ -332,7 +332,7 @@ class BaselineConfig:
     gru_hidden_size: int = option(128, "GRU4Rec: GRU hidden size.", min=1)
     seed: int = option(42, "Seed of the initialisation, the batch order and dropout.", min=0, max=SEED_MAX)
     top_k: int = option(20, "Length of the ranked test lists in topk.parquet.", min=1)
-    eval_batch_size: int = option(4096, "Windows per scoring batch (validation, test, probabilities).", key=False, min=1)
+    eval_batch_size: int = option(4096, "Windows per scoring batch (validation, test).", key=False, min=1)
     device: str = _device_option()
 
 

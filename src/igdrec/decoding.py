@@ -175,33 +175,50 @@ def beams_frame(sample_ids: Sequence[int], decoded: Sequence[Sequence[DecodedIte
 # --------------------------------------------------------------------------- the text-free assistant (D3)
 
 
-def assistant_probs_path(run: RunDir, baseline: str, split: str) -> Path:
-    return run.artifact(f"baseline/{baseline}", f"probs_{split}.parquet")
+class TextFreeAssistant:
+    """A baseline's next-item probabilities, computed for each decode batch from its saved model
+    (D3, docs/method.md §6.4): memory O(batch × catalog items) and nothing per sample on disk.
 
+    `probs(histories, sample_ids)` gives what `BeamSearch.search(assistant_probs=...)` takes: one row per
+    history, the model's softmax over all item ids taken at the trie's item rows (`trie.item_ids`). A
+    history is cut to the model's `max_len` most recent items, as the baseline stage cut it in training."""
 
-def load_assistant_probs(run: RunDir, baseline: str, split: str, sample_ids: Sequence[int], trie: CatalogTrie) -> np.ndarray:
-    """A baseline's next-item probabilities for `sample_ids` (rows, in that order), with columns aligned
-    with `trie.item_ids`: what `BeamSearch.search(assistant_probs=...)` takes (docs/method.md §6, D3).
+    def __init__(self, model, max_len: int, item_ids: np.ndarray, device, source: str):
+        import torch
 
-    The artifact holds, per sample, a probability for every item id (list position = item id)."""
-    path = assistant_probs_path(run, baseline, split)
-    try:
-        frame = pl.read_parquet(path, columns=["sample_id", "probs"])
-    except (OSError, pl.exceptions.PolarsError) as exc:
-        raise IgdrecError(f"{path}: cannot read the assistant's probabilities ({exc}); run the baseline {baseline!r} first") from exc
-    position = dict(zip(frame["sample_id"].to_list(), range(frame.height)))
-    missing = [s for s in sample_ids if s not in position]
-    if missing:
-        raise IgdrecError(f"{path}: no probabilities for {split} sample_id {missing[0]} ({len(missing)} missing)")
-    rows = frame["probs"].gather([position[s] for s in sample_ids])
-    widths = rows.list.len()
-    needed = int(trie.item_ids.max()) + 1 if len(trie.item_ids) else 0
-    if rows.len() and int(widths.min()) < needed:
-        raise IgdrecError(f"{path}: rows hold {int(widths.min())} probabilities, the catalog needs one per item id up to {needed - 1}")
-    if not rows.len():
-        return np.zeros((0, len(trie.item_ids)), dtype=np.float32)
-    matrix = np.stack([np.asarray(r, dtype=np.float32)[:needed] for r in rows.to_list()])
-    return matrix[:, trie.item_ids]
+        self.model = model  # in eval mode, on `device`
+        self.max_len = max_len
+        self.device = device
+        self.source = source  # names the baseline in error messages
+        self.columns = torch.tensor(np.asarray(item_ids, dtype=np.int64), device=device)
+
+    @classmethod
+    def load(cls, run: RunDir, baseline: str, trie: CatalogTrie, device) -> "TextFreeAssistant":
+        """The model saved by `igdrec baseline --name BASELINE` in this run, on `device`."""
+        from igdrec import seqrec
+
+        directory = run.stage_dir(f"baseline/{baseline}")
+        if not (directory / seqrec.checkpoint.SETTINGS).exists():
+            raise IgdrecError(f"{directory}: no saved model for the text-free assistant (a baseline from an earlier igdrec); "
+                              f"rerun the `igdrec baseline` that made it (--name {baseline})")
+        model, max_len = seqrec.load_recommender(directory, device)
+        needed = int(trie.item_ids.max()) + 1 if len(trie.item_ids) else 0
+        if model.n_items < needed:
+            raise IgdrecError(f"{directory / seqrec.checkpoint.SETTINGS}: the baseline scores {model.n_items} items, "
+                              f"the catalog needs one per item id up to {needed - 1}")
+        return cls(model, max_len, trie.item_ids, device, str(directory))
+
+    def probs(self, histories: Sequence[Sequence[int]], sample_ids: Sequence[int]):
+        """(len(histories), trie items) float32 tensor on the model's device; `sample_ids` name a bad history."""
+        import torch
+
+        from igdrec import seqrec
+
+        item_seq, lengths = seqrec.pad_histories(histories, sample_ids, self.model.n_items, self.max_len, self.source)
+        batch = seqrec.SequenceBatch(item_seq, lengths, lengths).to(self.device)  # the target is not read
+        with torch.no_grad():
+            scores = self.model.full_sort_predict(batch).float()
+            return self.model.item_probabilities(scores)[:, self.columns]
 
 
 # --------------------------------------------------------------------------- batch size
@@ -334,19 +351,18 @@ class Decoder:
         return auto_batch_size(self.model.config, num_beams or self.engine.num_beams, prompt_len,
                                self.engine.max_new_tokens, dtype_bytes, free)
 
-    def search(self, prompts: Sequence[Sequence[int]], num_beams: int | None = None, assistant_probs: np.ndarray | None = None,
+    def search(self, prompts: Sequence[Sequence[int]], num_beams: int | None = None,
+               assistant: Callable[[list[int]], object] | None = None,
                advance: Callable[[int], None] | None = None) -> list[list]:
         """Beam search of every prompt (hypotheses best first), in batches of prompts of similar length.
 
-        `assistant_probs`: a text-free assistant's probabilities, one row per prompt, columns aligned with
-        `catalog.trie.item_ids` (D3, docs/method.md §6). Results do not depend on the batching.
+        `assistant(indices)`: a text-free assistant's probabilities of the prompts at these indices, one row
+        each, columns aligned with `catalog.trie.item_ids` (D3, docs/method.md §6), asked once per batch.
+        Results do not depend on the batching.
         """
         engine = self.engine if num_beams in (None, self.engine.num_beams) else dataclasses.replace(self.engine, num_beams=num_beams)
-        extra = {}
-        if assistant_probs is not None:
-            if "assistant_probs" not in inspect.signature(engine.search).parameters:
-                raise IgdrecError("--tfa: this version's beam search cannot take a text-free assistant during the search")
-            extra = {"assistant_probs": np.asarray(assistant_probs)}
+        if assistant is not None and "assistant_probs" not in inspect.signature(engine.search).parameters:
+            raise IgdrecError("--tfa: this version's beam search cannot take a text-free assistant during the search")
         if not prompts:
             return []
         batch_size = self.batch_size(max(len(p) for p in prompts), engine.num_beams)
@@ -356,7 +372,7 @@ class Decoder:
         hypotheses: list = [None] * len(prompts)
         for begin in range(0, len(order), batch_size):
             chunk = order[begin:begin + batch_size]
-            batch_extra = {k: v[chunk] for k, v in extra.items()}
+            batch_extra = {} if assistant is None else {"assistant_probs": assistant(chunk)}
             for i, hyps in zip(chunk, engine.search([list(prompts[i]) for i in chunk], **batch_extra)):
                 hypotheses[i] = hyps
             if advance is not None:
@@ -366,12 +382,15 @@ class Decoder:
     def items(self, hypotheses) -> list[DecodedItem]:
         return hypothesis_items(hypotheses, self.catalog, self.tokenizer, self.engine.eos_token_id)
 
-    def decode_samples(self, samples: pl.DataFrame, assistant_probs: np.ndarray | None = None,
+    def decode_samples(self, samples: pl.DataFrame, assistant: TextFreeAssistant | None = None,
                        advance: Callable[[int], None] | None = None) -> pl.DataFrame:
-        """`beams` rows for samples (sample_id, history_item_ids): what the decode stage writes.
-        `assistant_probs`: one row per sample (load_assistant_probs)."""
-        prompts = [self.prompt(history)[0] for history in samples["history_item_ids"].to_list()]
-        hypotheses = self.search(prompts, assistant_probs=assistant_probs, advance=advance)
+        """`beams` rows for samples (sample_id, history_item_ids): what the decode stage writes, guided
+        by `assistant` from each sample's whole history when one is given (--tfa)."""
+        histories, sample_ids = samples["history_item_ids"].to_list(), samples["sample_id"].to_list()
+        prompts = [self.prompt(history)[0] for history in histories]
+        batch_probs = None if assistant is None else (
+            lambda rows: assistant.probs([histories[i] for i in rows], [sample_ids[i] for i in rows]))
+        hypotheses = self.search(prompts, assistant=batch_probs, advance=advance)
         return beams_frame(samples["sample_id"].to_list(), [self.items(h) for h in hypotheses])
 
     @property

@@ -76,9 +76,6 @@ TRAIN_LOG = {
 # rerank --grounding: every distinct catalog title (carried by its smallest item id) and its embedding by
 # the grounding model (last-layer hidden state of the last token), cached per model under <run>/grounding/
 GROUNDING_EMBEDDINGS = {"item_id": pl.Int64, "title": pl.String, "embedding": pl.List(pl.Float32)}
-# baseline: per sample, a traditional model's probability of every catalog item, in item-id order
-# (length n_items, sums to 1); D3's text-free assistant reads them
-ITEM_PROBS = {"sample_id": pl.Int64, "probs": pl.List(pl.Float32)}
 # metrics: per evaluated sample, the rank of the first title match (null: none), then NDCG@K / HR@K columns
 PER_SAMPLE_METRICS = {"sample_id": pl.Int64, "match_rank": pl.Int32}
 
@@ -92,7 +89,6 @@ SCHEMAS = {
     "topk": TOPK,
     "train_log": TRAIN_LOG,
     "grounding_embeddings": GROUNDING_EMBEDDINGS,
-    "item_probs": ITEM_PROBS,
     "per_sample_metrics": PER_SAMPLE_METRICS,
 }
 

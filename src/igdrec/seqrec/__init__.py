@@ -4,13 +4,15 @@ RecBole-style: models behind one protocol (`models`), a trainer (`trainer`) sepa
 and evaluation (`evaluation`), windows as padded tensors (`data`). The `baseline` stage orchestrates them.
 """
 
-from igdrec.seqrec.data import SequenceBatch, SequenceData
-from igdrec.seqrec.evaluation import RankingEvaluator, probabilities_frame, rank_items, title_groups, topk_frame
+from igdrec.seqrec.checkpoint import load_recommender, save_recommender
+from igdrec.seqrec.data import SequenceBatch, SequenceData, pad_histories
+from igdrec.seqrec.evaluation import RankingEvaluator, rank_items, title_groups, topk_frame
 from igdrec.seqrec.models import MODELS, GRU4Rec, ModelSettings, MostPopular, Recommender, SASRec, TrainableRecommender, build_model
 from igdrec.seqrec.trainer import EpochRecord, Trainer, TrainResult, TrainSettings
 
 __all__ = [
     "MODELS", "GRU4Rec", "ModelSettings", "MostPopular", "Recommender", "SASRec", "TrainableRecommender", "build_model",
-    "SequenceBatch", "SequenceData", "RankingEvaluator", "probabilities_frame", "rank_items", "title_groups", "topk_frame",
+    "load_recommender", "save_recommender", "SequenceBatch", "SequenceData", "pad_histories",
+    "RankingEvaluator", "rank_items", "title_groups", "topk_frame",
     "EpochRecord", "Trainer", "TrainResult", "TrainSettings",
 ]

@@ -9,7 +9,7 @@ Item ids are dense 0..n_items-1 and id 0 is a real item, so histories are padded
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import polars as pl
@@ -49,22 +49,13 @@ class SequenceData:
     def from_samples(cls, samples: pl.DataFrame, n_items: int, max_len: int, source: str = "samples") -> "SequenceData":
         """Build from a frame of the `samples` schema; `source` names the file in error messages."""
         samples = samples.sort("sample_id")
-        histories = samples["history_item_ids"].to_list()
         targets = samples["item_id"].to_numpy().astype(np.int64)
         sample_ids = samples["sample_id"].to_numpy().astype(np.int64)
-        item_seq = np.full((len(histories), max_len), n_items, dtype=np.int64)
-        lengths = np.zeros(len(histories), dtype=np.int64)
-        for row, history in enumerate(histories):
-            if not history:
-                raise IgdrecError(f"{source}: sample {sample_ids[row]} has an empty history; a sequential model needs at least one item")
-            recent = history[-max_len:]
-            item_seq[row, : len(recent)] = recent
-            lengths[row] = len(recent)
-        for what, ids in (("history item", item_seq[item_seq != n_items]), ("target item", targets)):
-            bad = ids[(ids < 0) | (ids >= n_items)]
-            if bad.size:
-                raise IgdrecError(f"{source}: {what} id {int(bad[0])} is outside the catalog's ids 0..{n_items - 1}")
-        return cls(sample_ids, torch.from_numpy(item_seq), torch.from_numpy(lengths), torch.from_numpy(targets), n_items)
+        item_seq, lengths = pad_histories(samples["history_item_ids"].to_list(), sample_ids, n_items, max_len, source)
+        bad = targets[(targets < 0) | (targets >= n_items)]
+        if bad.size:
+            raise IgdrecError(f"{source}: target item id {int(bad[0])} is outside the catalog's ids 0..{n_items - 1}")
+        return cls(sample_ids, item_seq, lengths, torch.from_numpy(targets), n_items)
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[SequenceBatch]:
         """Consecutive batches; shuffled by `generator` when one is given (a training epoch)."""
@@ -75,3 +66,22 @@ class SequenceData:
 
     def num_batches(self, batch_size: int) -> int:
         return -(-len(self) // batch_size)
+
+
+def pad_histories(histories: Sequence[Sequence[int]], sample_ids: Sequence[int], n_items: int, max_len: int,
+                  source: str = "samples") -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, max_len) right-padded item ids, oldest first, of each history's `max_len` most recent items,
+    and (N,) their lengths; `sample_ids` and `source` name a bad history in the error."""
+    item_seq = np.full((len(histories), max_len), n_items, dtype=np.int64)
+    lengths = np.zeros(len(histories), dtype=np.int64)
+    for row, history in enumerate(histories):
+        if not len(history):
+            raise IgdrecError(f"{source}: sample {sample_ids[row]} has an empty history; a sequential model needs at least one item")
+        recent = history[-max_len:]
+        item_seq[row, : len(recent)] = recent
+        lengths[row] = len(recent)
+    ids = item_seq[np.arange(max_len) < lengths[:, None]]  # by position: an id equal to the padding index is bad too
+    bad = ids[(ids < 0) | (ids >= n_items)]
+    if bad.size:
+        raise IgdrecError(f"{source}: history item id {int(bad[0])} is outside the catalog's ids 0..{n_items - 1}")
+    return torch.from_numpy(item_seq), torch.from_numpy(lengths)

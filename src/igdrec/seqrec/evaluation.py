@@ -111,12 +111,3 @@ def topk_frame(model: Recommender, data: SequenceData, k: int, titles: Sequence[
         "score": values[valid],
     })
 
-
-def probabilities_frame(model: Recommender, data: SequenceData, batch_size: int, device: torch.device) -> pl.DataFrame:
-    """Per sample, the model's distribution over all items in item-id order (the `item_probs` schema)."""
-    chunks = []
-    for _, scores in full_sort_scores(model, data, batch_size, device):
-        chunks.append(model.item_probabilities(scores).numpy().astype(np.float32))
-    probs = np.concatenate(chunks) if chunks else np.zeros((0, data.n_items), dtype=np.float32)
-    column = pl.Series("probs", probs, dtype=pl.Array(pl.Float32, data.n_items)).cast(pl.List(pl.Float32))
-    return pl.DataFrame({"sample_id": data.sample_ids}).with_columns(column)

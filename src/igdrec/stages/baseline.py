@@ -5,8 +5,9 @@ full-softmax cross-entropy, early-stops on valid NDCG@10 (title match, the metri
 writes `<run>/baseline/<name>/`:
 - `topk.parquet` (schema `topk`): the top-K of the full ranking of every test sample, one item per title,
   scored by `igdrec metrics --baseline NAME` exactly like an LLM's rerank;
-- `probs_valid.parquet`, `probs_test.parquet` (schema `item_probs`): per sample, the model's distribution
-  over all items in item-id order, for D3's text-free assistant;
+- `model.safetensors` + `model.json` (seqrec.checkpoint): the trained model's weights and shape, from which
+  D3's text-free assistant scores each decode batch's histories (nothing per sample: a dense probability
+  per sample and item would be ≈14 GB per split at Books' 41,722 items × 85,376 samples);
 - `training.json`: the per-epoch loss, valid NDCG@10 and seconds.
 
 Where this differs from running RecBole 1.2 on the same windows (bench/bench_recbole_parity.py compares
@@ -50,10 +51,12 @@ def model_settings(config: BaselineConfig) -> seqrec.ModelSettings:
 
 def cache_params(config: BaselineConfig) -> dict:
     """The fields that change the result (option key=True), the architecture resolved to its defaults."""
-    params = cfg.key_params(config)
+    # How D3's assistant reads this baseline (its saved model; earlier igdrec wrote per-sample probabilities
+    # instead): part of the key, so a baseline of that form reruns rather than counting as cached.
+    form = {"assistant_from": "model"}
     if config.model == "pop":  # nothing is trained: only the top-K matters
-        return {"model": "pop", "top_k": config.top_k}
-    return params | asdict(model_settings(config))
+        return {"model": "pop", "top_k": config.top_k} | form
+    return cfg.key_params(config) | asdict(model_settings(config)) | form
 
 
 def run(config: BaselineConfig, run_dir: RunDir, force: bool = False) -> dict:
@@ -89,10 +92,7 @@ def run(config: BaselineConfig, run_dir: RunDir, force: bool = False) -> dict:
 
         topk = schema.conform(seqrec.topk_frame(model, splits["test"], config.top_k, titles, config.eval_batch_size, device), "topk")
         topk.write_parquet(out.path("topk.parquet"))
-        for split in ("valid", "test"):
-            probs = schema.conform(seqrec.probabilities_frame(model, splits[split], config.eval_batch_size, device), "item_probs")
-            probs.write_parquet(out.path(f"probs_{split}.parquet"))
-            out.rows[f"probs_{split}"] = probs.height
+        seqrec.save_recommender(model, out.partial_dir, config.model, max_len, model_settings(config))
         out.rows["topk"] = topk.height
         valid_ndcg = result.best_valid if result else evaluator.evaluate(model)[VALID_METRIC]
         out.stats = {

@@ -84,8 +84,8 @@ def _decode(config: DecodeConfig, run: RunDir, out: StageWriter, world: World) -
         samples = samples.head(config.limit)
     decoder = decoding.Decoder.from_run(run, config)
     assistant = None
-    if config.tfa is not None:
-        assistant = decoding.load_assistant_probs(run, config.tfa, config.split, samples["sample_id"].to_list(), decoder.catalog.trie)
+    if config.tfa is not None:  # scores each batch's histories as the search needs them (docs/method.md §6.4)
+        assistant = decoding.TextFreeAssistant.load(run, config.tfa, decoder.catalog.trie, decoder.device)
 
     shard_dir = out.partial_dir / SHARD_DIR
     shard_dir.mkdir(exist_ok=True)
@@ -110,8 +110,7 @@ def _decode(config: DecodeConfig, run: RunDir, out: StageWriter, world: World) -
                 continue
             started = time.perf_counter()
             decoder.engine.stats = SearchStats()
-            shard_assistant = None if assistant is None else assistant[starts[index]:starts[index] + shard.height]
-            frame = _decode_shard(decoder, shard, shard_assistant, lambda k: progress.advance(task, k))
+            frame = _decode_shard(decoder, shard, assistant, lambda k: progress.advance(task, k))
             record = {
                 "samples": shard.height,
                 "seconds": time.perf_counter() - started,
@@ -162,7 +161,7 @@ def _decode(config: DecodeConfig, run: RunDir, out: StageWriter, world: World) -
     }
 
 
-def _decode_shard(decoder: decoding.Decoder, shard: pl.DataFrame, assistant_probs, advance) -> pl.DataFrame:
+def _decode_shard(decoder: decoding.Decoder, shard: pl.DataFrame, assistant, advance) -> pl.DataFrame:
     """Beam search over one shard's samples; one beams row per finished hypothesis."""
-    return decoder.decode_samples(shard, assistant_probs=assistant_probs, advance=advance)
+    return decoder.decode_samples(shard, assistant=assistant, advance=advance)
 
