@@ -24,7 +24,7 @@ from reference_decoder import dict_trie, reference_generate  # noqa: E402
 
 from igdrec import prompt, schema  # noqa: E402
 from igdrec.beam import BeamSearch, TrieTensors  # noqa: E402
-from igdrec.config import EMBEDDED_MODEL, IGIndexConfig, PreprocessConfig  # noqa: E402
+from igdrec.config import EMBEDDED_MODEL, DecodeConfig, IGIndexConfig, PreprocessConfig  # noqa: E402
 from igdrec.ig import CatalogTrie, build_catalog_trie  # noqa: E402
 from igdrec.modeling import autocast_dtype, load_model, load_tokenizer, pick_device  # noqa: E402
 from igdrec.rundir import RunDir  # noqa: E402
@@ -86,9 +86,10 @@ def main() -> None:
 
     variants = [True, False] if args.check_jump_off else [True]
     searches = {
-        jump: BeamSearch(model, tokenizer.eos_token_id, tokenizer.pad_token_id, num_beams=args.num_beams,
-                         length_penalty=args.length_penalty, alpha=args.alpha, trie=TrieTensors.from_trie(trie, device),
-                         jump_forward=jump, autocast_dtype=autocast_dtype(device))
+        jump: BeamSearch.from_config(
+            model, tokenizer.eos_token_id, tokenizer.pad_token_id,
+            DecodeConfig(num_beams=args.num_beams, length_penalty=args.length_penalty, alpha=args.alpha, jump_forward=jump),
+            trie=TrieTensors.from_trie(trie, device), share_prefix=True, autocast_dtype=autocast_dtype(device))
         for jump in variants
     }
     seconds = {jump: 0.0 for jump in variants}

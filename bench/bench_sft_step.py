@@ -38,18 +38,23 @@ import torch
 
 from igdrec import training
 from igdrec.config import SFTConfig
+from igdrec.distributed import World
 from igdrec.dropout import use_gap_dropout
+from igdrec.flops import attention_shape, pass_cost
 from igdrec.fused_lora import use_fused_lora
 from igdrec.modeling import load_tokenizer
+from igdrec.precision import resolve_precision
 from igdrec.prompt import item_token_sequences
 from igdrec.rundir import RunDir
+from igdrec.sft_data import SFTExamples, micro_batch_rows
+from igdrec.sft_loss import WeightedLoss
 from igdrec.stages import sft
 
 SCHEMES = {"plain": dict(weighting="plain"), "pos": dict(weighting="pos", beta=0.5), "cft": dict(weighting="cft", beta=0.5, alpha=0.1), "igd": dict(weighting="igd", beta=0.1)}
 WORDS = "star love night dark city blue king river last house game legend war dream man secret story heart".split()
 
 
-def synthetic_examples(tokenizer, config: SFTConfig, n: int = 64) -> training.SFTExamples:
+def synthetic_examples(tokenizer, config: SFTConfig, n: int = 64) -> SFTExamples:
     rng = random.Random(0)
     titles = [" ".join(rng.choice(WORDS).title() for _ in range(rng.randint(1, 4))) + f" ({rng.randint(1950, 2020)})" for _ in range(200)]
     item_seqs = item_token_sequences(tokenizer, titles)
@@ -57,13 +62,13 @@ def synthetic_examples(tokenizer, config: SFTConfig, n: int = 64) -> training.SF
     histories = [[rng.randrange(len(titles)) for _ in range(10)] for _ in range(n)]
     flags = np.random.default_rng(0)
     zero_ig = [flags.random(len(item_seqs[t])) < 0.6 for t in targets]
-    return training.SFTExamples(
+    return SFTExamples(
         tokenizer, histories, targets, titles, item_seqs, "movies", config.weighting, config.beta, config.cutoff_len,
         zero_ig=zero_ig, with_reference=config.weighting == "cft",
     )
 
 
-def real_examples(run: RunDir, tokenizer, config: SFTConfig) -> training.SFTExamples:
+def real_examples(run: RunDir, tokenizer, config: SFTConfig) -> SFTExamples:
     from igdrec import schema
 
     titles = schema.read(run.artifact("data", "items.parquet"), "items").sort("item_id")["title"].to_list()
@@ -115,12 +120,12 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    modules = {k: training.WeightedLoss(model, c.weighting, c.alpha) for k, c in configs.items()}
+    modules = {k: WeightedLoss(model, c.weighting, c.alpha) for k, c in configs.items()}
 
     def step(scheme: str) -> tuple[float, float]:
         started, cpu_started = time.perf_counter(), time.process_time()
         batches = [data[scheme].collate(r) for r in micro]
-        training.backward_effective_batch(modules[scheme], batches, training.World(), scaler)
+        training.backward_effective_batch(modules[scheme], batches, World(), scaler)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -160,14 +165,14 @@ def throughput(args) -> None:
     config = SFTConfig(model=args.model, seed=0, weighting="plain", lora_dropout=args.lora_dropout)
     data = real_examples(run, tokenizer, config) if run is not None and run.manifest("data") is not None else synthetic_examples(tokenizer, config)
     device = torch.device("cpu")
-    precision = training.resolve_precision(args.precision, device)
+    precision = resolve_precision(args.precision, device)
     model = sft.prepare_model(config, device, precision).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     rows = list(range(args.batch_size))
     variants = {"old": dict(length_grouping=False, share_prefix=False), "new": dict(length_grouping=True, share_prefix=True)}
-    modules = {k: training.WeightedLoss(model, "plain", 0.0, share_prefix=v["share_prefix"]) for k, v in variants.items()}
+    modules = {k: WeightedLoss(model, "plain", 0.0, share_prefix=v["share_prefix"]) for k, v in variants.items()}
     target_tokens = sum(len(data.item_sequences[data.targets[i]]) for i in rows)
 
     def step(variant: str) -> tuple[float, float]:
@@ -176,18 +181,18 @@ def throughput(args) -> None:
         use_gap_dropout(model, enabled=variant == "new")  # the old LoRA dropout drew one Bernoulli number per element
         use_fused_lora(model, enabled=variant == "new")  # the old LoRA layer was peft's
         started, cpu_started = time.perf_counter(), time.process_time()
-        micro = training.micro_batch_rows(data, rows, args.micro_batch_size, variants[variant]["length_grouping"])
+        micro = micro_batch_rows(data, rows, args.micro_batch_size, variants[variant]["length_grouping"])
         batches = [data.collate(r) for r in micro]
-        training.backward_effective_batch(modules[variant], batches, training.World(), scaler, autocast=precision.autocast)
+        training.backward_effective_batch(modules[variant], batches, World(), scaler, autocast=precision.autocast)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - started, time.process_time() - cpu_started
 
-    shape = training.attention_shape(model)
-    computed = {k: sum(training.pass_cost(data.collate(r), modules[k].sharing(), shape)[0] for r in training.micro_batch_rows(data, rows, args.micro_batch_size, v["length_grouping"]))
+    shape = attention_shape(model)
+    computed = {k: sum(pass_cost(data.collate(r), modules[k].sharing(), shape)[0] for r in micro_batch_rows(data, rows, args.micro_batch_size, v["length_grouping"]))
                 for k, v in variants.items()}
-    padded = {k: sum(data.collate(r).input_ids.numel() for r in training.micro_batch_rows(data, rows, args.micro_batch_size, v["length_grouping"])) for k, v in variants.items()}
+    padded = {k: sum(data.collate(r).input_ids.numel() for r in micro_batch_rows(data, rows, args.micro_batch_size, v["length_grouping"])) for k, v in variants.items()}
     shared = modules["new"].sharing()
     print(f"{len(rows)} samples, micro-batch {args.micro_batch_size}, LoRA dropout {args.lora_dropout} (prefix sharing {'on' if shared else 'off: dropout active'}), "
           f"precision {precision.name}, {torch.get_num_threads()} threads; {target_tokens} target tokens per step; tokens through the model "

@@ -25,6 +25,7 @@ import torch
 
 from igdrec import seqrec
 from igdrec.assistant import MassTree, node_mass
+from igdrec.config import BaselineConfig
 from igdrec.decoding import TextFreeAssistant
 from igdrec.ig import build_catalog_trie_flat
 
@@ -82,7 +83,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        settings = seqrec.ModelSettings().resolved("sasrec")  # RecBole's SASRec defaults: 64 hidden, 2 layers
+        settings = seqrec.ModelSettings.from_config(BaselineConfig())  # RecBole's SASRec defaults: 64 hidden, 2 layers
         torch.manual_seed(args.seed)
         model = seqrec.build_model("sasrec", args.items, args.max_len, settings, np.zeros(0))
         seqrec.save_recommender(model, directory, "sasrec", args.max_len, settings)

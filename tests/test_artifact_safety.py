@@ -21,7 +21,7 @@ from fixtures import synthetic_run
 from typer.testing import CliRunner
 
 from igdrec import config as cfg
-from igdrec import grid, rundir, schema, training
+from igdrec import checkpoints, grid, rundir, schema
 from igdrec.api import Recommender
 from igdrec.cli import app
 from igdrec.config import DecodeConfig, MetricsConfig, RerankConfig, SFTConfig
@@ -324,16 +324,16 @@ def test_a_planted_pickle_checkpoint_is_never_run(tiny_model_dir, tmp_path, monk
     class Killed(Exception):
         pass
 
-    real_save = training.save_checkpoint
+    real_save = checkpoints.save_checkpoint
 
     def save_then_die(path, state):
         real_save(path, state)
         raise Killed
 
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         sft.run(SFTConfig(**config), run)
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
     (checkpoint,) = (run.root / ".partial").glob("sft__p-*/checkpoint/checkpoint.pt")
 
     marker = tmp_path / "marker"

@@ -152,7 +152,7 @@ def test_assistant_refuses_a_baseline_without_a_usable_model(run_with_sasrec):
     run = run_with_sasrec
     trie = CatalogTrie.load(run.artifact("ig", "trie_nodes.parquet"), run.artifact("ig", "item_paths.parquet"))
     directory = run.stage_dir("baseline/sasrec")
-    small = seqrec.ModelSettings(hidden_size=8, inner_size=8)
+    small = seqrec.ModelSettings.from_config(BaselineConfig(hidden_size=8, inner_size=8))
     seqrec.save_recommender(seqrec.build_model("sasrec", 3, 4, small, np.zeros(0)), directory, "sasrec", 4, small)
     with pytest.raises(IgdrecError, match=r"baseline/sasrec/model.json: the baseline scores 3 items, "
                                           r"the catalog needs one per item id up to \d+"):

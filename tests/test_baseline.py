@@ -14,7 +14,7 @@ from decode_helpers import publish_ig
 from fixtures import TITLES, synthetic_run, write_data_stage
 
 from igdrec import schema, seqrec
-from igdrec.config import BaselineConfig, MetricsConfig
+from igdrec.config import BASELINE_MODELS, BaselineConfig, MetricsConfig
 from igdrec.errors import IgdrecError
 from igdrec.stages import baseline as baseline_stage
 from igdrec.stages import metrics as metrics_stage
@@ -41,11 +41,12 @@ def test_model_learns_the_successor_rule(model_name):
     valid = seqrec.SequenceData.from_samples(successor_windows(n_items, 200, seed=2), n_items, max_len=5)
     titles = [f"Item {i}" for i in range(n_items)]
     torch.manual_seed(0)
-    small = seqrec.ModelSettings(hidden_size=32, inner_size=64, gru_hidden_size=32, dropout=0.1, attn_dropout=0.1)
+    small = seqrec.ModelSettings.from_config(
+        BaselineConfig(model=model_name, hidden_size=32, inner_size=64, gru_hidden_size=32, dropout=0.1, attn_dropout=0.1))
     model = seqrec.build_model(model_name, n_items, 5, small, train.target.numpy())
     evaluator = seqrec.RankingEvaluator(valid, titles, ks=[1, 10], batch_size=512)
     before = evaluator.evaluate(model)
-    settings = seqrec.TrainSettings(epochs=12, lr=1e-2, batch_size=64, patience=12, seed=0)
+    settings = BaselineConfig(epochs=12, lr=1e-2, batch_size=64, patience=12, seed=0)
     result = seqrec.Trainer(settings).fit(model, train, lambda m: evaluator.evaluate(m)["NDCG@10"])
     after = evaluator.evaluate(model)
     assert before["HR@10"] < 0.5
@@ -61,9 +62,9 @@ def test_full_sort_predict_shape_and_probabilities():
     assert data.item_seq.shape == (5, 4) and int(data.item_seq_len.max()) <= 4
     assert (data.item_seq[torch.arange(4)[None, :] >= data.item_seq_len[:, None]] == n_items).all()  # right padding
     batch = next(data.batches(5))
-    for name in seqrec.MODELS:
+    for name in BASELINE_MODELS:
         torch.manual_seed(0)
-        model = seqrec.build_model(name, n_items, 4, seqrec.ModelSettings(), data.target.numpy()).eval()
+        model = seqrec.build_model(name, n_items, 4, seqrec.ModelSettings.from_config(BaselineConfig(model=name)), data.target.numpy()).eval()
         scores = model.full_sort_predict(batch)
         assert scores.shape == (5, n_items)
         probs = model.item_probabilities(scores)
@@ -77,7 +78,7 @@ def test_history_padding_does_not_change_the_scores():
                             "item_id": [5, 7], "timestamp": [0, 0]})
     for name in ("sasrec", "gru4rec"):
         torch.manual_seed(0)
-        model = seqrec.build_model(name, n_items, 5, seqrec.ModelSettings(), np.zeros(1)).eval()
+        model = seqrec.build_model(name, n_items, 5, seqrec.ModelSettings.from_config(BaselineConfig(model=name)), np.zeros(1)).eval()
         both = model.full_sort_predict(next(seqrec.SequenceData.from_samples(samples, n_items, 5).batches(2)))
         alone = model.full_sort_predict(next(seqrec.SequenceData.from_samples(samples.head(1), n_items, 5).batches(1)))
         torch.testing.assert_close(both[0], alone[0], atol=1e-5, rtol=1e-5)
@@ -216,7 +217,7 @@ def test_gru4rec_stage_runs_and_bad_options_fail(tmp_path):
 def test_saved_model_scores_exactly_as_the_trained_one(tmp_path, model_name):
     n_items = 9
     data = seqrec.SequenceData.from_samples(successor_windows(n_items, 12, seed=4), n_items, max_len=5)
-    settings = seqrec.ModelSettings(hidden_size=8, inner_size=16, gru_hidden_size=8)
+    settings = seqrec.ModelSettings.from_config(BaselineConfig(model=model_name, hidden_size=8, inner_size=16, gru_hidden_size=8))
     torch.manual_seed(0)
     model = seqrec.build_model(model_name, n_items, 5, settings, data.target.numpy())
     batch = next(data.batches(12))
@@ -230,7 +231,7 @@ def test_saved_model_scores_exactly_as_the_trained_one(tmp_path, model_name):
 
 
 def test_saved_model_refuses_files_that_do_not_rebuild_it(tmp_path):
-    settings = seqrec.ModelSettings(hidden_size=8, inner_size=16)
+    settings = seqrec.ModelSettings.from_config(BaselineConfig(hidden_size=8, inner_size=16))
     seqrec.save_recommender(seqrec.build_model("sasrec", 9, 5, settings, np.zeros(0)), tmp_path, "sasrec", 5, settings)
     good = json.loads((tmp_path / "model.json").read_text())
 

@@ -11,6 +11,7 @@ from reference_decoder import dict_trie, reference_generate
 
 from igdrec import prompt
 from igdrec.beam import BeamSearch, CacheMismatchError, TrieTensors
+from igdrec.config import DecodeConfig
 from igdrec.modeling import load_model, load_tokenizer
 
 
@@ -29,8 +30,13 @@ def setup(tmp_path_factory):
 def search(setup, **kwargs) -> tuple[list, BeamSearch]:
     tokenizer, model, trie, prompts = setup
     kwargs.setdefault("trie", TrieTensors.from_trie(trie))
-    beam = BeamSearch(model, tokenizer.eos_token_id, tokenizer.pad_token_id, **kwargs)
+    beam = beam_search(model, tokenizer, **kwargs)
     return beam.search(prompts), beam
+
+
+def beam_search(model, tokenizer, **settings) -> BeamSearch:
+    """A search with `settings` and, for the decode options not given, the decode stage's defaults."""
+    return BeamSearch.from_config(model, tokenizer.eos_token_id, tokenizer.pad_token_id, DecodeConfig(), **({"share_prefix": True} | settings))
 
 
 def assert_same_hypotheses(results, expected) -> None:
@@ -119,7 +125,7 @@ def test_unconstrained_search_equals_generate(setup):
 
 def test_self_check_raises_when_the_model_ignores_the_cache(setup):
     tokenizer, model, trie, prompts = setup
-    beam = BeamSearch(CacheIgnoringModel(model), tokenizer.eos_token_id, tokenizer.pad_token_id, num_beams=4,
+    beam = beam_search(CacheIgnoringModel(model), tokenizer, num_beams=4,
                       trie=TrieTensors.from_trie(trie), self_check=True)
     with pytest.raises(CacheMismatchError) as caught:
         beam.search(prompts)
@@ -159,7 +165,7 @@ def test_assistant_guided_search_ranks_like_exhaustive_scoring(setup, alpha, len
     q = random_assistant_probs(trie, len(prompts))
     distinct = len(set(trie.item_title_group.tolist()))
     tokenizer = setup[0]
-    beam = BeamSearch(model, tokenizer.eos_token_id, tokenizer.pad_token_id, num_beams=distinct, alpha=alpha,
+    beam = beam_search(model, tokenizer, num_beams=distinct, alpha=alpha,
                       length_penalty=length_penalty, trie=TrieTensors.from_trie(trie), tfa_guidance=0.7)
     results = beam.search(prompts, assistant_probs=torch.tensor(q))
     groups = leaf_groups(trie)
@@ -182,7 +188,7 @@ def test_assistant_with_jump_forward_off_gives_the_same_hypotheses(setup):
     tokenizer, model = setup[0], setup[1]
     outputs = []
     for jump in (True, False):
-        beam = BeamSearch(model, tokenizer.eos_token_id, tokenizer.pad_token_id, num_beams=4, alpha=0.2,
+        beam = beam_search(model, tokenizer, num_beams=4, alpha=0.2,
                           trie=TrieTensors.from_trie(trie), tfa_guidance=0.5, jump_forward=jump)
         outputs.append(beam.search(prompts, assistant_probs=q))
     for a, b in zip(*outputs):
@@ -211,7 +217,7 @@ def test_shared_prompt_prefix_changes_nothing_but_prefill_work(setup):
 def test_prompts_without_a_common_start_are_encoded_in_full(setup):
     tokenizer, model, trie, prompts = setup
     different = [prompts[0], [prompts[1][1]] + prompts[1]]  # differ at the first token
-    beam = BeamSearch(model, tokenizer.eos_token_id, tokenizer.pad_token_id, num_beams=3, trie=TrieTensors.from_trie(trie))
+    beam = beam_search(model, tokenizer, num_beams=3, trie=TrieTensors.from_trie(trie))
     beam.search(different)
     assert beam.stats.prefix_passes == 0 and beam.stats.prefix_tokens_saved == 0
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from igdrec import schema
 from igdrec.cli import app
-from igdrec.config import DecodeConfig
+from igdrec.config import BaselineConfig, DecodeConfig
 from igdrec.beam import CacheMismatchError
 from igdrec.errors import IgdrecError
 from igdrec.ig import CatalogTrie
@@ -280,7 +280,7 @@ def _publish_baseline(run, name: str, seed: int = 0):
 
     n_items = schema.read(run.artifact("data", "items.parquet"), "items").height
     samples = schema.read(run.artifact("data", "test.parquet"), "samples")
-    settings = seqrec.ModelSettings(hidden_size=16, inner_size=32).resolved("sasrec")
+    settings = seqrec.ModelSettings.from_config(BaselineConfig(hidden_size=16, inner_size=32))
     torch.manual_seed(seed)
     model = seqrec.build_model("sasrec", n_items, 6, settings, np.zeros(0))
     with torch.no_grad():  # sharper than N(0, 0.02): distinct rows per history

@@ -38,7 +38,7 @@ def test_the_writer_sees_a_hidden_sibling_of_the_target(tmp_path):
 
 
 def test_training_checkpoints_go_through_it(tmp_path):
-    from igdrec.training import load_checkpoint, save_checkpoint
+    from igdrec.checkpoints import load_checkpoint, save_checkpoint
 
     path = tmp_path / "checkpoint" / "state.pt"
     save_checkpoint(path, {"step": 3})

@@ -12,7 +12,10 @@ from fixtures import synthetic_dataset, synthetic_run
 from igdrec import config
 from igdrec import prompt, schema, training
 from igdrec.config import SFTConfig
+from igdrec.distributed import World
 from igdrec.modeling import load_model, load_tokenizer
+from igdrec.sft_data import SFTExamples
+from igdrec.sft_loss import WeightedLoss
 from igdrec.stages import sft
 
 ROWS = [0, 1, 2, 3, 4, 5, 6, 7]
@@ -39,7 +42,7 @@ def test_group_means_equal_hand_computation_on_a_tiny_batch(tiny_model_dir):
     positive = np.concatenate([v[~z] for z, v in zip(zero_ig, ig)])
     threshold = sft.median_positive_ig(zero_ig, ig)
     assert threshold == float(np.median(positive))
-    data = training.SFTExamples(
+    data = SFTExamples(
         tokenizer, train["history_item_ids"].to_list(), train["item_id"].to_list(), titles,
         prompt.item_token_sequences(tokenizer, titles), "movies", "igd", 0.1, cutoff_len=512,
         zero_ig=zero_ig, ig=ig, ig_group_threshold=threshold,
@@ -51,12 +54,12 @@ def test_group_means_equal_hand_computation_on_a_tiny_batch(tiny_model_dir):
             sums["zero" if z else ("high" if v > threshold else "low")].append(c)
     assert all(len(v) > 0 for v in sums.values()), {k: len(v) for k, v in sums.items()}  # every group is exercised
 
-    subset = training.SFTExamples(
+    subset = SFTExamples(
         tokenizer, [train["history_item_ids"][r] for r in ROWS], [train["item_id"][r] for r in ROWS], titles,
         data.item_sequences, "movies", "igd", 0.1, cutoff_len=512,
         zero_ig=[zero_ig[r] for r in ROWS], ig=[ig[r] for r in ROWS], ig_group_threshold=threshold,
     )
-    row = training.evaluate(training.WeightedLoss(model, "igd", 0.0), subset, 3, torch.device("cpu"), training.World())
+    row = training.evaluate(WeightedLoss(model, "igd", 0.0), subset, 3, torch.device("cpu"), World())
     for group, values in sums.items():
         assert row[f"ce_{group}_ig"] == pytest.approx(sum(values) / len(values), rel=1e-5), group
         assert row[f"tokens_{group}_ig"] == len(values)

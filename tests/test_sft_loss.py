@@ -6,7 +6,10 @@ from ig_helpers import brute_force_sample_ig
 
 from fixtures import synthetic_dataset
 from igdrec import prompt, training
+from igdrec.distributed import World
 from igdrec.modeling import load_model, load_tokenizer
+from igdrec.sft_data import SFTExamples
+from igdrec.sft_loss import WeightedLoss
 
 BETA, ALPHA = 0.1, 0.3
 ROWS = [0, 3, 5, 8]
@@ -26,7 +29,7 @@ def setup(tiny_model_dir):
 
 def examples(setup, scheme):
     tokenizer, _, titles, train, zero_ig = setup
-    return training.SFTExamples(
+    return SFTExamples(
         tokenizer, train["history_item_ids"].to_list(), train["item_id"].to_list(), titles,
         prompt.item_token_sequences(tokenizer, titles), "movies", scheme, BETA, cutoff_len=512,
         zero_ig=zero_ig, with_reference=scheme == "cft",
@@ -62,7 +65,7 @@ def test_igd_batch_loss_equals_hand_computation(setup):
     assert any(any(setup[4][r]) for r in ROWS) and not all(all(setup[4][r]) for r in ROWS)
     batch = examples(setup, "igd").collate(ROWS)
     with torch.no_grad():
-        numerator, _ = training.WeightedLoss(setup[1], "igd", 0.0)(batch)
+        numerator, _ = WeightedLoss(setup[1], "igd", 0.0)(batch)
         expected = hand_igd_loss(setup)
     assert (numerator / batch.weights.sum()).item() == pytest.approx(expected.item(), rel=1e-5)
 
@@ -70,7 +73,7 @@ def test_igd_batch_loss_equals_hand_computation(setup):
 def test_cft_loss_equals_pos_plus_alpha_causal_from_two_separate_passes(setup):
     batch = examples(setup, "cft").collate(ROWS)
     with torch.no_grad():
-        numerator, _ = training.WeightedLoss(setup[1], "cft", ALPHA)(batch)
+        numerator, _ = WeightedLoss(setup[1], "cft", ALPHA)(batch)
         main, causal, total = 0.0, 0.0, 0.0
         for row in ROWS:
             ce, ce_causal = hand_terms(setup, row)
@@ -86,7 +89,7 @@ def test_accumulated_gradient_normalises_by_the_whole_effective_batch(setup):
     data = examples(setup, "igd")
     micro_batches = [data.collate([row]) for row in ROWS]  # one sample per micro-batch, unequal Σw
     model.zero_grad()
-    training.backward_effective_batch(training.WeightedLoss(model, "igd", 0.0), micro_batches, training.World(), torch.amp.GradScaler("cpu", enabled=False))
+    training.backward_effective_batch(WeightedLoss(model, "igd", 0.0), micro_batches, World(), torch.amp.GradScaler("cpu", enabled=False))
     accumulated = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     hand_igd_loss(setup).backward()
@@ -98,7 +101,7 @@ def test_accumulated_gradient_normalises_by_the_whole_effective_batch(setup):
 def test_warmup_is_capped_at_a_tenth_of_a_short_run():
     import torch
 
-    from igdrec.training import effective_warmup, make_scheduler
+    from igdrec.schedule import effective_warmup, make_scheduler
 
     assert effective_warmup(20, 2000) == 20
     assert effective_warmup(20, 32) == 3
@@ -120,7 +123,7 @@ def test_warmup_is_capped_at_a_tenth_of_a_short_run():
 def test_learning_rate_schedules_follow_their_formulas(schedule, expected):
     import torch
 
-    from igdrec.training import make_scheduler
+    from igdrec.schedule import make_scheduler
 
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([param], lr=1.0)

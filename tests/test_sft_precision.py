@@ -12,6 +12,7 @@ from igdrec import schema, training
 from igdrec.config import SFTConfig
 from igdrec.errors import IgdrecError
 from igdrec.modeling import load_tokenizer
+from igdrec.precision import Precision, resolve_precision
 from igdrec.stages import sft
 
 SMALL = dict(weighting="igd", beta=0.1, sample=16, valid_sample=0, batch_size=8, micro_batch_size=4, max_steps=2,
@@ -20,9 +21,9 @@ SMALL = dict(weighting="igd", beta=0.1, sample=16, valid_sample=0, batch_size=8,
 
 def test_resolution_and_bad_values():
     cpu = torch.device("cpu")
-    assert training.resolve_precision("auto", cpu) == training.Precision("fp32", torch.float32, None)
-    assert training.resolve_precision("bf16-mixed", cpu).autocast == torch.bfloat16
-    assert training.resolve_precision("bf16", cpu) == training.Precision("bf16", torch.bfloat16, None)
+    assert resolve_precision("auto", cpu) == Precision("fp32", torch.float32, None)
+    assert resolve_precision("bf16-mixed", cpu).autocast == torch.bfloat16
+    assert resolve_precision("bf16", cpu) == Precision("bf16", torch.bfloat16, None)
     with pytest.raises(IgdrecError, match=r"--precision.*bf16mixed.*bf16-mixed"):
         cfg.check(SFTConfig(precision="bf16mixed"))
     assert cfg.key_params(SFTConfig(precision="bf16")) != cfg.key_params(SFTConfig())  # part of the cache key

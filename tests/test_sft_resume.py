@@ -7,7 +7,7 @@ from ig_helpers import publish_ig_stage
 from safetensors.torch import load_file
 
 from fixtures import synthetic_run
-from igdrec import schema, training
+from igdrec import checkpoints, schema
 from igdrec.config import SFTConfig
 from igdrec.errors import IgdrecError
 from igdrec.modeling import load_tokenizer
@@ -39,17 +39,17 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(tiny_model_dir, tmp_p
     sft.run(cfg, reference)
 
     run = make_run(tmp_path / "b", tiny_model_dir)
-    real_save = training.save_checkpoint
+    real_save = checkpoints.save_checkpoint
 
     def save_then_die(path, state):
         real_save(path, state)
         if state["step"] == 4:
             raise Killed  # as if the process died right after the step-4 checkpoint
 
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         sft.run(cfg, run)
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
     assert not run.stage_dir("sft/resume").exists()
     with pytest.raises(IgdrecError, match="--resume"):
         sft.run(cfg, run)

@@ -1,5 +1,5 @@
 """Throughput measures that must not change what is computed: length-grouped micro-batches, the shared
-prompt prefix computed once, cached encodings (docs/method.md §5; training.py's module docstring)."""
+prompt prefix computed once, cached encodings (docs/method.md §5; the docstrings of igdrec.sft_data and igdrec.sft_loss)."""
 
 import numpy as np
 import pytest
@@ -8,9 +8,14 @@ from ig_helpers import brute_force_sample_ig, publish_ig_stage
 from safetensors.torch import load_file
 
 from fixtures import synthetic_dataset, synthetic_run
-from igdrec import prompt, schema, training
+from igdrec import prompt, schema
 from igdrec.config import SFTConfig
+from igdrec.flops import matmul_params, measure_peak_flops, model_flops, pass_cost
 from igdrec.modeling import load_model, load_tokenizer
+from igdrec.prompt import shared_prefix_len
+from igdrec.schedule import epoch_order
+from igdrec.sft_data import SFTExamples, micro_batch_rows
+from igdrec.sft_loss import WeightedLoss
 from igdrec.stages import sft
 
 ROWS = [0, 3, 5, 8, 11, 2]
@@ -28,7 +33,7 @@ def setup(tiny_model_dir):
 
 def examples(setup, scheme):
     tokenizer, titles, train, zero_ig = setup
-    return training.SFTExamples(
+    return SFTExamples(
         tokenizer, train["history_item_ids"].to_list(), train["item_id"].to_list(), titles,
         prompt.item_token_sequences(tokenizer, titles), "movies", scheme, 0.5, cutoff_len=512,
         zero_ig=zero_ig, with_reference=scheme == "cft",
@@ -46,8 +51,8 @@ def test_shared_prefix_is_the_common_prompt_start_and_stops_before_every_target(
     # CFT's reference rows share the whole reference prompt but its last token, which predicts the first target token
     ref_len = len(data.reference_prompt_ids)
     assert batch.ref_prefix_ids.shape[1] == ref_len - 1
-    assert training.shared_prefix_len([np.array([1, 2, 3, 4]), np.array([1, 2, 3, 5])], [4, 4]) == 3
-    assert training.shared_prefix_len([np.array([1, 2, 3, 4]), np.array([1, 2, 3, 4])], [2, 3]) == 1
+    assert shared_prefix_len([np.array([1, 2, 3, 4]), np.array([1, 2, 3, 5])], [4, 4]) == 3
+    assert shared_prefix_len([np.array([1, 2, 3, 4]), np.array([1, 2, 3, 4])], [2, 3]) == 1
 
 
 @pytest.mark.parametrize("scheme", ["igd", "cft"])
@@ -56,7 +61,7 @@ def test_shared_prefix_forward_gives_the_padded_forwards_loss_and_gradient(setup
     batch = examples(setup, scheme).collate(ROWS)
     results = {}
     for share in (False, True):
-        loss_module = training.WeightedLoss(model, scheme, 0.3, share_prefix=share)
+        loss_module = WeightedLoss(model, scheme, 0.3, share_prefix=share)
         assert loss_module.sharing() == share
         model.zero_grad()
         numerator, ce = loss_module(batch)
@@ -83,8 +88,8 @@ def test_length_grouping_and_prefix_sharing_leave_the_training_run_unchanged(tin
     config = SFTConfig(**common)
     data = sft.split_examples(run, "train", 32, config, load_tokenizer(str(tiny_model_dir)), schema.read(run.artifact("data", "items.parquet"), "items")["title"].to_list(),
                               prompt.item_token_sequences(load_tokenizer(str(tiny_model_dir)), schema.read(run.artifact("data", "items.parquet"), "items")["title"].to_list()), "movies", run.manifest("ig"))
-    rows = training.epoch_order(len(data), config.seed, 0)[:16]
-    padded = {g: sum(data.collate(r).input_ids.numel() for r in training.micro_batch_rows(data, rows, 4, g)) for g in (False, True)}
+    rows = epoch_order(len(data), config.seed, 0)[:16]
+    padded = {g: sum(data.collate(r).input_ids.numel() for r in micro_batch_rows(data, rows, 4, g)) for g in (False, True)}
     assert padded[True] < padded[False]
 
     logs = {k: schema.read(run.artifact(f"sft/{k}", "train_log.parquet"), "train_log") for k in variants}
@@ -102,7 +107,7 @@ def test_length_grouping_and_prefix_sharing_leave_the_training_run_unchanged(tin
 
 def test_prefix_sharing_switches_itself_off_under_dropout(setup, tiny_model_dir):
     model = sft.prepare_model(SFTConfig(model=str(tiny_model_dir), lora_dropout=0.1), torch.device("cpu"))
-    loss_module = training.WeightedLoss(model, "plain", 0.0, share_prefix=True)
+    loss_module = WeightedLoss(model, "plain", 0.0, share_prefix=True)
     model.train()
     assert not loss_module.sharing()  # per-row dropout masks make the rows' prefixes differ
     model.eval()
@@ -113,11 +118,11 @@ def test_pass_cost_counts_a_shared_prefix_once(setup):
     batch = examples(setup, "plain").collate(ROWS[:3])
     lengths = batch.attention_mask.sum(-1).tolist()
     p = batch.prefix_ids.shape[1]
-    tokens, flops = training.pass_cost(batch, True, (2, 8))
+    tokens, flops = pass_cost(batch, True, (2, 8))
     assert tokens == sum(lengths) - 2 * p
     pairs = sum(n * (n + 1) / 2 for n in lengths) - 2 * p * (p + 1) / 2
     assert flops == 4 * 2 * 8 * pairs
-    assert training.pass_cost(batch, False, (2, 8))[0] == sum(lengths)
+    assert pass_cost(batch, False, (2, 8))[0] == sum(lengths)
 
 
 def test_model_flops_counts_the_backward_by_what_trains(tiny_model_dir):
@@ -126,11 +131,11 @@ def test_model_flops_counts_the_backward_by_what_trains(tiny_model_dir):
     n = sum(m.weight.numel() for name, m in full.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in name)
     assert n == config.num_hidden_layers * (2 * config.hidden_size**2 + 2 * config.hidden_size * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
                                             + 3 * config.hidden_size * config.intermediate_size)
-    assert training.model_flops(full, 100, 5.0) == 3 * (2 * n * 100 + 5.0)  # full fine-tuning: input and weight gradients
+    assert model_flops(full, 100, 5.0) == 3 * (2 * n * 100 + 5.0)  # full fine-tuning: input and weight gradients
     lora = sft.prepare_model(SFTConfig(model=str(tiny_model_dir)), torch.device("cpu"))
-    lora_n = training.matmul_params(lora)[0]
-    assert lora_n > n and training.model_flops(lora, 100, 5.0) == 2 * (2 * lora_n * 100 + 5.0)  # frozen base: input gradients only
-    assert training.measure_peak_flops(torch.device("cpu")) is None
+    lora_n = matmul_params(lora)[0]
+    assert lora_n > n and model_flops(lora, 100, 5.0) == 2 * (2 * lora_n * 100 + 5.0)  # frozen base: input gradients only
+    assert measure_peak_flops(torch.device("cpu")) is None
 
 
 def test_compile_option_compiles_every_decoder_block_in_place(tiny_model_dir, tmp_path, monkeypatch):

@@ -38,9 +38,13 @@ from reference_decoder import dict_trie, reference_generate  # noqa: E402
 
 from igdrec import prompt, schema, training  # noqa: E402
 from igdrec.beam import BeamSearch, TrieTensors  # noqa: E402
+from igdrec.config import DecodeConfig  # noqa: E402
+from igdrec.distributed import World  # noqa: E402
 from igdrec.ig import CatalogTrie  # noqa: E402
 from igdrec.modeling import load_tokenizer  # noqa: E402
 from igdrec.rundir import RunDir  # noqa: E402
+from igdrec.sft_data import SFTExamples, micro_batch_rows  # noqa: E402
+from igdrec.sft_loss import WeightedLoss  # noqa: E402
 
 SHAPES = {
     "135m": {},  # the payload's SmolLM2 config as it is
@@ -122,8 +126,8 @@ def ml100k_prompts(run: RunDir, tokenizer, n: int) -> list[list[int]]:
 
 def beam_search(model, tokenizer, trie_tensors, **overrides) -> BeamSearch:
     # self_check: the KV-cache check also proves the cache keyword works with the box's transformers
-    settings = dict(num_beams=10, length_penalty=0.0, alpha=0.2, trie=trie_tensors, jump_forward=True, self_check=True)
-    return BeamSearch(model, tokenizer.eos_token_id, tokenizer.pad_token_id, **(settings | overrides))
+    settings = dict(num_beams=10, length_penalty=0.0, alpha=0.2, trie=trie_tensors, jump_forward=True, share_prefix=True, self_check=True)
+    return BeamSearch.from_config(model, tokenizer.eos_token_id, tokenizer.pad_token_id, DecodeConfig(), **(settings | overrides))
 
 
 def decode_in_batches(search: BeamSearch, prompts: list[list[int]], batch_size: int) -> list:
@@ -198,13 +202,13 @@ def bench_decode(report: Report, shape: str, args, tokenizer, trie, prompts, dev
         torch.cuda.empty_cache()
 
 
-def sft_examples(run: RunDir, tokenizer, scheme: str, n: int) -> training.SFTExamples:
+def sft_examples(run: RunDir, tokenizer, scheme: str, n: int) -> SFTExamples:
     items = schema.read(run.artifact("data", "items.parquet"), "items").sort("item_id")
     titles = items["title"].to_list()
     train = schema.read(run.artifact("data", "train.parquet"), "samples").sort("sample_id").head(n)
     flags = schema.read(run.artifact("ig", "sample_ig_train.parquet"), "sample_ig").sort("sample_id").head(n)
     category = run.require("data", hint="bench/gpu/prepare.sh")["stats"]["category_word"]
-    return training.SFTExamples(
+    return SFTExamples(
         tokenizer, train["history_item_ids"].to_list(), train["item_id"].to_list(), titles,
         prompt.item_token_sequences(tokenizer, titles), category, scheme, 0.5 if scheme == "cft" else 0.1, 512,
         zero_ig=[np.asarray(f, dtype=bool) for f in flags["zero_ig"].to_list()], with_reference=scheme == "cft",
@@ -232,12 +236,12 @@ def bench_sft(report: Report, shape: str, args, tokenizer, run, device, lora: bo
             report.notes.append(f"sft {shape} {scheme}: skipped, time budget spent")
             continue
         data = sft_examples(run, tokenizer, scheme, batch * (args.sft_steps + 1))
-        module = training.WeightedLoss(model, scheme, 0.1 if scheme == "cft" else 0.0)
+        module = WeightedLoss(model, scheme, 0.1 if scheme == "cft" else 0.0)
 
         def step(index: int) -> int:
             rows = list(range(index * batch, (index + 1) * batch))
-            micro_batches = [data.collate(r).to(device) for r in training.micro_batch_rows(data, rows, micro, length_grouping=True)]
-            training.backward_effective_batch(module, micro_batches, training.World(), scaler)
+            micro_batches = [data.collate(r).to(device) for r in micro_batch_rows(data, rows, micro, length_grouping=True)]
+            training.backward_effective_batch(module, micro_batches, World(), scaler)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from igdrec.assistant import MassTree, guided_step, node_mass, tfa_log_share
+from igdrec.config import DecodeConfig
 from igdrec.errors import IgdrecError
 from igdrec.ig import CatalogTrie
 from igdrec.modeling import kv_cache_kwargs
@@ -219,36 +220,45 @@ class _Top:
     finishes: torch.Tensor  # ends the hypothesis (EOS, or max_new_tokens reached without a trie)
 
 
+# The decode options a BeamSearch takes as they are: DecodeConfig declares (and defaults) them, see there.
+SEARCH_OPTIONS = ("num_beams", "length_penalty", "alpha", "max_new_tokens", "jump_forward", "jump_fill", "tfa_guidance")
+
+
 @dataclass
 class BeamSearch:
     model: torch.nn.Module
     eos_token_id: int
     pad_token_id: int
-    num_beams: int = 10
-    length_penalty: float = 1.0
-    alpha: float = 0.0
-    trie: TrieTensors | None = None  # None = unconstrained generation
-    max_new_tokens: int | None = None  # default: the trie's depth
-    jump_forward: bool = True
+    num_beams: int
+    length_penalty: float
+    alpha: float
+    max_new_tokens: int | None  # None: the trie's depth
     # A jump-forward pass pads rows with shorter chains; it feeds only as far as real tokens fill at
-    # least this share of the live rows' slots. Pads cost compute like tokens, and rows fed to different
+    # least `jump_fill` of the live rows' slots. Pads cost compute like tokens, and rows fed to different
     # depths later need separate passes, so on CPU 1.0 (all rows jump together, no pads) is fastest;
     # lower values trade padding for fewer passes where a pass costs more than its tokens (GPU).
-    jump_fill: float = 1.0
+    jump_forward: bool
+    jump_fill: float
+    tfa_guidance: float  # g in D3's g·(llm − tfa) + tfa, used when search() gets assistant_probs
+    # Encode the token prefix every prompt of a batch starts with (the prompt template's instruction, about a
+    # third of an ml-100k prompt) once, and keep it for later batches that start with it too.
+    share_prefix: bool
+    trie: TrieTensors | None = None  # None = unconstrained generation
     autocast_dtype: torch.dtype | None = None
     # Once per BeamSearch (first forward pass at step >= 2): compare one beam's next-token logits through
     # the cache with a plain forward pass over its prompt and tokens; CacheMismatchError if they differ.
     self_check: bool = False
-    tfa_guidance: float = 1.0  # g in D3's g·(llm − tfa) + tfa, used when search() gets assistant_probs
-    # Encode the token prefix every prompt of a batch starts with (the prompt template's instruction, about a
-    # third of an ml-100k prompt) once, and keep it for later batches that start with it too.
-    share_prefix: bool = True
     # Leave dead beams (fewer than K continuations left) out of a forward pass when their padded slots would
     # cost more than copying the live rows' caches: late in a search most of a sample's K rows are dead.
     drop_dead_rows: bool = True
     stats: SearchStats = field(default_factory=SearchStats)
     cache_check_gap: float | None = field(default=None, init=False)  # max |logit difference| the check saw
     _prefix: "_PromptPrefix | None" = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def from_config(cls, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, config: DecodeConfig, **settings) -> "BeamSearch":
+        """A search with the SEARCH_OPTIONS of `config`; `settings` gives the other fields (or replaces one)."""
+        return cls(model, eos_token_id, pad_token_id, **({name: getattr(config, name) for name in SEARCH_OPTIONS} | settings))
 
     @torch.no_grad()
     def search(self, prompts: list[list[int]], assistant_probs: torch.Tensor | np.ndarray | None = None) -> list[list[Hypothesis]]:

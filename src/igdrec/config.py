@@ -110,12 +110,13 @@ def option(
 # Stage configs. A docstring is the help of the stage's command. `cross_check` (optional) holds the
 # rules that involve several fields.
 
-# Kept equal to igdrec.sources.SOURCE_MODULES and igdrec.weighting.SCHEMES by tests/test_config.py
-# (importing those modules here would load polars / torch for every `igdrec --help`).
-SOURCES = ("ml-100k", "amazon2018", "d3-csv", "interactions")
+# The word lists of the options, written here only: the libraries import them from this module (which
+# stays free of torch and polars, so `igdrec --help` loads neither); tests/test_written_once.py.
+SOURCES = ("ml-100k", "amazon2018", "d3-csv", "interactions")  # module igdrec.sources.<name without '-'>
 WEIGHTINGS = ("plain", "pos", "cft", "igd")
-PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")  # kept equal to igdrec.training.PRECISIONS by tests/test_config.py
-LR_SCHEDULES = ("cosine", "linear")  # kept equal to igdrec.training.LR_SCHEDULES by tests/test_config.py
+PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
+LR_SCHEDULES = ("cosine", "linear")
+BASELINE_MODELS = ("sasrec", "gru4rec", "pop")
 _AMAZON = {"source": "amazon2018"}
 _D3 = {"source": "d3-csv"}
 _INTERACTIONS = {"source": "interactions"}
@@ -307,9 +308,6 @@ class RerankConfig:
     def cross_check(self) -> None:
         if self.grounding_model and not self.grounding:
             raise IgdrecError(f"--grounding-model {self.grounding_model}: only used with --grounding")
-
-
-BASELINE_MODELS = ("sasrec", "gru4rec", "pop")
 
 
 @dataclass

@@ -86,7 +86,7 @@ class Catalog:
     items: pl.DataFrame
     trie: CatalogTrie
     category: str
-    history_len: int | None = None  # most recent items preprocess kept per history (None: not limited)
+    history_len: int | None  # most recent items preprocess kept per history (None: not limited)
     titles: dict[int, str] = field(init=False)
     leaf_group: dict[int, int] = field(init=False)  # trie leaf node -> title group (smallest item id)
     group_of: dict[int, int] = field(init=False)  # item id in the trie -> its title group
@@ -285,19 +285,12 @@ class Decoder:
         if float(longest + 1) ** config.length_penalty > float(np.finfo(np.float32).max):  # S / L^lp would be -0 for all
             raise IgdrecError(f"--length-penalty {config.length_penalty:g}: L^lp overflows float32 for hypotheses of up to "
                               f"{longest + 1} tokens; choose a smaller length penalty (docs/method.md §6.2)")
-        self.engine = BeamSearch(
-            model=model,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            num_beams=config.num_beams,
-            length_penalty=config.length_penalty,
-            alpha=config.alpha,
+        self.engine = BeamSearch.from_config(
+            model, tokenizer.eos_token_id, tokenizer.pad_token_id, config,
             trie=TrieTensors.from_trie(catalog.trie, self.device) if config.constrained else None,
-            max_new_tokens=config.max_new_tokens or catalog.trie.max_depth,
-            jump_forward=config.jump_forward,
-            jump_fill=config.jump_fill,
+            max_new_tokens=longest,
+            share_prefix=True,
             autocast_dtype=None,  # the weights are already in the compute dtype (modeling.inference_dtype)
-            tfa_guidance=config.tfa_guidance,
             self_check=True,  # once per decoder: a KV cache the model ignores fails loudly (docs/method.md §6.1)
         )
 

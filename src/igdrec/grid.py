@@ -68,7 +68,7 @@ ROWS: dict[str, dict] = {
 TABLE1_ROWS = ["gru4rec", "sasrec", "bigrec", "bigrec+pos", "bigrec+cft", "bigrec+igd", "d3", "d3+pos", "d3+cft", "d3+igd", "d3+tfa"]
 TABLE2_ROWS = [("IGD", "d3+igd"), ("w/o w_d", "d3+igd-no-wd"), ("w/o w_t", "d3+igd-no-wt"), ("w/o both", "d3")]
 IMPROVEMENTS = [("bigrec", "bigrec+igd"), ("d3", "d3+igd")]  # (base, +IGD): the Improvement rows
-WEIGHTINGS = ("plain", "pos", "cft", "igd")
+WEIGHTINGS = cfg.WEIGHTINGS
 
 
 # ----------------------------------------------------------------------------------------------- config

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-SCHEMES = ("plain", "pos", "cft", "igd")
+from igdrec.config import WEIGHTINGS
+
 IGNORE = -100  # label of padding positions: F.cross_entropy gives them CE = 0
 
 
@@ -42,7 +43,7 @@ def token_weights(scheme: str, n: int, beta: float, zero_ig: torch.Tensor | None
         if zero_ig is None:
             raise ValueError("IGD weights need the zero-IG flags of the target tokens")
         return igd_weights(zero_ig, beta)
-    raise ValueError(f"unknown weighting {scheme!r}; known: {', '.join(SCHEMES)}")
+    raise ValueError(f"unknown weighting {scheme!r}; known: {', '.join(WEIGHTINGS)}")
 
 
 def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,9 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from igdrec.config import BASELINE_MODELS
 from igdrec.errors import IgdrecError
-from igdrec.seqrec.models import MODELS, ModelSettings, Recommender, build_model
+from igdrec.seqrec.models import ModelSettings, Recommender, build_model
 
 WEIGHTS = "model.safetensors"
 SETTINGS = "model.json"
@@ -63,8 +64,8 @@ def _read_shape(path: Path) -> dict:
         raise IgdrecError(f"{path}: cannot read the model's settings ({exc})") from exc
     if not isinstance(shape, dict) or set(shape) != {"model", "n_items", "max_len", "settings"}:
         raise IgdrecError(f"{path}: expected an object with exactly the keys model, n_items, max_len, settings")
-    if shape["model"] not in MODELS:
-        raise IgdrecError(f"{path}: model {shape['model']!r} is not one of {', '.join(MODELS)}")
+    if shape["model"] not in BASELINE_MODELS:
+        raise IgdrecError(f"{path}: model {shape['model']!r} is not one of {', '.join(BASELINE_MODELS)}")
     for key in ("n_items", "max_len"):
         if type(shape[key]) is not int or shape[key] < 1:
             raise IgdrecError(f"{path}: {key} {shape[key]!r} is not a positive integer")

@@ -9,7 +9,7 @@ index n_items has an embedding row (never a target, never scored).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from igdrec.config import BASELINE_MODELS, BaselineConfig
 from igdrec.seqrec.data import SequenceBatch
-
-MODELS = ("sasrec", "gru4rec", "pop")
 
 
 @runtime_checkable
@@ -41,15 +40,21 @@ class TrainableRecommender(Recommender, Protocol):
 
 @dataclass
 class ModelSettings:
-    """Architecture hyper-parameters; None takes the model's RecBole 1.2 default (see `resolved`)."""
+    """Architecture hyper-parameters, the fields of the same names of a `BaselineConfig` (which owns their
+    defaults); None takes the model's RecBole 1.2 default (see `resolved`). model.json stores them."""
 
-    hidden_size: int = 64
-    n_layers: int | None = None
-    n_heads: int = 2
-    inner_size: int = 256
-    dropout: float | None = None
-    attn_dropout: float = 0.5
-    gru_hidden_size: int = 128
+    hidden_size: int
+    n_layers: int | None
+    n_heads: int
+    inner_size: int
+    dropout: float | None
+    attn_dropout: float
+    gru_hidden_size: int
+
+    @classmethod
+    def from_config(cls, config: BaselineConfig) -> "ModelSettings":
+        """The architecture of `config.model` that `config` describes, resolved to its defaults."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)}).resolved(config.model)
 
     def resolved(self, model: str) -> "ModelSettings":
         defaults = {"sasrec": (2, 0.5), "gru4rec": (1, 0.3)}.get(model, (None, None))
@@ -223,7 +228,7 @@ def build_model(model: str, n_items: int, max_len: int, settings: ModelSettings,
         return GRU4Rec(n_items, max_len, settings)
     if model == "pop":
         return MostPopular(n_items, train_targets)
-    raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
+    raise ValueError(f"unknown model {model!r}; known: {', '.join(BASELINE_MODELS)}")
 
 
 def is_trainable(model: Recommender) -> bool:

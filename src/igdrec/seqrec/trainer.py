@@ -15,17 +15,9 @@ from typing import Callable
 
 import torch
 
+from igdrec.config import BaselineConfig
 from igdrec.seqrec.data import SequenceData
 from igdrec.seqrec.models import TrainableRecommender
-
-
-@dataclass
-class TrainSettings:
-    epochs: int = 300
-    lr: float = 1e-3
-    batch_size: int = 2048
-    patience: int = 10
-    seed: int = 42
 
 
 @dataclass
@@ -48,10 +40,11 @@ class TrainResult:
 
 
 class Trainer:
-    """Fits a model on `train`, validating with `validate(model) -> value` (higher is better)."""
+    """Fits a model on `train`, validating with `validate(model) -> value` (higher is better), with the
+    `epochs`, `lr`, `batch_size`, `patience` and `seed` of a baseline config."""
 
-    def __init__(self, settings: TrainSettings, device: torch.device | None = None):
-        self.settings = settings
+    def __init__(self, config: BaselineConfig, device: torch.device | None = None):
+        self.config = config
         self.device = device or torch.device("cpu")
 
     def fit(
@@ -61,7 +54,7 @@ class Trainer:
         validate: Callable[[TrainableRecommender], float],
         on_epoch: Callable[[EpochRecord], None] | None = None,
     ) -> TrainResult:
-        s = self.settings
+        s = self.config
         # The caller seeds the initialisation; the batch order has its own generator and dropout draws
         # from the global generator, seeded here so a run depends on the seed alone.
         torch.manual_seed(s.seed)

@@ -14,20 +14,16 @@ from types import ModuleType
 
 import polars as pl
 
+from igdrec.config import SOURCES
 from igdrec.errors import IgdrecError
 
-SOURCE_MODULES = {
-    "ml-100k": "igdrec.sources.ml100k",
-    "amazon2018": "igdrec.sources.amazon2018",
-    "d3-csv": "igdrec.sources.d3csv",
-    "interactions": "igdrec.sources.interactions",
-}
+SOURCE_MODULES = {name: f"igdrec.sources.{name.replace('-', '')}" for name in SOURCES}
 
 
 @dataclass
 class Dataset:
     items: pl.DataFrame  # item_id (dense 0..n-1), title
-    interactions: pl.DataFrame | None = None  # user_id, item_id, timestamp in input order; windowed later
+    interactions: pl.DataFrame | None  # user_id, item_id, timestamp in input order, windowed later; None: `splits` given
     splits: dict[str, pl.DataFrame] | None = None  # given splits (d3-csv), already in the samples schema
     stats: dict = field(default_factory=dict)  # source-specific facts for the statistics table
 

@@ -49,7 +49,7 @@ def load(config) -> Dataset:
     splits = {}
     for split in SPLITS:
         splits[split] = read_split(require_file(getattr(config, split), f"--{split}"), catalog, info_path)
-    return Dataset(items=catalog.select("item_id", "title"), splits=splits, stats={"info_lines": info.height})
+    return Dataset(items=catalog.select("item_id", "title"), interactions=None, splits=splits, stats={"info_lines": info.height})
 
 
 def read_info(path: Path) -> pl.DataFrame:

@@ -20,7 +20,7 @@ history stay candidates.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import torch
 from rich.progress import TextColumn
@@ -44,11 +44,6 @@ def check_config(config: BaselineConfig) -> None:
         raise IgdrecError(f"--hidden-size {config.hidden_size}: must be a multiple of --n-heads {config.n_heads}")
 
 
-def model_settings(config: BaselineConfig) -> seqrec.ModelSettings:
-    names = {f.name for f in fields(seqrec.ModelSettings)}
-    return seqrec.ModelSettings(**{n: getattr(config, n) for n in names}).resolved(config.model)
-
-
 def cache_params(config: BaselineConfig) -> dict:
     """The fields that change the result (option key=True), the architecture resolved to its defaults."""
     # How D3's assistant reads this baseline (its saved model; earlier igdrec wrote per-sample probabilities
@@ -56,7 +51,7 @@ def cache_params(config: BaselineConfig) -> dict:
     form = {"assistant_from": "model"}
     if config.model == "pop":  # nothing is trained: only the top-K matters
         return {"model": "pop", "top_k": config.top_k} | form
-    return cfg.key_params(config) | asdict(model_settings(config)) | form
+    return cfg.key_params(config) | asdict(seqrec.ModelSettings.from_config(config)) | form
 
 
 def run(config: BaselineConfig, run_dir: RunDir, force: bool = False) -> dict:
@@ -85,14 +80,14 @@ def run(config: BaselineConfig, run_dir: RunDir, force: bool = False) -> dict:
             raise IgdrecError(f"{run.artifact('data', 'train.parquet')}: no training windows")
 
         torch.manual_seed(config.seed)  # the initial weights
-        model = seqrec.build_model(config.model, n_items, max_len, model_settings(config), splits["train"].target.numpy())
+        model = seqrec.build_model(config.model, n_items, max_len, seqrec.ModelSettings.from_config(config), splits["train"].target.numpy())
         model.to(device)
         evaluator = seqrec.RankingEvaluator(splits["valid"], titles, ks=[10], batch_size=config.eval_batch_size, device=device)
         result = _train(model, config, splits["train"], evaluator, device) if is_trainable(model) else None
 
         topk = schema.conform(seqrec.topk_frame(model, splits["test"], config.top_k, titles, config.eval_batch_size, device), "topk")
         topk.write_parquet(out.path("topk.parquet"))
-        seqrec.save_recommender(model, out.partial_dir, config.model, max_len, model_settings(config))
+        seqrec.save_recommender(model, out.partial_dir, config.model, max_len, seqrec.ModelSettings.from_config(config))
         out.rows["topk"] = topk.height
         valid_ndcg = result.best_valid if result else evaluator.evaluate(model)[VALID_METRIC]
         out.stats = {
@@ -116,7 +111,6 @@ def run(config: BaselineConfig, run_dir: RunDir, force: bool = False) -> dict:
 
 
 def _train(model, config: BaselineConfig, train: seqrec.SequenceData, evaluator: seqrec.RankingEvaluator, device: torch.device) -> seqrec.TrainResult:
-    settings = seqrec.TrainSettings(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, patience=config.patience, seed=config.seed)
     with progress_bar(TextColumn("{task.fields[status]}")) as progress:
         task = progress.add_task(f"train {config.model}", total=config.epochs, status="")
 
@@ -125,7 +119,7 @@ def _train(model, config: BaselineConfig, train: seqrec.SequenceData, evaluator:
             progress.update(task, advance=1, status=status)
 
         started = time.perf_counter()
-        result = seqrec.Trainer(settings, device).fit(model, train, lambda m: evaluator.evaluate(m)[VALID_METRIC], on_epoch)
+        result = seqrec.Trainer(config, device).fit(model, train, lambda m: evaluator.evaluate(m)[VALID_METRIC], on_epoch)
         progress.update(task, total=result.epochs_run, completed=result.epochs_run)
     console.print(
         f"{config.model}: {result.epochs_run} epochs in {time.perf_counter() - started:.1f}s"

@@ -23,8 +23,8 @@ from igdrec import decoding, schema
 from igdrec.beam import SearchStats
 from igdrec.config import DecodeConfig
 from igdrec.console import console, progress_bar
+from igdrec.distributed import World, init_distributed
 from igdrec.rundir import RunDir, StageWriter, atomic_write, write_text_atomic
-from igdrec.training import World, init_distributed
 
 SHARD_DIR = "shards"
 

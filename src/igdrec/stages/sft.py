@@ -23,7 +23,7 @@ import polars as pl
 import torch
 from rich.progress import TextColumn
 
-from igdrec import schema, training
+from igdrec import checkpoints, distributed, flops, schema, training
 from igdrec import config as cfg
 from igdrec.config import SFTConfig
 from igdrec.console import console, err_console, print_table, progress_bar
@@ -31,8 +31,10 @@ from igdrec.dropout import use_gap_dropout
 from igdrec.errors import IgdrecError
 from igdrec.fused_lora import use_fused_lora
 from igdrec.modeling import load_model, load_tokenizer, require_same_tokenizer, resolve_model_path
+from igdrec.precision import Precision, resolve_precision
 from igdrec.prompt import item_token_sequences
 from igdrec.rundir import RunDir, StageWriter
+from igdrec.sft_data import SFTExamples
 
 def default_name(config: SFTConfig) -> str:
     if config.weighting == "plain":
@@ -113,7 +115,7 @@ def median_positive_ig(zero_ig: list[np.ndarray | None], ig: list[np.ndarray | N
 
 
 def split_examples(run: RunDir, split: str, size: int | None, config: SFTConfig, tokenizer, titles, item_seqs, category, ig_manifest,
-                   ig_group_threshold: float | None = None) -> training.SFTExamples:
+                   ig_group_threshold: float | None = None) -> SFTExamples:
     """A seeded subset of `size` samples of the split (all if None), ready for collation. The IG-group
     threshold defaults to `config.ig_group_threshold`, else to the median positive IG of these samples."""
     samples = schema.read(run.artifact("data", f"{split}.parquet"), "samples").sort("sample_id")
@@ -130,7 +132,7 @@ def split_examples(run: RunDir, split: str, size: int | None, config: SFTConfig,
         )
         if ig_group_threshold is None:
             ig_group_threshold = config.ig_group_threshold if config.ig_group_threshold is not None else median_positive_ig(zero_ig, ig)
-    return training.SFTExamples(
+    return SFTExamples(
         tokenizer,
         histories=samples["history_item_ids"].to_list(),
         targets=samples["item_id"].to_list(),
@@ -147,7 +149,7 @@ def split_examples(run: RunDir, split: str, size: int | None, config: SFTConfig,
     )
 
 
-def prepare_model(config: SFTConfig, device, precision: training.Precision | None = None):
+def prepare_model(config: SFTConfig, device, precision: Precision | None = None):
     """The model to fine-tune, its weights (LoRA adapters included) in the precision's parameter dtype."""
     base_path = resolve_model_path(config.model)
     if (Path(base_path) / "adapter_config.json").exists():
@@ -177,9 +179,9 @@ def prepare_model(config: SFTConfig, device, precision: training.Precision | Non
 
 def run(config: SFTConfig, run_dir: RunDir, force: bool = False) -> dict:
     cfg.check(config)
-    world, device = training.init_distributed(config.device)
+    world, device = distributed.init_distributed(config.device)
     try:
-        precision = training.resolve_precision(config.precision, device)
+        precision = resolve_precision(config.precision, device)
     except ValueError as exc:
         raise IgdrecError(f"--precision {config.precision}: {exc}") from exc
     data_manifest = run_dir.require("data", hint="igdrec preprocess")
@@ -197,7 +199,7 @@ def run(config: SFTConfig, run_dir: RunDir, force: bool = False) -> dict:
             writer.report_cached()
         return writer.manifest
     checkpoint_dir = writer.partial_dir / "checkpoint"
-    found = training.checkpoint_step(checkpoint_dir) if not force else None
+    found = checkpoints.checkpoint_step(checkpoint_dir) if not force else None
     if found is not None and not config.resume:
         raise IgdrecError(
             f"{checkpoint_dir}: an interrupted run of sft/{name} left a checkpoint at step {found}; "
@@ -223,14 +225,6 @@ def run(config: SFTConfig, run_dir: RunDir, force: bool = False) -> dict:
     model = prepare_model(config, device, precision)
     if config.compile:
         training.compile_blocks(model)
-    settings = training.TrainSettings(
-        batch_size=config.batch_size, micro_batch_size=config.micro_batch_size, epochs=config.epochs,
-        max_steps=config.max_steps, lr=config.lr, warmup_steps=config.warmup_steps,
-        lr_schedule=config.lr_schedule, min_lr_ratio=config.min_lr_ratio,
-        weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, seed=config.seed,
-        log_every=config.log_every, save_every=config.save_every, patience=config.patience,
-        autocast=precision.autocast, length_grouping=config.length_grouping, share_prefix=config.share_prefix,
-    )
     publish = writer if world.is_main else contextlib.nullcontext(writer)
     with publish as out:
         world.barrier()
@@ -241,10 +235,7 @@ def run(config: SFTConfig, run_dir: RunDir, force: bool = False) -> dict:
                 info = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}" if row else progress.tasks[task].fields["info"]
                 progress.update(task, completed=step, total=total, info=info)
 
-            result = training.train(
-                model, train_data, valid_data, settings, config.weighting, config.alpha, device, world,
-                checkpoint_dir, config.resume, on_step=on_step,
-            )
+            result = training.train(model, train_data, valid_data, config, precision, device, world, checkpoint_dir, on_step=on_step)
         if world.is_main:
             save_final_model(model, tokenizer, out.path("model"))
             log = pl.DataFrame(result.log, schema_overrides={k: v for k, v in schema.TRAIN_LOG.items()}, strict=False)
@@ -279,15 +270,15 @@ IG_GROUP_COLUMNS = ("ce_zero_ig", "ce_low_ig", "ce_high_ig", "ce_positive_ig")
 
 def utilisation(model, result: training.TrainResult, device, world) -> dict:
     """Tokens the model computed per second and, on CUDA, model-FLOPs utilisation: the training FLOPs of
-    `training.model_flops` over the training seconds and the device's bf16 matmul rate (measured here)."""
+    `flops.model_flops` over the training seconds and the device's bf16 matmul rate (measured here)."""
     seconds = sum(r["seconds"] for r in result.log if r["split"] == "train")
     tokens = result.computed_tokens * world.size  # ranks see equal shares
     stats = {"computed_tokens": tokens, "computed_tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None}
-    peak = training.measure_peak_flops(device)
+    peak = flops.measure_peak_flops(device)
     if peak is not None and seconds > 0:
-        flops = training.model_flops(model, result.computed_tokens, result.attention_flops) * world.size
-        stats.update({"model_tflops_per_second": round(flops / seconds / 1e12 / world.size, 2),
-                      "peak_bf16_tflops": round(peak / 1e12, 1), "mfu": round(flops / seconds / world.size / peak, 4)})
+        done = flops.model_flops(model, result.computed_tokens, result.attention_flops) * world.size
+        stats.update({"model_tflops_per_second": round(done / seconds / 1e12 / world.size, 2),
+                      "peak_bf16_tflops": round(peak / 1e12, 1), "mfu": round(done / seconds / world.size / peak, 4)})
     return stats
 
 
