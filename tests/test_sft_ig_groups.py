@@ -59,7 +59,7 @@ def test_group_means_equal_hand_computation_on_a_tiny_batch(tiny_model_dir):
         data.item_sequences, "movies", "igd", 0.1, cutoff_len=512,
         zero_ig=[zero_ig[r] for r in ROWS], ig=[ig[r] for r in ROWS], ig_group_threshold=threshold,
     )
-    row = training.evaluate(WeightedLoss(model, "igd", 0.0), subset, 3, torch.device("cpu"), World())
+    row = training.evaluate(WeightedLoss(model, "igd", 0.0, share_prefix=True), subset, 3, True, torch.device("cpu"), World())
     for group, values in sums.items():
         assert row[f"ce_{group}_ig"] == pytest.approx(sum(values) / len(values), rel=1e-5), group
         assert row[f"tokens_{group}_ig"] == len(values)

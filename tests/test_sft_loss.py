@@ -65,7 +65,7 @@ def test_igd_batch_loss_equals_hand_computation(setup):
     assert any(any(setup[4][r]) for r in ROWS) and not all(all(setup[4][r]) for r in ROWS)
     batch = examples(setup, "igd").collate(ROWS)
     with torch.no_grad():
-        numerator, _ = WeightedLoss(setup[1], "igd", 0.0)(batch)
+        numerator, _ = WeightedLoss(setup[1], "igd", 0.0, share_prefix=True)(batch)
         expected = hand_igd_loss(setup)
     assert (numerator / batch.weights.sum()).item() == pytest.approx(expected.item(), rel=1e-5)
 
@@ -73,7 +73,7 @@ def test_igd_batch_loss_equals_hand_computation(setup):
 def test_cft_loss_equals_pos_plus_alpha_causal_from_two_separate_passes(setup):
     batch = examples(setup, "cft").collate(ROWS)
     with torch.no_grad():
-        numerator, _ = WeightedLoss(setup[1], "cft", ALPHA)(batch)
+        numerator, _ = WeightedLoss(setup[1], "cft", ALPHA, share_prefix=True)(batch)
         main, causal, total = 0.0, 0.0, 0.0
         for row in ROWS:
             ce, ce_causal = hand_terms(setup, row)
@@ -89,7 +89,7 @@ def test_accumulated_gradient_normalises_by_the_whole_effective_batch(setup):
     data = examples(setup, "igd")
     micro_batches = [data.collate([row]) for row in ROWS]  # one sample per micro-batch, unequal Σw
     model.zero_grad()
-    training.backward_effective_batch(WeightedLoss(model, "igd", 0.0), micro_batches, World(), torch.amp.GradScaler("cpu", enabled=False))
+    training.backward_effective_batch(WeightedLoss(model, "igd", 0.0, share_prefix=True), micro_batches, World(), torch.amp.GradScaler("cpu", enabled=False))
     accumulated = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     hand_igd_loss(setup).backward()

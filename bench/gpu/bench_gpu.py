@@ -236,7 +236,7 @@ def bench_sft(report: Report, shape: str, args, tokenizer, run, device, lora: bo
             report.notes.append(f"sft {shape} {scheme}: skipped, time budget spent")
             continue
         data = sft_examples(run, tokenizer, scheme, batch * (args.sft_steps + 1))
-        module = WeightedLoss(model, scheme, 0.1 if scheme == "cft" else 0.0)
+        module = WeightedLoss(model, scheme, 0.1 if scheme == "cft" else 0.0, share_prefix=True)
 
         def step(index: int) -> int:
             rows = list(range(index * batch, (index + 1) * batch))

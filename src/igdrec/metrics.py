@@ -83,7 +83,7 @@ def entropy_per_step(trie: CatalogTrie, predicted: Sequence[Sequence[int]], targ
     return out
 
 
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int, seed: int = 0) -> tuple[float, float, float]:
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int, seed: int) -> tuple[float, float, float]:
     """Mean of b − a and its 95% percentile interval from `resamples` paired resamples of the samples."""
     diff = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
     if diff.size == 0:

@@ -34,7 +34,7 @@ def dedup_topk(candidates: pl.DataFrame, top_k: int) -> pl.DataFrame:
 
 
 @torch.no_grad()
-def last_token_embeddings(model, tokenizer, texts: list[str], batch_size: int = 32) -> torch.Tensor:
+def last_token_embeddings(model, tokenizer, texts: list[str], batch_size: int) -> torch.Tensor:
     """BIGRec's text embedding: the last layer's hidden state at the last (non-pad) token."""
     device = next(model.parameters()).device
     chunks = []

@@ -62,7 +62,7 @@ class WeightedLoss(nn.Module):
     it is exact, i.e. in eval mode or when the model has no dropout.
     """
 
-    def __init__(self, model: nn.Module, scheme: str, alpha: float, share_prefix: bool = True):
+    def __init__(self, model: nn.Module, scheme: str, alpha: float, share_prefix: bool):
         super().__init__()
         self.model = model
         self.causal_alpha = alpha if scheme == "cft" else 0.0

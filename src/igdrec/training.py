@@ -96,8 +96,8 @@ class _StepStats:
         }
 
 
-def evaluate(loss_module: WeightedLoss, data: SFTExamples, micro_batch_size: int, device, world: World,
-             autocast: torch.dtype | None | str = "device", length_grouping: bool = True) -> dict:
+def evaluate(loss_module: WeightedLoss, data: SFTExamples, micro_batch_size: int, length_grouping: bool, device, world: World,
+             autocast: torch.dtype | None | str = "device") -> dict:
     """The weighted objective and the CE of the zero-/low-/high-IG groups over `data` (sharded across ranks).
     `autocast` as in `backward_effective_batch`."""
     model = loss_module.model
@@ -178,7 +178,7 @@ def train(
             interval_start, stats = time.perf_counter(), _StepStats(device)
         if valid_data is not None and len(valid_data) > 0 and (loop.step % per_epoch == 0 or loop.step == total_steps):
             started = time.perf_counter()
-            valid = evaluate(loss_module, valid_data, config.micro_batch_size, device, world, precision.autocast, config.length_grouping)
+            valid = evaluate(loss_module, valid_data, config.micro_batch_size, config.length_grouping, device, world, precision.autocast)
             valid["seconds"] = time.perf_counter() - started
             stopped_early = loop.validated(model, valid, lr, per_epoch, config.patience) and loop.step < total_steps
             interval_start = time.perf_counter()

@@ -87,7 +87,7 @@ def ranking_metric_values(lists: np.ndarray, targets: np.ndarray, titles: Sequen
 class RankingEvaluator:
     """NDCG@K / HR@K of a model on one split (the validation signal of early stopping)."""
 
-    def __init__(self, data: SequenceData, titles: Sequence[str], ks: Sequence[int] = (10,), batch_size: int = 4096, device: torch.device | None = None):
+    def __init__(self, data: SequenceData, titles: Sequence[str], ks: Sequence[int], batch_size: int, device: torch.device | None = None):
         self.data = data
         self.titles = list(titles)
         self.ks = list(ks)
