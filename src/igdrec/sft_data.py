@@ -162,11 +162,6 @@ class SFTExamples:
         return batch
 
 
-def _chunks(rows: torch.Tensor | list[int], size: int) -> list[list[int]]:
-    rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
-    return [rows[i:i + size] for i in range(0, len(rows), size)]
-
-
 def micro_batch_rows(data: SFTExamples, rows: torch.Tensor | list[int], size: int, length_grouping: bool) -> list[list[int]]:
     """Split one rank's share of an effective batch into micro-batches; with `length_grouping` the rows are
     first sorted by encoded length (stable, so ties keep the data order), which leaves the summed gradient
@@ -174,4 +169,4 @@ def micro_batch_rows(data: SFTExamples, rows: torch.Tensor | list[int], size: in
     rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
     if length_grouping:
         rows = sorted(rows, key=data.length)
-    return _chunks(rows, size)
+    return [rows[i:i + size] for i in range(0, len(rows), size)]

@@ -56,85 +56,6 @@ class TrainResult:
     attention_flops: float = 0.0  # forward FLOPs of attention scores and mixing in training, see `flops.model_flops`
 
 
-class _StepStats:
-    """Sums kept on the device during a step; read back (one sync) only when logged."""
-
-    NAMES = ("numerator", "weight", "ce_zero", "n_zero", "ce_positive", "n_positive", "ce_high", "n_high", "tokens")
-
-    def __init__(self, device):
-        self.values = torch.zeros(len(self.NAMES), dtype=torch.float64, device=device)
-
-    def add(self, numerator, weight, ce, batch: Batch) -> None:
-        ce = ce.detach()
-        labelled = batch.targets != weighting.IGNORE
-        self.values += torch.stack([
-            numerator.detach().double(), weight.double(),
-            (ce * batch.zero_ig).sum().double(), batch.zero_ig.sum().double(),
-            (ce * batch.positive_ig).sum().double(), batch.positive_ig.sum().double(),
-            (ce * batch.high_ig).sum().double(), batch.high_ig.sum().double(),
-            labelled.sum().double(),
-        ])
-
-    def row(self, world: World) -> dict:
-        v = dict(zip(self.NAMES, world.all_reduce(self.values).tolist()))
-        # low = positive minus high: the three groups partition the tokens whose IG is known
-        v["ce_low"], v["n_low"] = v["ce_positive"] - v["ce_high"], v["n_positive"] - v["n_high"]
-
-        def mean(group: str) -> float | None:
-            return v[f"ce_{group}"] / v[f"n_{group}"] if v[f"n_{group}"] > 0 else None
-
-        return {
-            "loss": v["numerator"] / v["weight"] if v["weight"] > 0 else float("nan"),
-            "ce_zero_ig": mean("zero"),
-            "ce_low_ig": mean("low"),
-            "ce_high_ig": mean("high"),
-            "ce_positive_ig": mean("positive"),
-            "tokens": int(v["tokens"]),
-            "tokens_zero_ig": int(v["n_zero"]),
-            "tokens_low_ig": int(v["n_low"]),
-            "tokens_high_ig": int(v["n_high"]),
-        }
-
-
-def evaluate(loss_module: WeightedLoss, data: SFTExamples, micro_batch_size: int, length_grouping: bool, device, world: World,
-             autocast: torch.dtype | None | str = "device") -> dict:
-    """The weighted objective and the CE of the zero-/low-/high-IG groups over `data` (sharded across ranks).
-    `autocast` as in `backward_effective_batch`."""
-    model = loss_module.model
-    autocast = autocast_dtype(device) if autocast == "device" else autocast
-    was_training = model.training
-    model.eval()
-    stats = _StepStats(device)
-    with torch.no_grad():
-        for rows in micro_batch_rows(data, torch.arange(len(data))[world.rank::world.size], micro_batch_size, length_grouping):
-            batch = data.collate(rows).to(device)
-            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                numerator, ce = loss_module(batch)
-            stats.add(numerator, batch.weights.sum(), ce, batch)
-    model.train(was_training)
-    return stats.row(world)
-
-
-def backward_effective_batch(module: nn.Module, micro_batches: list[Batch], world: World, scaler, stats: _StepStats | None = None,
-                             autocast: torch.dtype | None | str = "device") -> None:
-    """Accumulate into .grad the gradient of Σ w·CE / Σ w over the effective batch (all ranks' micro-batches).
-
-    `autocast`: the dtype of the forward's autocast, None for none; "device" picks the device's default."""
-    device = micro_batches[0].input_ids.device
-    dtype = autocast_dtype(device) if autocast == "device" else autocast
-    # clamped so that an all-zero-weight batch (IGD with beta = 0) contributes nothing instead of NaN
-    total_weight = world.all_reduce(sum(b.weights.sum() for b in micro_batches)).clamp_min(1e-12)
-    for i, batch in enumerate(micro_batches):
-        syncing = i == len(micro_batches) - 1 or world.size == 1
-        with nullcontext() if syncing else module.no_sync():
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                numerator, ce = module(batch)
-            # DDP averages gradients over ranks; scaling by the world size turns that into the sum.
-            scaler.scale(numerator / total_weight * world.size).backward()
-        if stats is not None:
-            stats.add(numerator, batch.weights.sum(), ce, batch)
-
-
 def train(
     model: nn.Module,
     train_data: SFTExamples,
@@ -215,6 +136,45 @@ def effective_batch(data: SFTExamples, config: SFTConfig, world: World, step: in
     return [data.collate(r) for r in micro_batch_rows(data, rows[world.rank::world.size], config.micro_batch_size, config.length_grouping)]
 
 
+def backward_effective_batch(module: nn.Module, micro_batches: list[Batch], world: World, scaler, stats: _StepStats | None = None,
+                             autocast: torch.dtype | None | str = "device") -> None:
+    """Accumulate into .grad the gradient of Σ w·CE / Σ w over the effective batch (all ranks' micro-batches).
+
+    `autocast`: the dtype of the forward's autocast, None for none; "device" picks the device's default."""
+    device = micro_batches[0].input_ids.device
+    dtype = autocast_dtype(device) if autocast == "device" else autocast
+    # clamped so that an all-zero-weight batch (IGD with beta = 0) contributes nothing instead of NaN
+    total_weight = world.all_reduce(sum(b.weights.sum() for b in micro_batches)).clamp_min(1e-12)
+    for i, batch in enumerate(micro_batches):
+        syncing = i == len(micro_batches) - 1 or world.size == 1
+        with nullcontext() if syncing else module.no_sync():
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                numerator, ce = module(batch)
+            # DDP averages gradients over ranks; scaling by the world size turns that into the sum.
+            scaler.scale(numerator / total_weight * world.size).backward()
+        if stats is not None:
+            stats.add(numerator, batch.weights.sum(), ce, batch)
+
+
+def evaluate(loss_module: WeightedLoss, data: SFTExamples, micro_batch_size: int, length_grouping: bool, device, world: World,
+             autocast: torch.dtype | None | str = "device") -> dict:
+    """The weighted objective and the CE of the zero-/low-/high-IG groups over `data` (sharded across ranks).
+    `autocast` as in `backward_effective_batch`."""
+    model = loss_module.model
+    autocast = autocast_dtype(device) if autocast == "device" else autocast
+    was_training = model.training
+    model.eval()
+    stats = _StepStats(device)
+    with torch.no_grad():
+        for rows in micro_batch_rows(data, torch.arange(len(data))[world.rank::world.size], micro_batch_size, length_grouping):
+            batch = data.collate(rows).to(device)
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                numerator, ce = loss_module(batch)
+            stats.add(numerator, batch.weights.sum(), ce, batch)
+    model.train(was_training)
+    return stats.row(world)
+
+
 @dataclass
 class _LoopState:
     """What the loop carries from step to step and a checkpoint restores besides weights and optimiser."""
@@ -283,6 +243,53 @@ class _Optimiser:
         return _LoopState(checkpoint["step"], checkpoint["log"], checkpoint["train_tokens"], checkpoint["best"])
 
 
+def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; on CUDA its fused kernel (one launch for all parameters instead of several per tensor), which
+    computes the same update."""
+    fused = device.type == "cuda" and all(p.is_cuda and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+class _StepStats:
+    """Sums kept on the device during a step; read back (one sync) only when logged."""
+
+    NAMES = ("numerator", "weight", "ce_zero", "n_zero", "ce_positive", "n_positive", "ce_high", "n_high", "tokens")
+
+    def __init__(self, device):
+        self.values = torch.zeros(len(self.NAMES), dtype=torch.float64, device=device)
+
+    def add(self, numerator, weight, ce, batch: Batch) -> None:
+        ce = ce.detach()
+        labelled = batch.targets != weighting.IGNORE
+        self.values += torch.stack([
+            numerator.detach().double(), weight.double(),
+            (ce * batch.zero_ig).sum().double(), batch.zero_ig.sum().double(),
+            (ce * batch.positive_ig).sum().double(), batch.positive_ig.sum().double(),
+            (ce * batch.high_ig).sum().double(), batch.high_ig.sum().double(),
+            labelled.sum().double(),
+        ])
+
+    def row(self, world: World) -> dict:
+        v = dict(zip(self.NAMES, world.all_reduce(self.values).tolist()))
+        # low = positive minus high: the three groups partition the tokens whose IG is known
+        v["ce_low"], v["n_low"] = v["ce_positive"] - v["ce_high"], v["n_positive"] - v["n_high"]
+
+        def mean(group: str) -> float | None:
+            return v[f"ce_{group}"] / v[f"n_{group}"] if v[f"n_{group}"] > 0 else None
+
+        return {
+            "loss": v["numerator"] / v["weight"] if v["weight"] > 0 else float("nan"),
+            "ce_zero_ig": mean("zero"),
+            "ce_low_ig": mean("low"),
+            "ce_high_ig": mean("high"),
+            "ce_positive_ig": mean("positive"),
+            "tokens": int(v["tokens"]),
+            "tokens_zero_ig": int(v["n_zero"]),
+            "tokens_low_ig": int(v["n_low"]),
+            "tokens_high_ig": int(v["n_high"]),
+        }
+
+
 class _Cost:
     """Tokens the model computed in training and the attention FLOPs they took (igdrec.flops)."""
 
@@ -293,13 +300,6 @@ class _Cost:
         for batch in batches:
             tokens, flops = pass_cost(batch, shared, self.shape)
             self.tokens, self.attention_flops = self.tokens + tokens, self.attention_flops + flops
-
-
-def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; on CUDA its fused kernel (one launch for all parameters instead of several per tensor), which
-    computes the same update."""
-    fused = device.type == "cuda" and all(p.is_cuda and p.is_floating_point() for p in params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 def compile_blocks(model: nn.Module) -> int:
