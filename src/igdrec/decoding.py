@@ -332,11 +332,12 @@ class Decoder:
                                self.engine.max_new_tokens, dtype_bytes, free)
 
     def search(self, prompts: Sequence[Sequence[int]], num_beams: int | None = None, assistant_probs: np.ndarray | None = None,
-               advance: Callable[[int], None] | None = None) -> list[list]:
+               advance: Callable[[int], None] | None = None, exclude: Sequence[Sequence[int]] | None = None) -> list[list]:
         """Beam search of every prompt (hypotheses best first), in batches of prompts of similar length.
 
         `assistant_probs`: a text-free assistant's probabilities, one row per prompt, columns aligned with
-        `catalog.trie.item_ids` (D3, docs/method.md §6). Results do not depend on the batching.
+        `catalog.trie.item_ids` (D3, docs/method.md §6). `exclude`: per prompt, item ids the search must
+        not return (masked in the trie, docs/method.md §6.1). Results do not depend on the batching.
         """
         engine = self.engine if num_beams in (None, self.engine.num_beams) else dataclasses.replace(self.engine, num_beams=num_beams)
         extra = {}
@@ -344,6 +345,11 @@ class Decoder:
             if "assistant_probs" not in inspect.signature(engine.search).parameters:
                 raise IgdrecError("--tfa: this version's beam search cannot take a text-free assistant during the search")
             extra = {"assistant_probs": np.asarray(assistant_probs)}
+        if exclude is not None:
+            extra["exclude"] = np.empty(len(exclude), dtype=object)  # ragged: the trie item rows of each prompt's items
+            for i, ids in enumerate(exclude):
+                rows = self.catalog.trie.item_index(np.asarray(ids, dtype=np.int64))
+                extra["exclude"][i] = rows[rows >= 0]
         if not prompts:
             return []
         batch_size = self.batch_size(max(len(p) for p in prompts), engine.num_beams)
