@@ -41,13 +41,25 @@ from igdrec.prompt import shared_prefix_len
 
 NEG_INF = float("-inf")
 
-# Cache self-check tolerance on next-token logits, relative to the logit scale max(1, max |logit|).
-# Between a pass through the KV cache and a plain pass the logits differ only by float noise of a few
-# units in the last place of that scale (measured on SmolLM2-135M, CPU, logit scale 28: fp32 4e-5,
-# fp16 autocast 0.027, bf16 autocast 0.25), while a cache the model ignored moves them by most of the
-# scale (22 of 28 there, 0.24 of 47 on the tests' tiny model). fp32 allows ~1e-3 at a typical scale of
-# 30; half types 16 units in the last place (fp16 2^-11, bf16 2^-8): ~10x margin on either side.
-CACHE_CHECK_TOLERANCE = {torch.float32: 3e-5, torch.float64: 3e-5, torch.float16: 16 * 2.0**-11, torch.bfloat16: 16 * 2.0**-8}
+def cache_check_tolerance(model: torch.nn.Module, dtype: torch.dtype, positions: int, scale: float) -> float:
+    """How far logits through the KV cache may lie from a plain pass's without blame (docs/method.md §6.1).
+
+    The two passes do the same arithmetic in other orders (other batch shapes and kernels sum the same terms
+    in other blocks), so they may differ by rounding error only: a sum of n terms, in any order, lies within
+    n·u of the exact one relative to the sum of the terms' magnitudes (u = 2^-24 for the fp32 accumulators
+    of every kernel, also under autocast), and a half-precision result adds one rounding of its dtype. Over
+    L layers the residual stream adds up each layer's error, and either pass may err the other way:
+
+        tolerance = 2 · L · (n · u_accumulate + u_dtype) · max(1, max |logit|),
+
+    n the widest sum (hidden size, MLP width or positions). A cache the model ignores moves the logits by
+    most of their scale, far beyond it.
+    """
+    config = next((m.config for m in model.modules() if hasattr(getattr(m, "config", None), "num_hidden_layers")), None)
+    layers = getattr(config, "num_hidden_layers", 1)
+    terms = max(getattr(config, "hidden_size", 0), getattr(config, "intermediate_size", 0) or 0, positions)
+    accumulate = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps / 2
+    return 2 * layers * (terms * accumulate + torch.finfo(dtype).eps / 2) * max(1.0, scale)
 
 
 class CacheMismatchError(IgdrecError):
@@ -554,7 +566,7 @@ class BeamSearch:
         plain, cached = plain[0, -1].float(), rows.last_logits[r].float()
         gap = float((cached - plain).abs().max())
         dtype = self.autocast_dtype or next(self.model.parameters()).dtype
-        tolerance = CACHE_CHECK_TOLERANCE.get(dtype, CACHE_CHECK_TOLERANCE[torch.bfloat16]) * max(1.0, float(plain.abs().max()))
+        tolerance = cache_check_tolerance(self.model, dtype, len(sequence), float(plain.abs().max()))
         if not gap <= tolerance:  # NaN fails too
             import transformers
 
