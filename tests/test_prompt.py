@@ -175,3 +175,15 @@ def test_a_target_longer_than_the_budget_is_blamed_not_a_history_title(tiny_toke
     with pytest.raises(IgdrecError, match=r"^sample_id 7 \(target 'Heat Heat'\): prompt with the single history title 'Fargo \(1996\)'"):
         encode_sample(tiny_tokenizer, ["Fargo (1996)"], "movies", target, cutoff_len=len(target) + plain - 1,
                       sample="sample_id 7 (target 'Heat Heat')")
+
+
+def test_training_names_the_sample_and_target_that_do_not_fit(tiny_tokenizer):
+    from igdrec import training
+    from igdrec.errors import IgdrecError
+
+    titles = ["Fargo (1996)", "Heat " * 100]
+    sequences = item_token_sequences(tiny_tokenizer, titles)
+    data = training.SFTExamples(tiny_tokenizer, [[0], [1]], [1, 0], titles, sequences, "movies", "plain", 1.0,
+                                cutoff_len=len(sequences[1]), sample_ids=[41, 42])
+    with pytest.raises(IgdrecError, match=r"^sample_id 41 \(target 'Heat Heat Heat Heat Heat Heat Heat Heat '…\): the target is "):
+        data.encoded(0)
