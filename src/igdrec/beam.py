@@ -273,7 +273,8 @@ class BeamSearch:
         `assistant_probs` (len(prompts), n catalog items), aligned with the trie's item rows, turns on
         D3's text-free assistant: every step score becomes g·(llm − tfa) + tfa (igdrec.assistant).
         `exclude`: per prompt, trie item rows the search must not return (nor any item sharing their
-        token sequence): the search over the catalog without them, with the same step scores.
+        token sequence): the search over the catalog without them, with the same model step scores (an
+        assistant's shares are renormalised over the children left).
         """
         if not prompts:
             return []
