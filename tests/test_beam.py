@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 from decode_helpers import CacheIgnoringModel, exhaustive_ranking, fixture_trie, save_peaked_model
@@ -10,7 +11,7 @@ from fixtures import TITLES, synthetic_dataset
 from reference_decoder import dict_trie, reference_generate
 
 from igdrec import prompt
-from igdrec.beam import BeamSearch, CacheMismatchError, TrieTensors
+from igdrec.beam import BeamSearch, CacheMismatchError, TrieTensors, dead_nodes
 from igdrec.config import DecodeConfig
 from igdrec.modeling import load_model, load_tokenizer
 
@@ -150,6 +151,42 @@ def test_self_check_passes_once_and_changes_nothing(setup):
     assert plain.cache_check_gap is None
     assert [[(h.tokens, h.score) for h in hyps] for hyps in checked] == [[(h.tokens, h.score) for h in hyps] for hyps in unchecked]
     assert beam.stats.forward_calls == 2 * plain.stats.forward_calls  # the check's pass is not decoding work
+
+
+def test_dead_nodes_are_those_whose_every_item_is_excluded(setup):
+    _, _, trie, _ = setup
+    rng = np.random.default_rng(0)
+    exclude = [rng.choice(len(trie.item_ids), size=n, replace=False) for n in (0, 1, 5, 12, len(trie.item_ids))]
+    dead = dead_nodes(TrieTensors.from_trie(trie), exclude).tolist()
+    paths = [trie.item_path_nodes[trie.item_path_ptr[r]:trie.item_path_ptr[r + 1]] for r in range(len(trie.item_ids))]
+    expected = []
+    for s, rows in enumerate(exclude):
+        excluded_leaves = {int(trie.item_leaf[r]) for r in rows}
+        for node in range(trie.num_nodes):
+            under = [path[-1] for path in paths if node == 0 or node in path]
+            if all(leaf in excluded_leaves for leaf in under):
+                expected.append(s * trie.num_nodes + node)
+    assert dead == sorted(expected)
+    assert dead_nodes(TrieTensors.from_trie(trie), [[], []]) is None
+
+
+@pytest.mark.parametrize("num_beams", [2, 4])
+def test_excluded_items_are_searched_like_a_catalog_without_them(setup, num_beams):
+    """Masking items in the trie is the search over a catalog trie built without them (with α = 0, where the
+    step scores, log p over the full vocabulary, do not depend on the catalog), for beams narrower than it."""
+    tokenizer, model, trie, prompts = setup
+    items, _ = synthetic_dataset()
+    rng = np.random.default_rng(1)
+    excluded = [rng.choice(items.height, size=n, replace=False) for n in (3, 8, 13)]
+    beam = beam_search(model, tokenizer, num_beams=num_beams, length_penalty=1.0, trie=TrieTensors.from_trie(trie))
+    masked = beam.search(prompts, exclude=[trie.item_index(ids) for ids in excluded])
+    for prompt_ids, ids, hyps in zip(prompts, excluded, masked):
+        groups = {int(g) for g in trie.item_title_group[trie.item_index(ids)]}
+        kept = items.filter(~pl.col("item_id").is_in([i for i, g in zip(trie.item_ids, trie.item_title_group) if g in groups]))
+        smaller = beam_search(model, tokenizer, num_beams=num_beams, length_penalty=1.0,
+                              trie=TrieTensors.from_trie(fixture_trie(tokenizer, kept)))
+        assert_same_hypotheses([hyps], smaller.search([prompt_ids]))
+        assert len(hyps) == num_beams and not groups & {leaf_groups(trie)[h.nodes[-1]] for h in hyps}
 
 
 def random_assistant_probs(trie, samples: int, seed: int = 0) -> np.ndarray:

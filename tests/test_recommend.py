@@ -13,6 +13,7 @@ from fixtures import synthetic_run
 from typer.testing import CliRunner
 
 from igdrec import Recommender, prompt, schema
+from igdrec.beam import BeamSearch
 from igdrec.cli import app
 from igdrec.config import DecodeConfig
 from igdrec.errors import IgdrecError
@@ -60,19 +61,39 @@ def test_recommend_equals_decode_for_five_test_samples(run, recommender):
     assert [r["rank"] for r in listed] == list(range(1, 11))
 
 
-def test_excluding_the_history_ranks_the_rest_like_exhaustive_scoring(run, recommender):
-    """Ten seen items push the beam count to the catalog's distinct titles, where beam search is exact:
-    the list must be the exhaustive ranking without the seen titles."""
-    history = list(range(10))
+def beam_widths(monkeypatch) -> list[int]:
+    """The num_beams of every beam search run from now on."""
+    widths = []
+    search = BeamSearch.search
+    monkeypatch.setattr(BeamSearch, "search", lambda self, *args, **kwargs: widths.append(self.num_beams) or search(self, *args, **kwargs))
+    return widths
+
+
+@pytest.mark.parametrize("k,history", [(10, list(range(10))), (3, list(range(17)) + [0, 5])])
+def test_excluding_the_history_ranks_the_rest_like_exhaustive_scoring(run, recommender, monkeypatch, k, history):
+    """Seen titles are masked inside a k-beam search. With k at least the unseen titles it is exact (so
+    is the search widened by one beam per seen title that it replaces): the list must be the exhaustive
+    ranking without the seen titles."""
+    widths = beam_widths(monkeypatch)
     trie = recommender.catalog.trie
     prepared = recommender.prepare(history)
-    assert recommender.num_beams(prepared, 10, exclude_history=True) == len(set(trie.item_title_group.tolist()))
-    found = recommender.recommend(history, k=10)
+    found = recommender.recommend(history, k=k)
     seen = {recommender.catalog.group_of[i] for i in history}
     expected = [(g, s) for g, s in exhaustive_ranking(recommender.decoder.model, prepared.prompt_ids, trie, 0.2, 1.0) if g not in seen]
-    assert [r.item_id for r in found] == [g for g, _ in expected][:10]
-    np.testing.assert_allclose([r.score for r in found], [s for _, s in expected][:10], rtol=1e-5)
-    assert len(found) == len(expected) < 10  # fewer unseen titles than asked for: all of them
+    assert len(expected) <= k
+    assert [r.item_id for r in found] == [g for g, _ in expected]
+    np.testing.assert_allclose([r.score for r in found], [s for _, s in expected], rtol=1e-5)
+    assert widths == [k]
+
+
+def test_the_beam_width_does_not_grow_with_the_history(run, recommender, monkeypatch):
+    widths = beam_widths(monkeypatch)
+    for n in (1, 5, 12, 1000):
+        history = [i % 20 for i in range(n)]
+        found = recommender.recommend(history, k=4)
+        assert {r.item_id for r in found}.isdisjoint(history) and (len(found) == 4 or n >= 20)
+    assert widths == [4] * 4
+    assert recommender.recommend(list(range(20)) * 50, k=4) == []  # every title seen: nothing left to recommend
 
 
 def test_titles_and_ids_name_the_same_history(recommender):
@@ -130,6 +151,18 @@ def test_api_refuses_bad_histories(recommender):
         recommender.recommend(["Heat Wav"])
     with pytest.raises(IgdrecError, match="top-k"):
         recommender.recommend(["Heat"], k=0)
+
+
+@pytest.mark.parametrize("bad", [1.7, 1.0, True, None, np.float64(2.0), [3]])
+def test_api_ids_must_be_integers(recommender, bad):
+    """1.7 or True once silently meant item 1, None ended in a TypeError."""
+    with pytest.raises(IgdrecError) as caught:
+        recommender.recommend(["Heat", 3, bad])
+    assert str(caught.value) == f"history[2] = {bad!r} ({type(bad).__name__}): expected an integer item id or a catalog title"
+
+
+def test_api_takes_numpy_integer_ids(recommender):
+    assert recommender.resolve([np.int64(3), np.int32(12), 7]) == [3, 12, 7]
 
 
 def test_import_igdrec_does_not_import_torch():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -58,7 +59,6 @@ class Recommender:
         self._ids_of_folded: dict[str, set[int]] = {}
         for title, item_id in self._id_of_title.items():
             self._ids_of_folded.setdefault(_fold(title), set()).add(item_id)
-        self.n_title_groups = len(set(self.catalog.group_of.values()))
 
     @classmethod
     def load(cls, run_dir: str | Path | RunDir, sft: str | None = None, model: str | None = None, *,
@@ -96,14 +96,16 @@ class Recommender:
         if isinstance(history, (str, int)):
             raise TypeError("a history is a list of titles or item ids, oldest first")
         ids = []
-        for entry in history:
+        for position, entry in enumerate(history):
             if isinstance(entry, str):
                 ids.append(self.item_id(entry))
-            else:
+            elif isinstance(entry, numbers.Integral) and not isinstance(entry, bool):  # numpy integers too
                 item_id = int(entry)
                 if item_id not in self.catalog.titles:
                     raise IgdrecError(f"history item id {item_id} is not in {self.items_path}")
                 ids.append(item_id)
+            else:  # 1.7 or True would silently mean item 1
+                raise IgdrecError(f"history[{position}] = {entry!r} ({type(entry).__name__}): expected an integer item id or a catalog title")
         if not ids:
             raise IgdrecError("the history is empty: give at least one item the user interacted with")
         return ids
@@ -114,16 +116,6 @@ class Recommender:
         ids = self.resolve(history)
         prompt_ids, kept = self.decoder.prompt(ids)
         return PreparedHistory(item_ids=ids, prompt_ids=prompt_ids, kept=kept)
-
-    def num_beams(self, history: PreparedHistory, k: int, exclude_history: bool) -> int:
-        """k beams (as `decode --num-beams k`), plus one per distinct seen item when seen items are
-        filtered out afterwards, so that k survive the filter; the extra beams stop at the catalog's
-        distinct titles (with that many beams the search already ranks every title)."""
-        seen = len(self._seen_groups(history)) if exclude_history else 0
-        return k + max(0, min(seen, self.n_title_groups - k))
-
-    def _seen_groups(self, history: PreparedHistory) -> set[int]:
-        return {self.catalog.group_of[i] for i in history.item_ids if i in self.catalog.group_of}
 
     # --- recommendations
 
@@ -137,17 +129,11 @@ class Recommender:
         if k < 1:
             raise IgdrecError(f"--top-k {k}: must be at least 1")
         prepared = [self.prepare(h) for h in histories]
-        beams = [self.num_beams(p, k, exclude_history) for p in prepared]
-        results: list[list[Recommendation]] = [[] for _ in prepared]
-        # Histories that need the same beam count are searched together.
-        for width in sorted(set(beams)):
-            rows = [i for i, b in enumerate(beams) if b == width]
-            hypotheses = self.decoder.search([prepared[i].prompt_ids for i in rows], num_beams=width)
-            for i, hyps in zip(rows, hypotheses):
-                seen = self._seen_groups(prepared[i]) if exclude_history else set()
-                chosen = [Recommendation(d.item_id, d.title, d.score) for d in self.decoder.items(hyps) if d.item_id not in seen]
-                results[i] = chosen[:k]
-        return results
+        # k beams, as `decode --num-beams k`; seen items (and titles they share) are masked in the search
+        # itself, so each of the k beams stays available for an unseen item whatever the history's length.
+        exclude = [p.item_ids for p in prepared] if exclude_history else None
+        hypotheses = self.decoder.search([p.prompt_ids for p in prepared], num_beams=k, exclude=exclude)
+        return [[Recommendation(d.item_id, d.title, d.score) for d in self.decoder.items(hyps)] for hyps in hypotheses]
 
 
 def _fold(title: str) -> str:

@@ -18,6 +18,8 @@ IG~ = 0, so w_d = 1. None of this changes a score (beyond float noise of other b
 
 With a text-free assistant (`search(prompts, assistant_probs=q)`) every step score, forced ones included,
 is D3's g·(llm − tfa) + tfa (igdrec.assistant); hypotheses still carry the model's own log p per token.
+With `search(prompts, exclude=rows)` a sample's search never writes the excluded items: their leaves, and
+every node all of whose items are excluded, are not allowed continuations for that sample (`dead_nodes`).
 `self_check` verifies once that the model really uses the shared cache (CacheMismatchError otherwise).
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import functools
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -39,13 +42,25 @@ from igdrec.prompt import shared_prefix_len
 
 NEG_INF = float("-inf")
 
-# Cache self-check tolerance on next-token logits, relative to the logit scale max(1, max |logit|).
-# Between a pass through the KV cache and a plain pass the logits differ only by float noise of a few
-# units in the last place of that scale (measured on SmolLM2-135M, CPU, logit scale 28: fp32 4e-5,
-# fp16 autocast 0.027, bf16 autocast 0.25), while a cache the model ignored moves them by most of the
-# scale (22 of 28 there, 0.24 of 47 on the tests' tiny model). fp32 allows ~1e-3 at a typical scale of
-# 30; half types 16 units in the last place (fp16 2^-11, bf16 2^-8): ~10x margin on either side.
-CACHE_CHECK_TOLERANCE = {torch.float32: 3e-5, torch.float64: 3e-5, torch.float16: 16 * 2.0**-11, torch.bfloat16: 16 * 2.0**-8}
+def cache_check_tolerance(model: torch.nn.Module, dtype: torch.dtype, positions: int, scale: float) -> float:
+    """How far logits through the KV cache may lie from a plain pass's without blame (docs/method.md §6.1).
+
+    The two passes do the same arithmetic in other orders (other batch shapes and kernels sum the same terms
+    in other blocks), so they may differ by rounding error only: a sum of n terms, in any order, lies within
+    n·u of the exact one relative to the sum of the terms' magnitudes (u = 2^-24 for the fp32 accumulators
+    of every kernel, also under autocast), and a half-precision result adds one rounding of its dtype. Over
+    L layers the residual stream adds up each layer's error, and either pass may err the other way:
+
+        tolerance = 2 · L · (n · u_accumulate + u_dtype) · max(1, max |logit|),
+
+    n the widest sum (hidden size, MLP width or positions). A cache the model ignores moves the logits by
+    most of their scale, far beyond it.
+    """
+    config = next((m.config for m in model.modules() if hasattr(getattr(m, "config", None), "num_hidden_layers")), None)
+    layers = getattr(config, "num_hidden_layers", 1)
+    terms = max(getattr(config, "hidden_size", 0), getattr(config, "intermediate_size", 0) or 0, positions)
+    accumulate = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps / 2
+    return 2 * layers * (terms * accumulate + torch.finfo(dtype).eps / 2) * max(1.0, scale)
 
 
 class CacheMismatchError(IgdrecError):
@@ -261,11 +276,15 @@ class BeamSearch:
         return cls(model, eos_token_id, pad_token_id, **({name: getattr(config, name) for name in SEARCH_OPTIONS} | settings))
 
     @torch.no_grad()
-    def search(self, prompts: list[list[int]], assistant_probs: torch.Tensor | np.ndarray | None = None) -> list[list[Hypothesis]]:
+    def search(self, prompts: list[list[int]], assistant_probs: torch.Tensor | np.ndarray | None = None,
+               exclude: Sequence[Sequence[int]] | None = None) -> list[list[Hypothesis]]:
         """The finished hypotheses of each prompt, best first (at most num_beams of them).
 
         `assistant_probs` (len(prompts), n catalog items), aligned with the trie's item rows, turns on
         D3's text-free assistant: every step score becomes g·(llm − tfa) + tfa (igdrec.assistant).
+        `exclude`: per prompt, trie item rows the search must not return (nor any item sharing their
+        token sequence): the search over the catalog without them, with the same model step scores (an
+        assistant's shares are renormalised over the children left).
         """
         if not prompts:
             return []
@@ -280,6 +299,13 @@ class BeamSearch:
             mass = node_mass(self.trie.mass_tree, assistant_probs)
             if mass.shape[0] != len(prompts):
                 raise ValueError(f"assistant probabilities for {mass.shape[0]} samples, but {len(prompts)} prompts")
+        dead = None
+        if exclude is not None:
+            if self.trie is None or self.trie.mass_tree is None:
+                raise ValueError("excluding items needs the catalog trie (TrieTensors.from_trie)")
+            if len(exclude) != len(prompts):
+                raise ValueError(f"excluded items for {len(exclude)} samples, but {len(prompts)} prompts")
+            dead = dead_nodes(self.trie, exclude)
         results: list[list[Hypothesis]] = [[] for _ in prompts]
         rows = self._prefill(prompts, T, device)
         beams = _Beams.start(len(prompts), self.num_beams, T, self.pad_token_id, device)
@@ -291,7 +317,7 @@ class BeamSearch:
             elif self.self_check and self.cache_check_gap is None and t >= 2:
                 self._check_cache(prompts, rows, beams, fed, t)
             self.stats.steps += 1
-            candidates = self._candidates(rows, beams, mass)
+            candidates = self._candidates(rows, beams, mass, dead)
             top = self._best_continuations(beams, candidates, t, T)
             beams = self._advance(beams, top, t)
             done = ~beams.improvable | ~torch.isfinite(beams.running).any(dim=1) | (t + 1 == T)
@@ -429,9 +455,10 @@ class BeamSearch:
         beams.cache_row = torch.where(live.reshape(A, K), row_of_beam, own_sample)
         return beam_of_row, needs, feed, fed
 
-    def _candidates(self, rows: _ModelRows, beams: _Beams, mass: torch.Tensor | None) -> _Candidates:
+    def _candidates(self, rows: _ModelRows, beams: _Beams, mass: torch.Tensor | None, dead: torch.Tensor | None) -> _Candidates:
         """Allowed children of each beam's node (or the whole vocabulary) with their step scores; `mass`
-        (samples, trie nodes) is the assistant's Q per node, None without an assistant."""
+        (samples, trie nodes) is the assistant's Q per node, None without an assistant; `dead` the sorted
+        keys of excluded nodes (`dead_nodes`), None when nothing is excluded."""
         cache_row = beams.cache_row.flatten()
         consumed = beams.consumed.flatten()
         from_chain = consumed < rows.chain_len[cache_row]  # this step's (forced) token was pre-fed
@@ -451,6 +478,10 @@ class BeamSearch:
         offset = torch.arange(M, device=count.device)
         allowed = offset[None, :] < count[:, None]
         child = torch.where(allowed, self.trie.child_start[flat_node][:, None] + offset, 0)
+        sample = beams.sample_of.repeat_interleave(beams.running.shape[1])
+        if dead is not None:
+            key = sample[:, None] * len(self.trie.child_count) + child
+            allowed &= dead[torch.searchsorted(dead, key).clamp(max=len(dead) - 1)] != key
         token = torch.where(allowed, self.trie.token[child], 0)
         # a pre-fed row has exactly one allowed token, in column 0
         model_lp = torch.where(from_chain[:, None], chained, log_probs.gather(1, token))
@@ -458,7 +489,6 @@ class BeamSearch:
         if self.alpha:
             step = step * (1.0 - self.alpha * self.trie.ig_norm[child])
         if mass is not None:
-            sample = beams.sample_of.repeat_interleave(beams.running.shape[1])
             step = guided_step(step, tfa_log_share(mass[sample[:, None], child], allowed), self.tfa_guidance)
         step = torch.where(allowed, step, NEG_INF)
         return _Candidates(token=token, node=child, step_score=step, model_lp=model_lp)
@@ -547,7 +577,7 @@ class BeamSearch:
         plain, cached = plain[0, -1].float(), rows.last_logits[r].float()
         gap = float((cached - plain).abs().max())
         dtype = self.autocast_dtype or next(self.model.parameters()).dtype
-        tolerance = CACHE_CHECK_TOLERANCE.get(dtype, CACHE_CHECK_TOLERANCE[torch.bfloat16]) * max(1.0, float(plain.abs().max()))
+        tolerance = cache_check_tolerance(self.model, dtype, len(sequence), float(plain.abs().max()))
         if not gap <= tolerance:  # NaN fails too
             import transformers
 
@@ -626,6 +656,27 @@ class BeamSearch:
                 )
             )
         return out
+
+
+def dead_nodes(trie: TrieTensors, exclude: Sequence[Sequence[int]]) -> torch.Tensor | None:
+    """Sorted keys sample · n_nodes + node of the trie nodes no allowed item lies under, for each sample's
+    excluded item rows: the excluded items' leaves (shared by every item with the same token sequence)
+    and, level by level from the deepest, every node all of whose children are dead. A beam can then
+    never enter a prefix whose every completion is excluded. None when nothing is excluded."""
+    tree = trie.mass_tree
+    n, device = tree.num_nodes, tree.parent.device
+    leaves = [s * n + tree.item_leaf[torch.as_tensor(list(rows), dtype=torch.long, device=device)]
+              for s, rows in enumerate(exclude) if len(rows)]
+    if not leaves:
+        return None
+    dead = torch.unique(torch.cat(leaves))
+    for d in range(len(tree.level_start) - 2, 0, -1):  # the children of a node all lie one level below it
+        node = dead % n
+        level = dead[(node >= tree.level_start[d]) & (node < tree.level_start[d + 1])]
+        if len(level):
+            parents, dead_children = torch.unique(level - level % n + tree.parent[level % n], return_counts=True)
+            dead = torch.cat([dead, parents[dead_children == trie.child_count[parents % n]]])
+    return torch.sort(dead).values
 
 
 def _plain_layers(cache) -> bool:

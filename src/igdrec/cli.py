@@ -288,9 +288,8 @@ def recommend(
     length_penalty: field_option(cfg.DecodeConfig, "length_penalty") = None,
     exclude_history: Annotated[bool, typer.Option(
         "--exclude-history/--no-exclude-history",
-        help="Leave out items of the history. The search then runs top-k + (distinct history items) beams, "
-        "at most the catalog size, so that top-k remain after the filter; with --no-exclude-history it runs "
-        "top-k beams, as `decode --num-beams K` does.")] = True,
+        help="Leave out items of the history: the search never enters a title the user has seen, so its top-k "
+        "beams (as `decode --num-beams K`) all go to unseen items, however long the history.")] = True,
     json_output: Annotated[bool, typer.Option("--json", help="Print the list as JSON instead of a table.")] = False,
     device: field_option(cfg.DecodeConfig, "device") = None,
     run_dir: RunDirOpt = None,

@@ -13,7 +13,6 @@ The `decode` stage, `igdrec recommend` and the Python API (`igdrec.api.Recommend
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -346,16 +345,21 @@ class Decoder:
 
     def search(self, prompts: Sequence[Sequence[int]], num_beams: int | None = None,
                assistant: Callable[[list[int]], object] | None = None,
-               advance: Callable[[int], None] | None = None) -> list[list]:
+               advance: Callable[[int], None] | None = None, exclude: Sequence[Sequence[int]] | None = None) -> list[list]:
         """Beam search of every prompt (hypotheses best first), in batches of prompts of similar length.
 
         `assistant(indices)`: a text-free assistant's probabilities of the prompts at these indices, one row
         each, columns aligned with `catalog.trie.item_ids` (D3, docs/method.md §6), asked once per batch.
+        `exclude`: per prompt, item ids the search must not return (masked in the trie, docs/method.md §6.1).
         Results do not depend on the batching.
         """
         engine = self.engine if num_beams in (None, self.engine.num_beams) else dataclasses.replace(self.engine, num_beams=num_beams)
-        if assistant is not None and "assistant_probs" not in inspect.signature(engine.search).parameters:
-            raise IgdrecError("--tfa: this version's beam search cannot take a text-free assistant during the search")
+        excluded = None
+        if exclude is not None:
+            excluded = np.empty(len(exclude), dtype=object)  # ragged: the trie item rows of each prompt's items
+            for i, ids in enumerate(exclude):
+                rows = self.catalog.trie.item_index(np.asarray(ids, dtype=np.int64))
+                excluded[i] = rows[rows >= 0]
         if not prompts:
             return []
         batch_size = self.batch_size(max(len(p) for p in prompts), engine.num_beams)
@@ -366,6 +370,8 @@ class Decoder:
         for begin in range(0, len(order), batch_size):
             chunk = order[begin:begin + batch_size]
             batch_extra = {} if assistant is None else {"assistant_probs": assistant(chunk)}
+            if excluded is not None:
+                batch_extra["exclude"] = excluded[chunk]
             for i, hyps in zip(chunk, engine.search([list(prompts[i]) for i in chunk], **batch_extra)):
                 hypotheses[i] = hyps
             if advance is not None:

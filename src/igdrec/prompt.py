@@ -99,27 +99,76 @@ def encode_prompt(tokenizer, history_titles: Sequence[str], category: str, max_t
 
     A prompt that does not fit even with a single history title (or none) is refused with an
     IgdrecError naming that title: it is never returned longer than `max_tokens`.
+
+    The result is that of dropping one title at a time and tokenizing the prompt again, in linear time:
+    each title is tokenized once, as the piece it adds to the prompt, and the pieces' token counts give
+    the first title to keep; tokenizing that prompt and the one with one more title confirms the guess.
+    Where a tokenizer merges tokens across pieces the guess can be off, and a bisection over real
+    tokenizations finds the first title to keep (as long as dropping a title never lengthens the prompt).
     """
     titles = list(history_titles)
+    n = len(titles)
     bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else []
-    while True:
-        ids = bos + tokenizer(render_prompt(titles, category), add_special_tokens=False)["input_ids"]
-        if max_tokens is None or len(ids) <= max_tokens:
-            return ids, len(titles)
-        if len(titles) <= 1:
-            break
-        titles = titles[1:]
-    what = f"with the single history title {titles[0][:40]!r}{'…' if len(titles[0]) > 40 else ''}" if titles else "without history"
+    prompts: dict[int, list[int]] = {}  # first title kept -> the prompt's ids
+
+    def fits(start: int) -> bool:
+        prompts[start] = bos + tokenizer(render_prompt(titles[start:], category), add_special_tokens=False)["input_ids"]
+        return max_tokens is None or len(prompts[start]) <= max_tokens
+
+    if max_tokens is None or n == 0:
+        if fits(0):
+            return prompts[0], n
+    else:
+        lo, hi = 0, n  # the first start whose prompt fits lies in [lo, hi); hi = n: none does
+        probes = [_first_fitting_guess(tokenizer, titles, category, max_tokens - len(bos))]
+        probes.append(probes[0] - 1)  # one title more must not fit
+        while lo < hi:
+            start = probes.pop(0) if probes else (lo + hi) // 2
+            if lo <= start < hi:
+                if fits(start):
+                    hi = start
+                else:
+                    lo = start + 1
+        if hi < n:
+            return prompts[hi], n - hi
+    last = titles[-1] if titles else None
+    what = f"with the single history title {last[:40]!r}{'…' if len(last) > 40 else ''}" if titles else "without history"
     raise IgdrecError(
-        f"prompt {what} is {len(ids):,} tokens, over its budget of {max_tokens:,} (cutoff_len, less the target's tokens in training); "
+        f"prompt {what} is {len(prompts[max(n - 1, 0)]):,} tokens, over its budget of {max_tokens:,} (cutoff_len, less the target's tokens in training); "
         "raise cutoff_len or shorten the title (preprocess max_title_chars)"
     )
 
 
-def encode_sample(tokenizer, history_titles: Sequence[str], category: str, target_ids: Sequence[int], cutoff_len: int | None) -> EncodedSample:
-    """Prompt + target for SFT; the prompt gets whatever of `cutoff_len` the target leaves over."""
-    budget = None if cutoff_len is None else max(cutoff_len - len(target_ids), 1)
-    prompt_ids, used = encode_prompt(tokenizer, history_titles, category, budget)
+def _first_fitting_guess(tokenizer, titles: list[str], category: str, max_tokens: int) -> int:
+    """The first title to keep by token counts: the template around the history, and each title as the
+    ` "title",` piece it adds (the last one with the template's end), all tokenized once. Pieces start at
+    the space before a title's quote, where byte-level BPE pre-tokenizers split anyway, so their counts
+    add up to the prompt's length for the usual tokenizers."""
+    head, tail = TEMPLATE.format(category=category, history="\0").split("\0")
+    pieces = [head.removesuffix(" ")] + [f' "{t}",' for t in titles[:-1]] + [f' "{titles[-1]}"' + tail]
+    counts = np.array([len(ids) for ids in _encode_batch(tokenizer, pieces)])
+    lengths = counts[0] + np.cumsum(counts[:0:-1])[::-1]  # the prompt's length when keeping titles[j:]
+    fitting = np.flatnonzero(lengths <= max_tokens)
+    return int(fitting[0]) if fitting.size else len(titles)
+
+
+def encode_sample(tokenizer, history_titles: Sequence[str], category: str, target_ids: Sequence[int], cutoff_len: int | None,
+                  sample: str = "sample") -> EncodedSample:
+    """Prompt + target for SFT; the prompt gets whatever of `cutoff_len` the target leaves over.
+
+    Refused with an IgdrecError naming `sample` (e.g. "train.parquet sample_id 7 (target 'Heat')") when
+    no prompt fits: blaming the target when it leaves less room than the template around any history needs."""
+    budget = None if cutoff_len is None else cutoff_len - len(target_ids)
+    try:
+        prompt_ids, used = encode_prompt(tokenizer, history_titles, category, budget)
+    except IgdrecError as exc:
+        template = len(encode_prompt(tokenizer, [""], category, None)[0])  # the shortest prompt with a history
+        if template > budget:
+            raise IgdrecError(
+                f"{sample}: the target is {len(target_ids):,} tokens; with the prompt template's {template:,} around the history that is over "
+                f"cutoff_len {cutoff_len:,}: raise cutoff_len or shorten the title (preprocess max_title_chars)"
+            ) from exc
+        raise IgdrecError(f"{sample}: {exc}") from exc
     return EncodedSample(input_ids=prompt_ids + list(target_ids), prompt_len=len(prompt_ids), history_used=used)
 
 

@@ -86,6 +86,7 @@ class SFTExamples:
         with_reference: bool = False,
         ig: Sequence[np.ndarray | None] | None = None,
         ig_group_threshold: float | None = None,
+        sample_ids: Sequence[int] | None = None,  # named in errors (default: the row)
     ):
         if scheme == "igd" and zero_ig is None:
             raise ValueError("IGD weighting needs zero-IG flags")
@@ -101,6 +102,7 @@ class SFTExamples:
         self.zero_ig = zero_ig
         self.ig = ig
         self.ig_group_threshold = ig_group_threshold
+        self.sample_ids = sample_ids
         self.reference_prompt_ids = encode_prompt(tokenizer, [], category, None)[0] if with_reference else None
         self._encoded: dict[int, tuple[np.ndarray, int]] = {}
 
@@ -113,7 +115,10 @@ class SFTExamples:
         if found is None:
             target = self.item_sequences[self.targets[i]]
             history = [self.titles[item] for item in self.histories[i]]
-            sample = encode_sample(self.tokenizer, history, self.category, target, self.cutoff_len)
+            title = self.titles[self.targets[i]]
+            name = f"sample_id {self.sample_ids[i]}" if self.sample_ids is not None else f"sample {i}"
+            label = f"{name} (target {title[:40]!r}{'…' if len(title) > 40 else ''})"
+            sample = encode_sample(self.tokenizer, history, self.category, target, self.cutoff_len, sample=label)
             found = self._encoded[i] = (np.asarray(sample.input_ids, dtype=np.int64), sample.prompt_len)
         return found
 

@@ -146,6 +146,7 @@ def split_examples(run: RunDir, split: str, size: int | None, config: SFTConfig,
         with_reference=config.weighting == "cft" and config.alpha != 0.0,
         ig=ig,
         ig_group_threshold=ig_group_threshold,
+        sample_ids=samples["sample_id"].to_list(),
     )
 
 
