@@ -39,6 +39,7 @@ from typing import Any, Callable
 import yaml
 
 from igdrec import config as cfg
+from igdrec import runner
 from igdrec.console import console, err_console
 from igdrec.errors import IgdrecError
 from igdrec.rundir import MANIFEST, RunDir, write_json_atomic
@@ -339,9 +340,7 @@ def stage_available(stage: str) -> bool:
     """Whether this igdrec has the stage: its config class, its module, and the CLI's runner knows it."""
     import importlib.util
 
-    from igdrec.cli import STAGE_MODULES  # noqa: PLC0415 - the CLI imports this module lazily, no cycle at import time
-
-    module = STAGE_MODULES.get(stage)
+    module = runner.STAGE_MODULES.get(stage)
     return stage in cfg.STAGE_CONFIGS and module is not None and importlib.util.find_spec(module) is not None
 
 
@@ -482,58 +481,24 @@ def plan_grid(grid: GridConfig, only: str | None = None) -> Plan:
 # ---------------------------------------------------------------------------------------- cache state
 
 
-def _same(recorded: Any, wanted: Any) -> bool:
-    if isinstance(recorded, (int, float)) and isinstance(wanted, (int, float)) and not isinstance(wanted, bool):
-        return float(recorded) == float(wanted)
-    return recorded == wanted
-
-
-def _params_agree(step: Step, manifest: dict) -> bool:
-    """Whether the recorded parameters match the step's config: the same key parameters
-    (`config.key_params`) the stage itself keys on, short of the few values a stage resolves itself."""
-    params = manifest.get("params", {})
-    expected = cfg.key_params(step.config)
-    if step.stage == "baseline":
-        from igdrec.stages.baseline import cache_params
-
-        expected = cache_params(step.config)  # the architecture resolved to the model's defaults
-    if step.stage == "decode":
-        expected.pop("model", None)  # recorded as resolved (a local directory by its absolute path)
-    if step.stage == "preprocess" and step.config.category_word is None:
-        expected.pop("category_word", None)  # the source's default word is recorded
-    if step.stage == "metrics":
-        recorded = params.get("ks") or []
-        # the stage drops cut-offs beyond the lists' length (and records what it kept)
-        if recorded and set(recorded) <= set(expected["ks"]) and all(k > max(recorded) for k in set(expected["ks"]) - set(recorded)):
-            expected["ks"] = recorded
-    if step.stage == "rerank" and step.config.grounding_model is None:
-        expected.pop("grounding_model", None)  # recorded as the resolved base model
-    return all(_same(params.get(k), v) for k, v in expected.items())
-
-
-def cache_state(step: Step, states: dict[tuple[str, str], str]) -> str:
+def cache_state(step: Step, states: dict[tuple[str, str], str], run: RunDir | None = None) -> str:
     """`cached`, `to run` (no finished artifact, or one made with other settings) or `pending`.
 
     `pending`: an artifact exists but an upstream step still has to run, so whether it stays valid is
-    only known then. `states` holds the states of the steps already looked at (upstream first).
+    only known then. `states` holds the states of the steps already looked at (upstream first). Whether
+    the artifact is current is the stage's own answer: its plan's cache key against the manifest's.
     """
-    run = RunDir(step.run_dir)
-    manifest_path = run.stage_dir(step.path) / MANIFEST
-    if not manifest_path.exists():
+    run = run or RunDir(step.run_dir)
+    if not (run.stage_dir(step.path) / MANIFEST).exists():
         return "to run"
     upstream = [states.get((step.dataset, p), "cached") for p in step.after]
     if any(s != "cached" for s in upstream):
         return "pending"
-    manifest = run.manifest(step.path)
-    if manifest is None or manifest.get("stage") != step.stage:
+    try:
+        plan = runner.plan_stage(step.stage, step.config, run)
+    except IgdrecError:  # e.g. an upstream artifact changed after it was written
         return "to run"
-    inputs = manifest.get("inputs", {})
-    for upstream_path in step.after:
-        kind = upstream_path.split("/", 1)[0]
-        up = run.manifest(upstream_path)
-        if up is None or (kind in inputs and inputs[kind] != up.get("fingerprint")):
-            return "to run"
-    return "cached" if _params_agree(step, manifest) else "to run"
+    return "cached" if plan.path == step.path and runner.is_cached(plan) else "to run"
 
 
 # ------------------------------------------------------------------------------------------- selection
@@ -614,11 +579,26 @@ def estimate_seconds(step: Step, grid: GridConfig) -> float | None:
     return overhead
 
 
+class _Unchanging(RunDir):
+    """A run directory that nothing writes to while it is read: each artifact's check (which hashes its
+    outputs) is made once, not again for every step whose plan reads it."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self._checked: dict[str, tuple[dict | None, str | None]] = {}
+
+    def _checked_manifest(self, stage_path: str) -> tuple[dict | None, str | None]:
+        if stage_path not in self._checked:
+            self._checked[stage_path] = super()._checked_manifest(stage_path)
+        return self._checked[stage_path]
+
+
 def dry_run(plan: Plan) -> list[dict]:
     """Every step the grid would run, in order, with its cache state (runs nothing)."""
     rows = []
     states: dict[tuple[str, str], str] = {}
     seen = set()
+    runs = {d.name: _Unchanging(d.run_dir) for d in plan.grid.datasets}
 
     def add(cell: Cell, row: RowPlan, role: str, note: dict[str, str]) -> None:
         for step in cell.steps:
@@ -626,7 +606,7 @@ def dry_run(plan: Plan) -> list[dict]:
             if key in seen:
                 continue
             seen.add(key)
-            states[key] = cache_state(step, states)
+            states[key] = cache_state(step, states, runs[step.dataset])
             rows.append({"dataset": step.dataset, "row": row.row, "role": role, "stage": step.stage, "path": step.path,
                          "state": states[key], "estimate_s": estimate_seconds(step, plan.grid), "note": note.get(step.path)})
 
@@ -691,11 +671,9 @@ def run_step(step: Step, force: bool = False) -> None:
     if step.stage == "sft" and _gpu_count() > 1:
         _run_sft_torchrun(step, force, _gpu_count())
         return
-    from igdrec.cli import run_stage
-
     if step.stage == "baseline" and not stage_available("baseline"):
         raise IgdrecError(f"{step.path}: the `baseline` stage is not part of this igdrec yet")
-    run_stage(step.stage, step.config, step.run_dir, force)
+    runner.run_stage(step.stage, step.config, step.run_dir, force)
 
 
 class _Progress:
