@@ -348,13 +348,13 @@ def grid_command(
 ):
     """Run the paper's grid (Tables 1–4, figures): every cell a cached stage chain; resumable after a kill."""
     try:
-        from igdrec import grid
+        from igdrec.experiments import dryrun, grid_config, plan as planning, run
 
-        plan = grid.plan_grid(grid.load_grid(config_file, run_root=run_root), only=only)
+        plan = planning.plan_grid(grid_config.load_grid(config_file, run_root=run_root), only=only)
         if dry_run:
-            grid.print_dry_run(plan)
+            dryrun.print_dry_run(plan)
             return
-        grid.run_grid(plan, force=force, report=report)
+        run.run_grid(plan, force=force, report=report)
     except IgdrecError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -369,9 +369,9 @@ def report_command(
 ):
     """Re-render a grid's tables, figures and README from its artifacts (recomputes nothing)."""
     try:
-        from igdrec import report as report_module
+        from igdrec.experiments import plan as planning, report as report_module
 
-        report_module.write_reports(run_root, config=config)
+        report_module.write_reports(planning.run_root_plan(run_root, config=config))
     except IgdrecError as exc:
         _fail(exc)
 
