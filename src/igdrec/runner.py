@@ -30,7 +30,12 @@ from igdrec import config as cfg
 from igdrec.console import console
 from igdrec.rundir import RunDir, StageWriter, cache_key
 
-STAGE_MODULES = {stage: f"igdrec.stages.{stage.replace('-', '_')}" for stage in cfg.STAGE_CONFIGS}
+
+def module_name(stage: str) -> str:
+    return f"igdrec.stages.{stage.replace('-', '_')}"
+
+
+STAGE_MODULES = {stage: module_name(stage) for stage in cfg.STAGE_CONFIGS}
 
 
 @dataclass
@@ -66,7 +71,9 @@ class _OneProcess:
 
 
 def stage_module(stage: str):
-    return importlib.import_module(STAGE_MODULES[stage])
+    if stage not in cfg.STAGE_CONFIGS:  # only a registered name becomes an import
+        raise KeyError(stage)
+    return importlib.import_module(module_name(stage))
 
 
 def plan_stage(stage: str, config, run: RunDir) -> StagePlan:
