@@ -12,7 +12,8 @@ and, where it needs them,
     check(config)                       rules beyond the config's own (default: `config.check`)
     prepare(plan, writer) -> world      work before the stage directory opens (load data, a model, join
                                         torchrun's process group); the world's rank 0 alone publishes
-    report(plan, manifest, cached)      what it prints once its result is published (or found cached)
+    report(plan, manifest, cached)      what it prints once its result is published (or found cached),
+                                        before the runner's "wrote NAME (next: …)" line
 
 The CLI's stage commands, `igdrec run` and the grid all run stages through `run_stage`.
 """
@@ -50,6 +51,8 @@ class StagePlan:
     inputs: dict[str, str] = field(default_factory=dict)  # upstream fingerprints, also in the key
     resumable: bool = False  # a failed run keeps its partial directory for the next run with this key
     notes: list[str] = field(default_factory=list)  # printed before the stage runs (or reports cached)
+    next: str | None = None  # the command that takes the result on, told once it is written
+    product: str | None = None  # the file `next` reads, shown with the stage directory
     context: dict = field(default_factory=dict)  # what plan() and prepare() resolved for compute()
 
     @property
@@ -115,4 +118,8 @@ def run_stage(stage: str, config, run_dir: RunDir | str | Path | None, force: bo
         return run.manifest(plan.path)
     if report is not None:
         report(plan, writer.manifest, cached=False)
+    if plan.next is not None:
+        where = run.stage_dir(plan.path)
+        console.print(f"{plan.stage} wrote [bold]{plan.path.rpartition('/')[2]}[/] → {where / plan.product if plan.product else where} "
+                      f"(next: {plan.next})")
     return writer.manifest

@@ -71,7 +71,7 @@ def plan(config: BaselineConfig, run_dir: RunDir) -> StagePlan:
     data = run_dir.require("data", hint="igdrec preprocess")
     name = config.name or config.model
     return StagePlan("baseline", run_dir, f"baseline/{name}", config, cache_params(config), {"data": data["fingerprint"]},
-                     context={"name": name})
+                     context={"name": name}, next=f"igdrec metrics --baseline {name}")
 
 
 def compute(plan: StagePlan, out: StageWriter) -> None:
@@ -124,7 +124,6 @@ def report(plan: StagePlan, manifest: dict, cached: bool) -> None:
     if not cached:
         name = plan.context["name"]
         print_table(f"baseline {name}", {k: v for k, v in plan.context["stats"].items() if k not in ("split",)})
-        console.print(f"baseline wrote [bold]{name}[/] → {plan.run.stage_dir(f'baseline/{name}')} (next: igdrec metrics --baseline {name})")
 
 
 def _train(model, config: BaselineConfig, train: seqrec.SequenceData, evaluator: seqrec.RankingEvaluator, device: torch.device) -> seqrec.TrainResult:

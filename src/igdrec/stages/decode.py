@@ -21,7 +21,7 @@ from igdrec import config as cfg
 from igdrec import decoding, schema
 from igdrec.beam import SearchStats
 from igdrec.config import DecodeConfig
-from igdrec.console import console, progress_bar
+from igdrec.console import progress_bar
 from igdrec.rundir import RunDir, StageWriter, atomic_write, write_text_atomic
 from igdrec.runner import StagePlan, run_stage
 from igdrec.training import World, init_distributed
@@ -48,7 +48,8 @@ def plan(config: DecodeConfig, run_dir: RunDir) -> StagePlan:
         inputs["tfa"] = baseline["fingerprint"]
     name = config.name or default_name(source.label, config)
     params = cache_params(config, source)
-    return StagePlan("decode", run, f"decode/{name}", config, params, inputs, resumable=True, context={"name": name})
+    return StagePlan("decode", run, f"decode/{name}", config, params, inputs, resumable=True,
+                     next=f"igdrec rerank --decode {name}", product="beams.parquet")
 
 
 def prepare(plan: StagePlan, writer: StageWriter) -> World:
@@ -61,13 +62,6 @@ def compute(plan: StagePlan, out: StageWriter) -> None:
     # Under torchrun every rank decodes its own shards into the shared partial directory; rank 0 alone
     # prepares and publishes it.
     _decode(dataclasses.replace(plan.config, device=str(plan.context["device"])), plan.run, out, plan.context["world"])
-
-
-def report(plan: StagePlan, manifest: dict, cached: bool) -> None:
-    if not cached:
-        name = plan.context["name"]
-        console.print(f"decode wrote [bold]{name}[/] → {plan.run.stage_dir(f'decode/{name}')}/beams.parquet "
-                      f"(next: igdrec rerank --decode {name})")
 
 
 def cache_params(config: DecodeConfig, source: decoding.ModelSource) -> dict:

@@ -18,7 +18,7 @@ import torch
 from igdrec import config as cfg
 from igdrec import reranking, schema
 from igdrec.config import RerankConfig
-from igdrec.console import console, progress_bar
+from igdrec.console import progress_bar
 from igdrec.errors import IgdrecError
 from igdrec.rundir import RunDir, StageWriter, fingerprint_obj
 from igdrec.runner import StagePlan, run_stage
@@ -44,13 +44,14 @@ def plan(config: RerankConfig, run_dir: RunDir) -> StagePlan:
     name = config.name or default_name(decode_name, config)
     inputs = {"decode": decode["fingerprint"]}
     params = cfg.key_params(config) | {"decode": decode_name}
-    context = {"name": name, "decode_name": decode_name, "decode": decode}
+    context = {"decode_name": decode_name, "decode": decode}
     if config.grounding:
         grounding_model = config.grounding_model or base_model(run, decode)
         inputs["ig"] = run.require("ig", hint="igdrec build-ig-index")["fingerprint"]
         params["grounding_model"] = grounding_model
         context["grounding_model"] = grounding_model
-    return StagePlan("rerank", run, f"rerank/{name}", config, params, inputs, context=context)
+    return StagePlan("rerank", run, f"rerank/{name}", config, params, inputs, context=context,
+                     next=f"igdrec metrics --rerank {name}", product="topk.parquet")
 
 
 def compute(plan: StagePlan, out: StageWriter) -> None:
@@ -74,13 +75,6 @@ def compute(plan: StagePlan, out: StageWriter) -> None:
     topk.write_parquet(out.path("topk.parquet"))
     out.rows["topk"] = topk.height
     out.stats["samples_with_items"] = topk["sample_id"].n_unique()
-
-
-def report(plan: StagePlan, manifest: dict, cached: bool) -> None:
-    if not cached:
-        name = plan.context["name"]
-        console.print(f"rerank wrote [bold]{name}[/] → {plan.run.stage_dir(f'rerank/{name}')}/topk.parquet "
-                      f"(next: igdrec metrics --rerank {name})")
 
 
 def base_model(run: RunDir, decode: dict) -> str:
