@@ -21,7 +21,8 @@ from fixtures import synthetic_run
 from typer.testing import CliRunner
 
 from igdrec import config as cfg
-from igdrec import checkpoints, grid, rundir, schema
+from igdrec import checkpoints, rundir, schema
+from igdrec.experiments import grid_config
 from igdrec.api import Recommender
 from igdrec.cli import app
 from igdrec.config import DecodeConfig, MetricsConfig, RerankConfig, SFTConfig
@@ -210,7 +211,7 @@ def test_a_grid_dataset_name_cannot_place_its_run_outside_the_run_root(dataset, 
     one_line_error(CliRunner().invoke(app, ["grid", str(path)]), f"{path}:datasets {dataset!r}: {RULE}")
     one_line_error(CliRunner().invoke(app, ["grid", str(path), "--dry-run"]), f"{path}:datasets {dataset!r}")
     assert (sorted(str(p) for p in tmp_path.rglob("*")), sorted(p.name for p in tmp_path.parent.iterdir())) == seen
-    assert grid.load_grid(grid_with_dataset(tmp_path, "toy-1.2")).datasets[0].run_dir == tmp_path / "box" / "grid" / "toy-1.2"
+    assert grid_config.load_grid(grid_with_dataset(tmp_path, "toy-1.2")).datasets[0].run_dir == tmp_path / "box" / "grid" / "toy-1.2"
 
 
 # --------------------------------------------------------------------------------------------------

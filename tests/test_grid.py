@@ -12,8 +12,8 @@ import yaml
 from typer.testing import CliRunner
 
 from fixtures import synthetic_run
-from igdrec import grid as G
-from igdrec import report
+from igdrec.experiments import dryrun, grid_config, plan as planning, report, select
+from igdrec.experiments import rows as table_rows, run as grid_run
 from igdrec.cli import app
 from igdrec.errors import IgdrecError
 
@@ -45,9 +45,9 @@ def finished(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("grid")
     synthetic_run(tmp / "grid" / "toy")
     config = grid_yaml(tmp, tiny_model_dir)
-    plan = G.plan_grid(G.load_grid(config))
-    before = {r["path"]: r["state"] for r in G.dry_run(plan)}
-    G.run_grid(plan)
+    plan = planning.plan_grid(grid_config.load_grid(config))
+    before = {r["path"]: r["state"] for r in dryrun.dry_run(plan)}
+    grid_run.run_grid(plan)
     return tmp, config, plan, before
 
 
@@ -68,7 +68,7 @@ def test_every_available_row_is_in_table1_and_equals_its_metrics_artifact(finish
     tmp, _, plan, _ = finished
     rows = _csv(tmp / "grid" / "reports" / "table1.csv")
     scores = [r for r in rows if r["kind"] == "score"]
-    available = [r for r in G.TABLE1_ROWS if G.row_unavailable(r) is None]
+    available = [r for r in table_rows.TABLE1_ROWS if planning.row_unavailable(r) is None]
     assert [r["row"] for r in scores] == available
     for r in scores:
         summary = json.loads((tmp / "grid" / "toy" / "metrics" / f"{r['metrics']}.json").read_text())
@@ -88,8 +88,8 @@ def test_every_available_row_is_in_table1_and_equals_its_metrics_artifact(finish
         for m in report.METRICS:
             assert float(r[f"ci_low_{m}"]) <= float(r[f"diff_{m}"]) <= float(r[f"ci_high_{m}"])
     # rows whose stage is missing are reported as such, never silently dropped
-    for row in G.TABLE1_ROWS:
-        if G.row_unavailable(row):
+    for row in table_rows.TABLE1_ROWS:
+        if planning.row_unavailable(row):
             assert row in plan.unavailable
             assert "n/a" in (tmp / "grid" / "reports" / "table1.md").read_text()
 
@@ -107,7 +107,7 @@ def test_alpha_and_beta_are_chosen_on_valid_by_ndcg10(finished):
             valid.append((summary["NDCG@10"], cell.candidate))
         best = max(v for v, _ in valid)
         first_best = next(c for v, c in valid if v == best)
-        test = G.resolve_test_cell(row, "NDCG@10")
+        test = select.resolve_test_cell(row, "NDCG@10")
         assert test.split == "test" and test.candidate == first_best
     d3_igd = next(r for r in plan.rows if r.row == "d3+igd")
     assert len(d3_igd.candidates) == 2 * len(ALPHAS)  # two IGD β × the α grid
@@ -142,7 +142,7 @@ def test_tables_2_to_4_and_figures(finished):
 
 def test_rerun_is_fully_cached_and_report_rerenders_the_same_tables(finished):
     tmp, config, plan, _ = finished
-    states = G.dry_run(G.plan_grid(G.load_grid(config)))
+    states = dryrun.dry_run(planning.plan_grid(grid_config.load_grid(config)))
     assert {r["state"] for r in states} == {"cached"}
     out = tmp / "grid" / "reports"
     before = (out / "table1.csv").read_text()
@@ -162,20 +162,20 @@ def test_changed_settings_show_as_to_run(finished, tmp_path, tiny_model_dir):
     spec = yaml.safe_load(changed.read_text())
     spec["stages"]["decode"]["num_beams"] = 12
     changed.write_text(yaml.safe_dump(spec))
-    states = {(r["row"], r["stage"], r["path"]): r["state"] for r in G.dry_run(G.plan_grid(G.load_grid(changed)))}
+    states = {(r["row"], r["stage"], r["path"]): r["state"] for r in dryrun.dry_run(planning.plan_grid(grid_config.load_grid(changed)))}
     assert states[("bigrec", "sft", "sft/plain-s16")] == "cached"
     assert states[("bigrec", "decode", "decode/plain-s16-test-lp1-a0-n6")] == "to run"
 
 
 def test_only_runs_one_row_and_refuses_unknown_or_unavailable_rows(finished, tiny_model_dir):
     tmp, config, _, _ = finished
-    plan = G.plan_grid(G.load_grid(config), only="d3")
+    plan = planning.plan_grid(grid_config.load_grid(config), only="d3")
     assert [r.row for r in plan.rows] == ["d3"]
     with pytest.raises(IgdrecError, match="--only 'd4': unknown row \\(did you mean 'd3'\\?\\)"):
-        G.plan_grid(G.load_grid(config), only="d4")
-    if G.row_unavailable("sasrec"):
+        planning.plan_grid(grid_config.load_grid(config), only="d4")
+    if planning.row_unavailable("sasrec"):
         with pytest.raises(IgdrecError, match="baseline"):
-            G.plan_grid(G.load_grid(config), only="sasrec")
+            planning.plan_grid(grid_config.load_grid(config), only="sasrec")
     result = CliRunner().invoke(app, ["grid", str(config), "--dry-run", "--only", "d3"])
     assert result.exit_code == 0 and "cached" in result.output
 
@@ -183,13 +183,13 @@ def test_only_runs_one_row_and_refuses_unknown_or_unavailable_rows(finished, tin
 def test_bad_grid_configs_name_the_key(tmp_path, tiny_model_dir):
     path = grid_yaml(tmp_path, tiny_model_dir, selction={"alphas": [0]})
     with pytest.raises(IgdrecError, match="unknown key.*selction"):
-        G.load_grid(path)
+        grid_config.load_grid(path)
     path = grid_yaml(tmp_path, tiny_model_dir, weightings={"igdd": {"beta": 0.1}})
     with pytest.raises(IgdrecError, match="unknown weighting 'igdd'"):
-        G.load_grid(path)
+        grid_config.load_grid(path)
     path = grid_yaml(tmp_path, tiny_model_dir, stages={"sft": {"epoch": 1}})
     with pytest.raises(IgdrecError, match="unknown key.*epoch"):
-        G.plan_grid(G.load_grid(path))
+        planning.plan_grid(grid_config.load_grid(path))
 
 
 def test_paper_numbers_appear_only_in_columns_labelled_paper(finished, tmp_path):
@@ -198,7 +198,7 @@ def test_paper_numbers_appear_only_in_columns_labelled_paper(finished, tmp_path)
     spec["datasets"]["toy"]["paper"] = "Games"
     labelled = tmp_path / "paper.yaml"
     labelled.write_text(yaml.safe_dump(spec))
-    out = report.write_reports(tmp / "grid", config=labelled)
+    out = report.write_reports(planning.run_root_plan(tmp / "grid", config=labelled))
     rows = _csv(out / "table1.csv")
     d3 = next(r for r in rows if r["row"] == "d3")
     assert float(d3["paper_NDCG@10"]) == 0.0477 and float(d3["NDCG@10"]) != 0.0477
@@ -211,14 +211,14 @@ def test_paper_numbers_appear_only_in_columns_labelled_paper(finished, tmp_path)
     with pytest.raises(IgdrecError, match="not one of the paper's datasets"):
         spec["datasets"]["toy"]["paper"] = "Movies"
         labelled.write_text(yaml.safe_dump(spec))
-        G.load_grid(labelled)
-    report.write_reports(tmp / "grid")  # back to the run's own config
+        grid_config.load_grid(labelled)
+    report.write_reports(planning.run_root_plan(tmp / "grid"))  # back to the run's own config
 
 
 def test_several_gpus_launch_sft_through_torchrun_with_the_same_config(monkeypatch, tmp_path, tiny_model_dir):
     from igdrec import config as cfg
 
-    plan = G.plan_grid(G.load_grid(grid_yaml(tmp_path, tiny_model_dir)), only="bigrec+pos")
+    plan = planning.plan_grid(grid_config.load_grid(grid_yaml(tmp_path, tiny_model_dir)), only="bigrec+pos")
     step = next(s for s in plan.rows[0].fixed.steps if s.stage == "sft")
     assert step.config.resume  # a killed grid picks an interrupted fine-tune up from its checkpoint
     launched = {}
@@ -233,40 +233,40 @@ def test_several_gpus_launch_sft_through_torchrun_with_the_same_config(monkeypat
 
         return Done()
 
-    monkeypatch.setattr(G, "_gpu_count", lambda: 4)
-    monkeypatch.setattr(G.subprocess, "run", fake_run)
-    G.run_step(step)
+    monkeypatch.setattr(grid_run, "_gpu_count", lambda: 4)
+    monkeypatch.setattr(grid_run.subprocess, "run", fake_run)
+    grid_run.run_step(step)
     command = launched["command"]
     assert "--nproc_per_node=4" in command and command[command.index("-m") + 1:command.index("-m") + 3] == ["igdrec.cli", "sft"]
     assert command[command.index("--run-dir") + 1] == str(step.run_dir)
     assert launched["config"] == step.config
-    monkeypatch.setattr(G.subprocess, "run", lambda command, check: type("Failed", (), {"returncode": 3})())
+    monkeypatch.setattr(grid_run.subprocess, "run", lambda command, check: type("Failed", (), {"returncode": 3})())
     with pytest.raises(IgdrecError, match="torchrun .4 GPUs. failed with exit code 3"):
-        G.run_step(step)
+        grid_run.run_step(step)
 
 
 def test_a_killed_grid_resumes_without_redoing_finished_steps(monkeypatch, tmp_path, tiny_model_dir):
     synthetic_run(tmp_path / "grid" / "toy")
-    plan = G.plan_grid(G.load_grid(grid_yaml(tmp_path, tiny_model_dir)), only="d3")
-    real_run_step = G.run_step
+    plan = planning.plan_grid(grid_config.load_grid(grid_yaml(tmp_path, tiny_model_dir)), only="d3")
+    real_run_step = grid_run.run_step
 
     def killed_at_rerank(step, force=False):
         if step.stage == "rerank":
             raise KeyboardInterrupt
         real_run_step(step, force)
 
-    monkeypatch.setattr(G, "run_step", killed_at_rerank)
+    monkeypatch.setattr(grid_run, "run_step", killed_at_rerank)
     with pytest.raises(KeyboardInterrupt):
-        G.run_grid(plan, report=False)
-    monkeypatch.setattr(G, "run_step", real_run_step)
+        grid_run.run_grid(plan, report=False)
+    monkeypatch.setattr(grid_run, "run_step", real_run_step)
     run = tmp_path / "grid" / "toy"
     finished = {p: p.stat().st_mtime_ns for p in run.rglob("stage.json")}
     assert {p.parent.parent.name for p in finished if p.parent.parent != run} == {"sft", "decode"}
-    states = {r["stage"]: r["state"] for r in G.dry_run(plan)}
+    states = {r["stage"]: r["state"] for r in dryrun.dry_run(plan)}
     assert states == {"build-ig-index": "cached", "sft": "cached", "decode": "cached", "rerank": "to run", "metrics": "to run"}
-    G.run_grid(plan, report=False)
+    grid_run.run_grid(plan, report=False)
     assert all(p.stat().st_mtime_ns == t for p, t in finished.items())
-    assert {r["state"] for r in G.dry_run(plan)} == {"cached"}
+    assert {r["state"] for r in dryrun.dry_run(plan)} == {"cached"}
 
 
 def test_improvement_note_says_what_its_interval_covers(finished):
@@ -284,9 +284,9 @@ def test_report_renders_an_older_grid_whose_metrics_lack_a_printed_cut_off(finis
     tmp, _, _, _ = finished
     old = tmp_path / "old"
     shutil.copytree(tmp / "grid", old, ignore=shutil.ignore_patterns("reports"))
-    spec = yaml.safe_load((old / G.CONFIG_COPY).read_text())
+    spec = yaml.safe_load((old / grid_config.CONFIG_COPY).read_text())
     spec["stages"]["metrics"]["ks"] = [1, 10]
-    (old / G.CONFIG_COPY).write_text(yaml.safe_dump(spec))
+    (old / grid_config.CONFIG_COPY).write_text(yaml.safe_dump(spec))
     for summary_path in (old / "toy" / "metrics").glob("*/metrics.json"):  # what such a grid's metrics held
         summary = json.loads(summary_path.read_text())
         summary = {k: v for k, v in summary.items() if not k.endswith("@5")}
@@ -299,7 +299,7 @@ def test_report_renders_an_older_grid_whose_metrics_lack_a_printed_cut_off(finis
                                                "fingerprint": fingerprint_file(summary_path)}
         manifest["digest"] = manifest_digest(manifest)
         manifest_path.write_text(json.dumps(manifest))
-    result = CliRunner().invoke(app, ["grid", str(old / G.CONFIG_COPY), "--dry-run", "--run-root", str(old)])
+    result = CliRunner().invoke(app, ["grid", str(old / grid_config.CONFIG_COPY), "--dry-run", "--run-root", str(old)])
     assert result.exit_code != 0 and "would lack NDCG@5, HR@5" in result.output
     result = CliRunner().invoke(app, ["report", str(old)])
     assert result.exit_code == 0, result.output

@@ -10,7 +10,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from igdrec import grid as G
+from igdrec.experiments import dryrun, grid_config, plan as planning, select
+from igdrec.experiments import rows as table_rows
 from igdrec.cli import app
 from igdrec.rundir import RunDir, StageWriter, write_json_atomic
 
@@ -78,16 +79,16 @@ def test_unreadable_grid_configs_are_one_line(tmp_path):
 
 def test_the_checks_accept_every_shipped_grid_and_a_metric_the_grid_computes(tmp_path):
     for path in sorted((REPO / "configs" / "grid").glob("*.yaml")):
-        G.load_grid(path, run_root=tmp_path)
-    grid = G.load_grid(write(tmp_path, {"selection": {"metric": "HR@5", "alphas": [0, 0.3]}, "rows": "bigrec, d3"}))
+        grid_config.load_grid(path, run_root=tmp_path)
+    grid = grid_config.load_grid(write(tmp_path, {"selection": {"metric": "HR@5", "alphas": [0, 0.3]}, "rows": "bigrec, d3"}))
     assert grid.selection.metric == "HR@5" and grid.selection.alphas == [0.0, 0.3] and grid.rows == ["bigrec", "d3"]
 
 
 # ------------------------------------------------------------------------------------ Pos / CFT selection
 
 
-def paper_plan(tmp_path: Path) -> G.Plan:
-    return G.plan_grid(G.load_grid(REPO / "configs" / "grid" / "paper.yaml", run_root=tmp_path / "paper"))
+def paper_plan(tmp_path: Path) -> planning.Plan:
+    return planning.plan_grid(grid_config.load_grid(REPO / "configs" / "grid" / "paper.yaml", run_root=tmp_path / "paper"))
 
 
 def test_paper_grid_lists_pos_and_cft_candidate_fine_tunes_per_dataset_chosen_on_valid(tmp_path):
@@ -97,12 +98,12 @@ def test_paper_grid_lists_pos_and_cft_candidate_fine_tunes_per_dataset_chosen_on
     expected = {"pos": {f"sft/pos-b{b:g}" for b in pos_betas},
                 "cft": {f"sft/cft-b{b:g}-a{a:g}" for b in cft["beta"] for a in cft["alpha"]}}
     plan = paper_plan(tmp_path)
-    records = G.dry_run(plan)
+    records = dryrun.dry_run(plan)
     for dataset in ("games", "toys", "cds", "books"):
         for weighting, paths in expected.items():
             for row in (f"bigrec+{weighting}", f"d3+{weighting}"):
                 row_plan = next(r for r in plan.rows if r.dataset == dataset and r.row == row)
-                assert row_plan.fixed is None and G.selected_over(row_plan) == "fine-tune"
+                assert row_plan.fixed is None and select.selected_over(row_plan) == "fine-tune"
                 assert {f"sft/{c.candidate['sft']}" for c in row_plan.candidates} == paths
                 assert all(c.split == "valid" and c.candidate["alpha"] == 0.0 for c in row_plan.candidates)
                 assert all(next(s for s in c.steps if s.stage == "decode").config.split == "valid" for c in row_plan.candidates)
@@ -122,7 +123,7 @@ def test_paper_grid_lists_pos_and_cft_candidate_fine_tunes_per_dataset_chosen_on
 
 
 def test_smoke_grid_keeps_one_untuned_pos_and_cft_point(tmp_path):
-    plan = G.plan_grid(G.load_grid(REPO / "configs" / "grid" / "smoke.yaml", run_root=tmp_path))
+    plan = planning.plan_grid(grid_config.load_grid(REPO / "configs" / "grid" / "smoke.yaml", run_root=tmp_path))
     for row in ("bigrec+pos", "d3+pos", "bigrec+cft", "d3+cft"):
         row_plan = next(r for r in plan.rows if r.row == row)
         assert not row_plan.candidates and row_plan.fixed.split == "test"
@@ -150,17 +151,17 @@ def test_pos_and_cft_winner_is_the_best_valid_score_earliest_on_ties(tmp_path, r
     assert len(row_plan.candidates) == len(scores)
     for cell, score in zip(row_plan.candidates[:-1], scores):
         fake_valid_metrics(run_dir, cell.metrics, score)
-    assert G.resolve_test_cell(row_plan, "NDCG@10") is None  # one candidate unscored: no choice yet
+    assert select.resolve_test_cell(row_plan, "NDCG@10") is None  # one candidate unscored: no choice yet
     fake_valid_metrics(run_dir, row_plan.candidates[-1].metrics, scores[-1])
-    chosen, table = G.choose(run_dir, row_plan.candidates, "NDCG@10")
+    chosen, table = select.choose(run_dir, row_plan.candidates, "NDCG@10")
     assert [s["NDCG@10"] for s in table] == scores
     assert chosen["sft"] == row_plan.candidates[winner].candidate["sft"]
-    test = G.resolve_test_cell(row_plan, "NDCG@10")
+    test = select.resolve_test_cell(row_plan, "NDCG@10")
     decode = next(s for s in test.steps if s.stage == "decode").config
     sft = next(s for s in test.steps if s.stage == "sft")
     assert test.split == "test" and decode.split == "test" and decode.limit is None
     assert decode.sft == chosen["sft"] and sft.path == f"sft/{chosen['sft']}" and decode.alpha == 0.0
-    lp = G.ROWS[row]["lp"]
+    lp = table_rows.ROWS[row]["lp"]
     assert decode.length_penalty == lp and all(
         next(s for s in c.steps if s.stage == "decode").config.length_penalty == lp for c in row_plan.candidates)
     assert json.loads((run_dir / "metrics" / f"{row_plan.candidates[winner].metrics}.json").read_text())["NDCG@10"] == max(scores)
@@ -174,7 +175,7 @@ def test_method_doc_states_what_each_shipped_scale_selects():
         return "{" + ", ".join(f"{v:g}" for v in value) + "}" if isinstance(value, list) else f"{value:g}"
 
     for scale in ("smoke", "mini", "gpu", "paper"):
-        grid = G.load_grid(REPO / "configs" / "grid" / f"{scale}.yaml", run_root="unused")
+        grid = grid_config.load_grid(REPO / "configs" / "grid" / f"{scale}.yaml", run_root="unused")
         w = grid.datasets[0].weightings
         line = next(line for line in section.splitlines() if line.startswith(f"| {scale} |"))
         cells = [c.strip() for c in line.strip("|").split("|")][1:]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from igdrec import config as cfg
-from igdrec import grid
+from igdrec.experiments import grid_config, plan as planning
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -42,8 +42,8 @@ def test_paper_run_builds_the_train_catalog_and_decodes_test_uncalibrated(name):
 def test_paper_configs_train_as_the_reference_ran():
     """Pure bf16 and warm-up + linear decay to 0 (docs/method.md §5)."""
     single = cfg.load_pipeline(CONFIGS / "paper.yaml").stage_config("sft")
-    paper = grid.load_grid(CONFIGS / "grid" / "paper.yaml", run_root=REPO / "runs" / "never-written")
-    fine_tunes = [s.config for dataset in paper.datasets for w in grid.WEIGHTINGS for s in grid.fine_tunes(paper, dataset, w)]
+    paper = grid_config.load_grid(CONFIGS / "grid" / "paper.yaml", run_root=REPO / "runs" / "never-written")
+    fine_tunes = [s.config for dataset in paper.datasets for w in grid_config.WEIGHTINGS for s in planning.fine_tunes(paper, dataset, w)]
     assert fine_tunes
     for config in [single, *fine_tunes]:
         assert (config.precision, config.lr_schedule) == ("bf16", "linear"), config.name
@@ -51,7 +51,7 @@ def test_paper_configs_train_as_the_reference_ran():
 
 @pytest.mark.parametrize("path", GRIDS, ids=[p.stem for p in GRIDS])
 def test_grid_builds_the_train_catalog_and_selects_alpha_on_valid(path):
-    plan = grid.plan_grid(grid.load_grid(path, run_root=REPO / "runs" / "never-written"))
+    plan = planning.plan_grid(grid_config.load_grid(path, run_root=REPO / "runs" / "never-written"))
     assert plan.rows, path
     for row in plan.rows:
         cells = row.candidates + ([row.fixed] if row.fixed is not None else [])

@@ -2,14 +2,13 @@
 
 The stage commands are derived from the stage configs (`config.py`): every field declared there with
 `option()` becomes an option of its stage's command (`stage_command`), so a field or a stage is added in
-one place. A stage is registered by naming its config class in `config.STAGE_CONFIGS` and its module in
-`STAGE_MODULES`. Commands that are not stages (`run`, `prompt`, `ig show`, ...) are written by hand
+one place. A stage is registered by naming its config class in `config.STAGE_CONFIGS`; its module
+`igdrec.stages.<name>` is run by `igdrec.runner`. Commands that are not stages (`run`, `prompt`, `ig show`, ...) are written by hand
 below the derived ones, as ordinary Typer commands.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import sys
 from pathlib import Path
@@ -19,9 +18,11 @@ import typer
 from rich.text import Text
 
 from igdrec import config as cfg
+from igdrec import runner
 from igdrec.console import err_console, shown
 from igdrec.errors import IgdrecError
 from igdrec.rundir import RunDir
+from igdrec.runner import STAGE_MODULES
 
 app = typer.Typer(
     name="igdrec",
@@ -33,16 +34,6 @@ app = typer.Typer(
 )
 ig_app = typer.Typer(help="Inspect the information-gain index.", no_args_is_help=True)
 app.add_typer(ig_app, name="ig")
-
-STAGE_MODULES = {
-    "preprocess": "igdrec.stages.preprocess",
-    "build-ig-index": "igdrec.stages.build_ig_index",
-    "sft": "igdrec.stages.sft",
-    "decode": "igdrec.stages.decode",
-    "rerank": "igdrec.stages.rerank",
-    "metrics": "igdrec.stages.metrics",
-    "baseline": "igdrec.stages.baseline",
-}
 
 COMMON_PANEL = "Run directory and config"
 RUN_SETTINGS_PANEL = "Run settings (not part of the cache key)"
@@ -67,9 +58,7 @@ def _fail(exc: IgdrecError) -> None:
 
 
 def run_stage(stage: str, config, run_dir: Path | None, force: bool):
-    cfg.check(config)
-    module = importlib.import_module(STAGE_MODULES[stage])
-    return module.run(config, RunDir(run_dir), force=force)
+    return runner.run_stage(stage, config, RunDir(run_dir), force)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -208,7 +197,8 @@ STAGE_COMMAND_EXTRAS: dict[str, dict] = {
     },
 }
 
-for _stage in STAGE_MODULES:
+# --help lists the main chain in pipeline order, then `baseline`, the side stage that feeds metrics and TFA.
+for _stage in sorted(STAGE_MODULES, key=lambda stage: stage == "baseline"):
     stage_command(_stage, **STAGE_COMMAND_EXTRAS.get(_stage, {}))
 
 
@@ -357,13 +347,13 @@ def grid_command(
 ):
     """Run the paper's grid (Tables 1–4, figures): every cell a cached stage chain; resumable after a kill."""
     try:
-        from igdrec import grid
+        from igdrec.experiments import dryrun, grid_config, plan as planning, run
 
-        plan = grid.plan_grid(grid.load_grid(config_file, run_root=run_root), only=only)
+        plan = planning.plan_grid(grid_config.load_grid(config_file, run_root=run_root), only=only)
         if dry_run:
-            grid.print_dry_run(plan)
+            dryrun.print_dry_run(plan)
             return
-        grid.run_grid(plan, force=force, report=report)
+        run.run_grid(plan, force=force, report=report)
     except IgdrecError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -378,9 +368,9 @@ def report_command(
 ):
     """Re-render a grid's tables, figures and README from its artifacts (recomputes nothing)."""
     try:
-        from igdrec import report as report_module
+        from igdrec.experiments import plan as planning, report as report_module
 
-        report_module.write_reports(run_root, config=config)
+        report_module.write_reports(planning.run_root_plan(run_root, config=config))
     except IgdrecError as exc:
         _fail(exc)
 

@@ -63,6 +63,11 @@ def fingerprint_obj(obj: Any) -> str:
     return fingerprint_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
 
 
+def cache_key(stage: str, params: dict, inputs: dict) -> str:
+    """A stage's cache key: its name, its key parameters and the fingerprints of its inputs."""
+    return fingerprint_obj({"stage": stage, "params": params, "inputs": inputs})
+
+
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in _TRACKED_PACKAGES:
@@ -248,7 +253,7 @@ class StageWriter:
                               f"(or one of {', '.join(SINGLE_STAGE_PATHS)})")
         for part in parts:
             cfg.check_artifact_name(part, f"{self.stage} name")  # also what a default name is made of
-        self.key = fingerprint_obj({"stage": self.stage, "params": self.params, "inputs": self.inputs})
+        self.key = cache_key(self.stage, self.params, self.inputs)
         self.final_dir = self.run.stage_dir(self.stage_path)
         safe = self.stage_path.replace("/", "__")
         self.partial_dir = self.run.root / ".partial" / f"{safe}-{self.key[:16]}"

@@ -1,1 +1,2 @@
-"""One module per CLI stage, each with `run(config, run_dir, force=False) -> manifest`. Stages never import each other."""
+"""One module per CLI stage, each with `plan(config, run)` and `compute(plan, out)`, run by `igdrec.runner`
+(see its docstring). Stages never import each other."""

@@ -32,6 +32,7 @@ from igdrec.console import console, print_table, progress_bar
 from igdrec.errors import IgdrecError
 from igdrec.modeling import pick_device
 from igdrec.rundir import RunDir, StageWriter, write_json_atomic
+from igdrec.runner import StagePlan, run_stage
 from igdrec.seqrec.models import count_parameters, is_trainable
 
 VALID_METRIC = "NDCG@10"
@@ -55,59 +56,69 @@ def cache_params(config: BaselineConfig) -> dict:
 
 
 def run(config: BaselineConfig, run_dir: RunDir, force: bool = False) -> dict:
-    run = run_dir
-    check_config(config)
-    data = run.require("data", hint="igdrec preprocess")
+    return run_stage("baseline", config, run_dir, force)
+
+
+check = check_config
+
+
+def plan(config: BaselineConfig, run_dir: RunDir) -> StagePlan:
+    data = run_dir.require("data", hint="igdrec preprocess")
     name = config.name or config.model
+    return StagePlan("baseline", run_dir, f"baseline/{name}", config, cache_params(config), {"data": data["fingerprint"]},
+                     context={"name": name}, next=f"igdrec metrics --baseline {name}")
+
+
+def compute(plan: StagePlan, out: StageWriter) -> None:
+    config, run = plan.config, plan.run
     device = pick_device(config.device)
-    params = cache_params(config)
-    with StageWriter(run, f"baseline/{name}", stage="baseline", params=params, inputs={"data": data["fingerprint"]}, force=force) as out:
-        if out.cached:
-            out.report_cached()
-            return out.manifest
-        items = schema.read(run.artifact("data", "items.parquet"), "items").sort("item_id")
-        n_items = items.height
-        if items["item_id"].to_list() != list(range(n_items)):
-            raise IgdrecError(f"{run.artifact('data', 'items.parquet')}: item ids must be dense 0..{n_items - 1}")
-        titles = items["title"].to_list()
-        frames = {split: schema.read(run.artifact("data", f"{split}.parquet"), "samples") for split in ("train", "valid", "test")}
-        max_len = max(int(f["history_item_ids"].list.len().max() or 1) for f in frames.values())
-        splits = {
-            split: seqrec.SequenceData.from_samples(f, n_items, max_len, source=str(run.artifact("data", f"{split}.parquet")))
-            for split, f in frames.items()
-        }
-        if not len(splits["train"]):
-            raise IgdrecError(f"{run.artifact('data', 'train.parquet')}: no training windows")
+    items = schema.read(run.artifact("data", "items.parquet"), "items").sort("item_id")
+    n_items = items.height
+    if items["item_id"].to_list() != list(range(n_items)):
+        raise IgdrecError(f"{run.artifact('data', 'items.parquet')}: item ids must be dense 0..{n_items - 1}")
+    titles = items["title"].to_list()
+    frames = {split: schema.read(run.artifact("data", f"{split}.parquet"), "samples") for split in ("train", "valid", "test")}
+    max_len = max(int(f["history_item_ids"].list.len().max() or 1) for f in frames.values())
+    splits = {
+        split: seqrec.SequenceData.from_samples(f, n_items, max_len, source=str(run.artifact("data", f"{split}.parquet")))
+        for split, f in frames.items()
+    }
+    if not len(splits["train"]):
+        raise IgdrecError(f"{run.artifact('data', 'train.parquet')}: no training windows")
 
-        torch.manual_seed(config.seed)  # the initial weights
-        model = seqrec.build_model(config.model, n_items, max_len, seqrec.ModelSettings.from_config(config), splits["train"].target.numpy())
-        model.to(device)
-        evaluator = seqrec.RankingEvaluator(splits["valid"], titles, ks=[10], batch_size=config.eval_batch_size, device=device)
-        result = _train(model, config, splits["train"], evaluator, device) if is_trainable(model) else None
+    torch.manual_seed(config.seed)  # the initial weights
+    model = seqrec.build_model(config.model, n_items, max_len, seqrec.ModelSettings.from_config(config), splits["train"].target.numpy())
+    model.to(device)
+    evaluator = seqrec.RankingEvaluator(splits["valid"], titles, ks=[10], batch_size=config.eval_batch_size, device=device)
+    result = _train(model, config, splits["train"], evaluator, device) if is_trainable(model) else None
 
-        topk = schema.conform(seqrec.topk_frame(model, splits["test"], config.top_k, titles, config.eval_batch_size, device), "topk")
-        topk.write_parquet(out.path("topk.parquet"))
-        seqrec.save_recommender(model, out.partial_dir, config.model, max_len, seqrec.ModelSettings.from_config(config))
-        out.rows["topk"] = topk.height
-        valid_ndcg = result.best_valid if result else evaluator.evaluate(model)[VALID_METRIC]
-        out.stats = {
-            "model": config.model,
-            "split": "test",
-            "n_items": n_items,
-            "max_len": max_len,
-            "parameters": count_parameters(model) if is_trainable(model) else 0,
-            "epochs_run": result.epochs_run if result else 0,
-            "best_epoch": result.best_epoch if result else 0,
-            "stopped_early": result.stopped_early if result else False,
-            f"valid_{VALID_METRIC}": valid_ndcg,
-            "train_seconds": round(result.train_seconds, 2) if result else 0.0,
-            "seconds_per_epoch": round(result.train_seconds / max(result.epochs_run, 1), 3) if result else 0.0,
-            "cpu_seconds_per_epoch": round(sum(r.cpu_seconds for r in result.history) / max(result.epochs_run, 1), 3) if result else 0.0,
-        }
-        write_json_atomic(out.path("training.json"), {"history": [asdict(r) for r in result.history] if result else []})
-    print_table(f"baseline {name}", {k: v for k, v in out.stats.items() if k not in ("split",)})
-    console.print(f"baseline wrote [bold]{name}[/] → {run.stage_dir(f'baseline/{name}')} (next: igdrec metrics --baseline {name})")
-    return out.manifest
+    topk = schema.conform(seqrec.topk_frame(model, splits["test"], config.top_k, titles, config.eval_batch_size, device), "topk")
+    topk.write_parquet(out.path("topk.parquet"))
+    seqrec.save_recommender(model, out.partial_dir, config.model, max_len, seqrec.ModelSettings.from_config(config))
+    out.rows["topk"] = topk.height
+    valid_ndcg = result.best_valid if result else evaluator.evaluate(model)[VALID_METRIC]
+    out.stats = {
+        "model": config.model,
+        "split": "test",
+        "n_items": n_items,
+        "max_len": max_len,
+        "parameters": count_parameters(model) if is_trainable(model) else 0,
+        "epochs_run": result.epochs_run if result else 0,
+        "best_epoch": result.best_epoch if result else 0,
+        "stopped_early": result.stopped_early if result else False,
+        f"valid_{VALID_METRIC}": valid_ndcg,
+        "train_seconds": round(result.train_seconds, 2) if result else 0.0,
+        "seconds_per_epoch": round(result.train_seconds / max(result.epochs_run, 1), 3) if result else 0.0,
+        "cpu_seconds_per_epoch": round(sum(r.cpu_seconds for r in result.history) / max(result.epochs_run, 1), 3) if result else 0.0,
+    }
+    write_json_atomic(out.path("training.json"), {"history": [asdict(r) for r in result.history] if result else []})
+    plan.context["stats"] = out.stats  # as computed, before the manifest's JSON round trip
+
+
+def report(plan: StagePlan, manifest: dict, cached: bool) -> None:
+    if not cached:
+        name = plan.context["name"]
+        print_table(f"baseline {name}", {k: v for k, v in plan.context["stats"].items() if k not in ("split",)})
 
 
 def _train(model, config: BaselineConfig, train: seqrec.SequenceData, evaluator: seqrec.RankingEvaluator, device: torch.device) -> seqrec.TrainResult:

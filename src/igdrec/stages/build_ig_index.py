@@ -20,6 +20,7 @@ from igdrec.errors import IgdrecError
 from igdrec.modeling import load_tokenizer, tokenizer_identity
 from igdrec.prompt import item_token_sequences
 from igdrec.rundir import RunDir, StageWriter
+from igdrec.runner import StagePlan, run_stage
 
 STAGE_DIR = "ig"
 IG_RULE = "zero-mass-branches-unboosted"
@@ -28,69 +29,75 @@ TOKENIZE_CHUNK = 20_000  # titles per tokenizer call: big enough to batch, small
 
 
 def run(config: IGIndexConfig, run_dir: RunDir, force: bool = False) -> dict:
-    cfg.check(config)
+    return run_stage("build-ig-index", config, run_dir, force)
+
+
+def plan(config: IGIndexConfig, run_dir: RunDir) -> StagePlan:
     data = run_dir.require("data", hint="igdrec preprocess")
     tokenizer = load_tokenizer(config.model)
     # The tokenizer's identity, not only the model's name: a changed tokenizer changes every item token.
     # `ig_rule` names the normalisation rule (docs/method.md §4.1): an index built under an older rule
     # would silently calibrate decoding differently, so a rule change must miss the cache.
     params = cfg.key_params(config) | {"tokenizer": tokenizer_identity(tokenizer), "ig_rule": IG_RULE}
-    with StageWriter(run_dir, STAGE_DIR, stage="build-ig-index", params=params, inputs={"data": data["fingerprint"]}, force=force) as out:
-        if out.cached:
-            out.report_cached()
-            print_stats(out.manifest["stats"])
-            return out.manifest
-        items_path = run_dir.artifact("data", "items.parquet")
-        items = _read_items(items_path)
-        targets = {split: _read_targets(run_dir.artifact("data", f"{split}.parquet"), items) for split in SPLITS}
+    return StagePlan("build-ig-index", run_dir, STAGE_DIR, config, params, {"data": data["fingerprint"]},
+                     context={"tokenizer": tokenizer})
 
-        train_frequency = np.bincount(targets["train"]["row"].to_numpy(), minlength=items.height)
-        in_catalog = np.ones(items.height, bool) if config.catalog == "all" else train_frequency > 0
-        if not in_catalog.any():
-            raise IgdrecError(f"{run_dir.artifact('data', 'train.parquet')}: no training targets, so --catalog train is empty")
-        catalog = items.filter(pl.Series(in_catalog))
-        counts = (train_frequency if config.reference == "train" else np.ones(items.height))[in_catalog] + config.smoothing
-        if counts.sum() <= 0:
-            raise IgdrecError(
-                f"{run_dir.artifact('data', 'train.parquet')}: no training targets to take reference frequencies from; "
-                "use --reference uniform or --smoothing > 0"
-            )
 
-        with progress_bar() as progress:
-            flat, lengths = _tokenize_catalog(tokenizer, catalog, items_path, progress)
-            steps = progress.add_task("building index", total=2 + len(SPLITS))
-            trie = ig.build_catalog_trie_flat(catalog["item_id"].to_numpy(), flat, lengths, counts)
-            del flat, lengths
+def compute(plan: StagePlan, out: StageWriter) -> None:
+    config, run_dir, tokenizer = plan.config, plan.run, plan.context["tokenizer"]
+    items_path = run_dir.artifact("data", "items.parquet")
+    items = _read_items(items_path)
+    targets = {split: _read_targets(run_dir.artifact("data", f"{split}.parquet"), items) for split in SPLITS}
+
+    train_frequency = np.bincount(targets["train"]["row"].to_numpy(), minlength=items.height)
+    in_catalog = np.ones(items.height, bool) if config.catalog == "all" else train_frequency > 0
+    if not in_catalog.any():
+        raise IgdrecError(f"{run_dir.artifact('data', 'train.parquet')}: no training targets, so --catalog train is empty")
+    catalog = items.filter(pl.Series(in_catalog))
+    counts = (train_frequency if config.reference == "train" else np.ones(items.height))[in_catalog] + config.smoothing
+    if counts.sum() <= 0:
+        raise IgdrecError(
+            f"{run_dir.artifact('data', 'train.parquet')}: no training targets to take reference frequencies from; "
+            "use --reference uniform or --smoothing > 0"
+        )
+
+    with progress_bar() as progress:
+        flat, lengths = _tokenize_catalog(tokenizer, catalog, items_path, progress)
+        steps = progress.add_task("building index", total=2 + len(SPLITS))
+        trie = ig.build_catalog_trie_flat(catalog["item_id"].to_numpy(), flat, lengths, counts)
+        del flat, lengths
+        progress.advance(steps)
+        trie.save(out.path("trie_nodes.parquet"), out.path("item_paths.parquet"))
+        values = ig.item_token_values(trie)
+        progress.advance(steps)
+        outside = {}
+        for split in SPLITS:
+            frame = ig.sample_ig(values, targets[split])
+            frame.write_parquet(out.path(f"sample_ig_{split}.parquet"))
+            out.rows[f"sample_ig_{split}"] = frame.height
+            outside[split] = int(frame["ig"].null_count())
+            del frame
             progress.advance(steps)
-            trie.save(out.path("trie_nodes.parquet"), out.path("item_paths.parquet"))
-            values = ig.item_token_values(trie)
-            progress.advance(steps)
-            outside = {}
-            for split in SPLITS:
-                frame = ig.sample_ig(values, targets[split])
-                frame.write_parquet(out.path(f"sample_ig_{split}.parquet"))
-                out.rows[f"sample_ig_{split}"] = frame.height
-                outside[split] = int(frame["ig"].null_count())
-                del frame
-                progress.advance(steps)
-        out.rows["trie_nodes"] = trie.num_nodes
-        out.rows["item_paths"] = len(trie.item_ids)
+    out.rows["trie_nodes"] = trie.num_nodes
+    out.rows["item_paths"] = len(trie.item_ids)
 
-        stats = {
-            "items": items.height,
-            **{split: targets[split].height for split in SPLITS},
-            **ig.token_stats(trie, targets["train"]["item_id"].to_numpy()),
-            "catalog_items": len(trie.item_ids),
-            "nodes": trie.num_nodes,
-            "depth": trie.max_depth,
-            "root_entropy": float(trie.entropy[0]),
-            "valid_outside_catalog": outside["valid"],
-            "test_outside_catalog": outside["test"],
-        }
-        out.path("stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-        out.stats = stats
-    print_stats(out.manifest["stats"])
-    return out.manifest
+    stats = {
+        "items": items.height,
+        **{split: targets[split].height for split in SPLITS},
+        **ig.token_stats(trie, targets["train"]["item_id"].to_numpy()),
+        "catalog_items": len(trie.item_ids),
+        "nodes": trie.num_nodes,
+        "depth": trie.max_depth,
+        "root_entropy": float(trie.entropy[0]),
+        "valid_outside_catalog": outside["valid"],
+        "test_outside_catalog": outside["test"],
+    }
+    out.path("stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    out.stats = stats
+
+
+def report(plan: StagePlan, manifest: dict, cached: bool) -> None:
+    print_stats(manifest["stats"])
 
 
 def _read_items(path) -> pl.DataFrame:

@@ -9,7 +9,6 @@ as one process writes).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import time
@@ -22,16 +21,24 @@ from igdrec import config as cfg
 from igdrec import decoding, schema
 from igdrec.beam import SearchStats
 from igdrec.config import DecodeConfig
-from igdrec.console import console, progress_bar
+from igdrec.console import progress_bar
 from igdrec.distributed import World, init_distributed
 from igdrec.rundir import RunDir, StageWriter, atomic_write, write_text_atomic
+from igdrec.runner import StagePlan, run_stage
 
 SHARD_DIR = "shards"
 
 
 def run(config: DecodeConfig, run_dir: RunDir, force: bool = False) -> dict:
-    run = run_dir
+    return run_stage("decode", config, run_dir, force)
+
+
+def check(config: DecodeConfig) -> None:
     decoding.validate(config)
+
+
+def plan(config: DecodeConfig, run_dir: RunDir) -> StagePlan:
+    run = run_dir
     data = run.require("data", hint="igdrec preprocess")
     ig = run.require("ig", hint="igdrec build-ig-index")
     source = decoding.resolve_source(run, config.sft, config.model)
@@ -41,22 +48,20 @@ def run(config: DecodeConfig, run_dir: RunDir, force: bool = False) -> dict:
         inputs["tfa"] = baseline["fingerprint"]
     name = config.name or default_name(source.label, config)
     params = cache_params(config, source)
-    writer = StageWriter(run, f"decode/{name}", stage="decode", params=params, inputs=inputs, force=force, resumable=True)
-    if writer.cached:
-        writer.report_cached()
-        return writer.manifest
-    world, device = init_distributed(config.device)
+    return StagePlan("decode", run, f"decode/{name}", config, params, inputs, resumable=True,
+                     next=f"igdrec rerank --decode {name}", product="beams.parquet")
+
+
+def prepare(plan: StagePlan, writer: StageWriter) -> World:
+    world, device = init_distributed(plan.config.device)
+    plan.context |= {"world": world, "device": device}
+    return world
+
+
+def compute(plan: StagePlan, out: StageWriter) -> None:
     # Under torchrun every rank decodes its own shards into the shared partial directory; rank 0 alone
     # prepares and publishes it.
-    with (writer if world.is_main else contextlib.nullcontext(writer)) as out:
-        world.barrier()
-        _decode(dataclasses.replace(config, device=str(device)), run, out, world)
-    world.barrier()
-    if not world.is_main:
-        return run.manifest(f"decode/{name}")
-    console.print(f"decode wrote [bold]{name}[/] → {run.stage_dir(f'decode/{name}')}/beams.parquet "
-                  f"(next: igdrec rerank --decode {name})")
-    return writer.manifest
+    _decode(dataclasses.replace(plan.config, device=str(plan.context["device"])), plan.run, out, plan.context["world"])
 
 
 def cache_params(config: DecodeConfig, source: decoding.ModelSource) -> dict:

@@ -25,33 +25,44 @@ from igdrec.console import console, format_value
 from igdrec.errors import IgdrecError
 from igdrec.ig import CatalogTrie
 from igdrec.rundir import RunDir, StageWriter, write_json_atomic
+from igdrec.runner import StagePlan, run_stage
 
 PER_SAMPLE = "per_sample.parquet"
 
 
 def run(config: MetricsConfig, run_dir: RunDir, force: bool = False) -> dict:
+    return run_stage("metrics", config, run_dir, force)
+
+
+def plan(config: MetricsConfig, run_dir: RunDir) -> StagePlan:
     run = run_dir
-    cfg.check(config)
     source = _baseline_source(run, config.baseline) if config.baseline is not None else _rerank_source(run, config.rerank)
     data = run.require("data", hint="igdrec preprocess")
     ig = run.require("ig", hint="igdrec build-ig-index")
     name = config.name or source.name
-    config = dataclasses.replace(config, ks=cutoffs_within_lists(config.ks, source.list_bounds))
+    ks, note = cutoffs_within_lists(config.ks, source.list_bounds)
+    config = dataclasses.replace(config, ks=ks)
     params = cfg.key_params(config) | {source.kind: source.name}
     inputs = source.inputs | {"data": data["fingerprint"], "ig": ig["fingerprint"]}
-    with StageWriter(run, f"metrics/{name}", stage="metrics", params=params, inputs=inputs, force=force) as out:
-        if out.cached:
-            out.report_cached()
-            summary = json.loads(run.artifact(f"metrics/{name}", "metrics.json").read_text())
-        else:
-            summary, per_sample = evaluate(run, source, config)
-            schema.conform(per_sample, "per_sample_metrics").write_parquet(out.path(PER_SAMPLE))
-            write_json_atomic(out.path("metrics.json"), summary)
-            out.rows["per_sample"] = per_sample.height
-            out.stats = {k: summary[k] for k in summary if k.startswith(("NDCG", "HR"))}
+    return StagePlan("metrics", run, f"metrics/{name}", config, params, inputs, notes=[note] if note else [],
+                     context={"name": name, "source": source})
+
+
+def compute(plan: StagePlan, out: StageWriter) -> None:
+    summary, per_sample = evaluate(plan.run, plan.context["source"], plan.config)
+    schema.conform(per_sample, "per_sample_metrics").write_parquet(out.path(PER_SAMPLE))
+    write_json_atomic(out.path("metrics.json"), summary)
+    out.rows["per_sample"] = per_sample.height
+    out.stats = {k: summary[k] for k in summary if k.startswith(("NDCG", "HR"))}
+    plan.context["summary"] = summary
+
+
+def report(plan: StagePlan, manifest: dict, cached: bool) -> None:
+    """Publish a copy of the summary as `<run>/metrics/<name>.json` and print it."""
+    run, name = plan.run, plan.context["name"]
+    summary = json.loads(run.artifact(f"metrics/{name}", "metrics.json").read_text()) if cached else plan.context["summary"]
     write_json_atomic(run.stage_dir("metrics") / f"{name}.json", summary)
-    _print_summary(name, summary, config.ks)
-    return out.manifest
+    _print_summary(name, summary, plan.config.ks)
 
 
 def list_length_bounds(rerank: dict, decode: dict) -> dict[str, int]:
@@ -60,23 +71,22 @@ def list_length_bounds(rerank: dict, decode: dict) -> dict[str, int]:
     return {what: value for what, value in bounds.items() if isinstance(value, int)}
 
 
-def cutoffs_within_lists(ks: list[int], bounds: dict[str, int]) -> list[int]:
-    """The cut-offs K that the lists can tell apart. A list holds at most min(bounds) items, so HR@K and
-    NDCG@K for a larger K would silently repeat the values at that length: such K are dropped, with a
-    note that names them and the bound (e.g. {"decode num_beams": 10})."""
+def cutoffs_within_lists(ks: list[int], bounds: dict[str, int]) -> tuple[list[int], str | None]:
+    """The cut-offs K that the lists can tell apart, and a note naming those dropped. A list holds at most
+    min(bounds) items, so HR@K and NDCG@K for a larger K would silently repeat the values at that length:
+    such K are dropped, with a note that names them and the bound (e.g. {"decode num_beams": 10})."""
     if not bounds:
-        return list(ks)
+        return list(ks), None
     what, longest = min(bounds.items(), key=lambda item: item[1])
     kept = [k for k in ks if k <= longest]
     dropped = [k for k in ks if k > longest]
     if not kept:
         raise IgdrecError(f"--ks {','.join(map(str, ks))}: every cut-off exceeds the {longest} items a list holds ({what} {longest})")
+    note = None
     if dropped:
-        console.print(
-            f"[yellow]note:[/] dropped cut-off(s) {', '.join(map(str, dropped))}: lists hold at most {longest} items "
-            f"({what} {longest}), so @{dropped[0]} would repeat @{longest}"
-        )
-    return kept
+        note = (f"[yellow]note:[/] dropped cut-off(s) {', '.join(map(str, dropped))}: lists hold at most {longest} items "
+                f"({what} {longest}), so @{dropped[0]} would repeat @{longest}")
+    return kept, note
 
 
 @dataclass

@@ -17,6 +17,7 @@ from igdrec.console import console, print_table
 from igdrec.errors import IgdrecError
 from igdrec.prompt import category_word
 from igdrec.rundir import RunDir, StageWriter
+from igdrec.runner import StagePlan, run_stage
 from igdrec.sources.tables import require_title_lengths
 from igdrec.sources.windows import SPLITS, build_windows, require_nonempty_splits, temporal_split
 
@@ -31,36 +32,42 @@ STATS_ORDER = (
 
 
 def run(config: PreprocessConfig, run_dir: RunDir, force: bool = False) -> dict:
-    cfg.check(config)
+    return run_stage("preprocess", config, run_dir, force)
+
+
+def plan(config: PreprocessConfig, run_dir: RunDir) -> StagePlan:
     source = sources.get(config.source)
     word = config.category_word or category_word(config.source, config.category)
     # Options of other sources are inert (config.py `only=`); input files enter by content, not by path.
     params = cfg.key_params(config) | {"category_word": word}
     inputs = source.input_files(config)
-    with StageWriter(run_dir, STAGE_PATH, stage="preprocess", params=params, inputs=inputs, force=force) as out:
-        if out.cached:
-            out.report_cached()
-            show_stats(out.manifest["stats"])
-            return out.manifest
-        dataset = source.load(config)
-        splits = dataset.splits
-        if splits is None:
-            windows = build_windows(dataset.interactions, config.history_len)
-            if windows.height == 0:
-                raise IgdrecError(f"{config.source}: no user has two interactions, so there is nothing to predict")
-            splits = temporal_split(windows)
-        require_nonempty_splits(splits, config.source, given=dataset.splits is not None)
-        require_title_lengths(dataset.items, config.max_title_chars, config.source)
-        items = schema.conform(dataset.items, "items")
-        items.write_parquet(out.path("items.parquet"))
-        out.rows["items"] = items.height
-        for split in SPLITS:
-            splits[split].write_parquet(out.path(f"{split}.parquet"))
-            out.rows[split] = splits[split].height
-        out.stats = {"source": config.source, "category_word": word} | dataset_stats(items, splits, dataset) | dataset.stats
-    console.print(f"preprocess: wrote {run_dir.stage_dir(STAGE_PATH)}")
-    show_stats(out.manifest["stats"])
-    return out.manifest
+    return StagePlan("preprocess", run_dir, STAGE_PATH, config, params, inputs, context={"source": source, "word": word})
+
+
+def compute(plan: StagePlan, out: StageWriter) -> None:
+    config, source, word = plan.config, plan.context["source"], plan.context["word"]
+    dataset = source.load(config)
+    splits = dataset.splits
+    if splits is None:
+        windows = build_windows(dataset.interactions, config.history_len)
+        if windows.height == 0:
+            raise IgdrecError(f"{config.source}: no user has two interactions, so there is nothing to predict")
+        splits = temporal_split(windows)
+    require_nonempty_splits(splits, config.source, given=dataset.splits is not None)
+    require_title_lengths(dataset.items, config.max_title_chars, config.source)
+    items = schema.conform(dataset.items, "items")
+    items.write_parquet(out.path("items.parquet"))
+    out.rows["items"] = items.height
+    for split in SPLITS:
+        splits[split].write_parquet(out.path(f"{split}.parquet"))
+        out.rows[split] = splits[split].height
+    out.stats = {"source": config.source, "category_word": word} | dataset_stats(items, splits, dataset) | dataset.stats
+
+
+def report(plan: StagePlan, manifest: dict, cached: bool) -> None:
+    if not cached:
+        console.print(f"preprocess: wrote {plan.run.stage_dir(STAGE_PATH)}")
+    show_stats(manifest["stats"])
 
 
 def show_stats(stats: dict) -> None:

@@ -18,9 +18,10 @@ import torch
 from igdrec import config as cfg
 from igdrec import reranking, schema
 from igdrec.config import RerankConfig
-from igdrec.console import console, progress_bar
+from igdrec.console import progress_bar
 from igdrec.errors import IgdrecError
 from igdrec.rundir import RunDir, StageWriter, fingerprint_obj
+from igdrec.runner import StagePlan, run_stage
 
 
 def default_name(decode_name: str, config: RerankConfig) -> str:
@@ -33,42 +34,47 @@ def default_name(decode_name: str, config: RerankConfig) -> str:
 
 
 def run(config: RerankConfig, run_dir: RunDir, force: bool = False) -> dict:
+    return run_stage("rerank", config, run_dir, force)
+
+
+def plan(config: RerankConfig, run_dir: RunDir) -> StagePlan:
     run = run_dir
-    cfg.check(config)
     decode_name = run.resolve_name("decode", config.decode, "--decode")
     decode = run.require(f"decode/{decode_name}", hint=f"igdrec decode --sft SFT --name {decode_name}")
     name = config.name or default_name(decode_name, config)
     inputs = {"decode": decode["fingerprint"]}
     params = cfg.key_params(config) | {"decode": decode_name}
+    context = {"decode_name": decode_name, "decode": decode}
     if config.grounding:
         grounding_model = config.grounding_model or base_model(run, decode)
         inputs["ig"] = run.require("ig", hint="igdrec build-ig-index")["fingerprint"]
         params["grounding_model"] = grounding_model
-    with StageWriter(run, f"rerank/{name}", stage="rerank", params=params, inputs=inputs, force=force) as out:
-        if out.cached:
-            out.report_cached()
-            return out.manifest
-        beams = schema.read(run.artifact(f"decode/{decode_name}", "beams.parquet"), "beams")
-        stats = decode.get("stats", {})
-        out.stats = {
-            "decode": decode_name,
-            "split": decode["params"]["split"],
-            "limit": decode["params"]["limit"],
-            "n_samples": stats.get("n_samples"),
-        }
-        if config.grounding:
-            topk, empty = _ground(beams, run, grounding_model, config, force)
-            out.stats["grounding_model"] = grounding_model
-            out.stats["empty_generations"] = empty
-        else:
-            topk = reranking.dedup_topk(beams, config.top_k)
-        topk = schema.conform(topk, "topk")
-        topk.write_parquet(out.path("topk.parquet"))
-        out.rows["topk"] = topk.height
-        out.stats["samples_with_items"] = topk["sample_id"].n_unique()
-    console.print(f"rerank wrote [bold]{name}[/] → {run.stage_dir(f'rerank/{name}')}/topk.parquet "
-                  f"(next: igdrec metrics --rerank {name})")
-    return out.manifest
+        context["grounding_model"] = grounding_model
+    return StagePlan("rerank", run, f"rerank/{name}", config, params, inputs, context=context,
+                     next=f"igdrec metrics --rerank {name}", product="topk.parquet")
+
+
+def compute(plan: StagePlan, out: StageWriter) -> None:
+    config, run, decode_name, decode = plan.config, plan.run, plan.context["decode_name"], plan.context["decode"]
+    beams = schema.read(run.artifact(f"decode/{decode_name}", "beams.parquet"), "beams")
+    stats = decode.get("stats", {})
+    out.stats = {
+        "decode": decode_name,
+        "split": decode["params"]["split"],
+        "limit": decode["params"]["limit"],
+        "n_samples": stats.get("n_samples"),
+    }
+    if config.grounding:
+        grounding_model = plan.context["grounding_model"]
+        topk, empty = _ground(beams, run, grounding_model, config, out.force)
+        out.stats["grounding_model"] = grounding_model
+        out.stats["empty_generations"] = empty
+    else:
+        topk = reranking.dedup_topk(beams, config.top_k)
+    topk = schema.conform(topk, "topk")
+    topk.write_parquet(out.path("topk.parquet"))
+    out.rows["topk"] = topk.height
+    out.stats["samples_with_items"] = topk["sample_id"].n_unique()
 
 
 def base_model(run: RunDir, decode: dict) -> str:

@@ -14,7 +14,6 @@ for the logs of plain/Pos/CFT runs too.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from igdrec.modeling import load_model, load_tokenizer, require_same_tokenizer, 
 from igdrec.precision import Precision, resolve_precision
 from igdrec.prompt import item_token_sequences
 from igdrec.rundir import RunDir, StageWriter
+from igdrec.runner import StagePlan, run_stage
 from igdrec.sft_data import SFTExamples
 
 def default_name(config: SFTConfig) -> str:
@@ -179,14 +179,11 @@ def prepare_model(config: SFTConfig, device, precision: Precision | None = None)
 
 
 def run(config: SFTConfig, run_dir: RunDir, force: bool = False) -> dict:
-    cfg.check(config)
-    world, device = distributed.init_distributed(config.device)
-    try:
-        precision = resolve_precision(config.precision, device)
-    except ValueError as exc:
-        raise IgdrecError(f"--precision {config.precision}: {exc}") from exc
+    return run_stage("sft", config, run_dir, force)
+
+
+def plan(config: SFTConfig, run_dir: RunDir) -> StagePlan:
     data_manifest = run_dir.require("data", hint="igdrec preprocess")
-    category = data_manifest["stats"]["category_word"]
     tokenizer = load_tokenizer(config.model)
     ig_manifest = ig_index_usable(run_dir, config, tokenizer)
 
@@ -194,11 +191,20 @@ def run(config: SFTConfig, run_dir: RunDir, force: bool = False) -> dict:
     inputs = {"data": data_manifest["fingerprint"]}
     if ig_manifest is not None:
         inputs["ig"] = ig_manifest["fingerprint"]
-    writer = StageWriter(run_dir, f"sft/{name}", stage="sft", params=cfg.key_params(config), inputs=inputs, force=force, resumable=True)
-    if writer.cached:
-        if world.is_main:
-            writer.report_cached()
-        return writer.manifest
+    context = {"name": name, "data_manifest": data_manifest, "tokenizer": tokenizer, "ig_manifest": ig_manifest}
+    return StagePlan("sft", run_dir, f"sft/{name}", config, cfg.key_params(config), inputs, resumable=True, context=context)
+
+
+def prepare(plan: StagePlan, writer: StageWriter) -> distributed.World:
+    """Everything before the stage directory opens: the process group, the data, the model."""
+    config, run_dir, force = plan.config, plan.run, writer.force
+    name, data_manifest, tokenizer, ig_manifest = (plan.context[k] for k in ("name", "data_manifest", "tokenizer", "ig_manifest"))
+    world, device = distributed.init_distributed(config.device)
+    try:
+        precision = resolve_precision(config.precision, device)
+    except ValueError as exc:
+        raise IgdrecError(f"--precision {config.precision}: {exc}") from exc
+    category = data_manifest["stats"]["category_word"]
     checkpoint_dir = writer.partial_dir / "checkpoint"
     found = checkpoints.checkpoint_step(checkpoint_dir) if not force else None
     if found is not None and not config.resume:
@@ -226,34 +232,42 @@ def run(config: SFTConfig, run_dir: RunDir, force: bool = False) -> dict:
     model = prepare_model(config, device, precision)
     if config.compile:
         training.compile_blocks(model)
-    publish = writer if world.is_main else contextlib.nullcontext(writer)
-    with publish as out:
-        world.barrier()
-        with progress_bar(TextColumn("{task.fields[info]}")) as progress:
-            task = progress.add_task(f"sft {name}", total=None, info="", visible=world.is_main)
+    plan.context |= {"world": world, "device": device, "precision": precision, "checkpoint_dir": checkpoint_dir,
+                     "train_data": train_data, "valid_data": valid_data, "model": model}
+    return world
 
-            def on_step(step: int, total: int, row: dict | None) -> None:
-                info = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}" if row else progress.tasks[task].fields["info"]
-                progress.update(task, completed=step, total=total, info=info)
 
-            result = training.train(model, train_data, valid_data, config, precision, device, world, checkpoint_dir, on_step=on_step)
-        if world.is_main:
-            save_final_model(model, tokenizer, out.path("model"))
-            log = pl.DataFrame(result.log, schema_overrides={k: v for k, v in schema.TRAIN_LOG.items()}, strict=False)
-            schema.conform(log, "train_log").write_parquet(out.path("train_log.parquet"))
-            out.rows["train_log"] = len(result.log)
-            out.stats = summary(config, result, len(train_data), 0 if valid_data is None else len(valid_data), world, device)
-            out.stats["zero_ig_logged"] = ig_manifest is not None
-            out.stats["ig_group_threshold"] = train_data.ig_group_threshold
-            out.stats["ig_group_threshold_source"] = None if train_data.ig_group_threshold is None else ("config" if config.ig_group_threshold is not None else "median positive IG of the training targets")
-            out.stats["precision"] = precision.name
-            out.stats.update(utilisation(model, result, device, world))
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    world.barrier()
-    manifest = writer.manifest if world.is_main else run_dir.manifest(f"sft/{name}")
+def compute(plan: StagePlan, out: StageWriter) -> None:
+    """Train on every rank (data-parallel under torchrun); rank 0 writes the model, the log and the stats."""
+    config = plan.config
+    name, tokenizer, ig_manifest, world, device, precision, checkpoint_dir, train_data, valid_data, model = (
+        plan.context[k] for k in ("name", "tokenizer", "ig_manifest", "world", "device", "precision", "checkpoint_dir",
+                                  "train_data", "valid_data", "model"))
+    with progress_bar(TextColumn("{task.fields[info]}")) as progress:
+        task = progress.add_task(f"sft {name}", total=None, info="", visible=world.is_main)
+
+        def on_step(step: int, total: int, row: dict | None) -> None:
+            info = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}" if row else progress.tasks[task].fields["info"]
+            progress.update(task, completed=step, total=total, info=info)
+
+        result = training.train(model, train_data, valid_data, config, precision, device, world, checkpoint_dir, on_step=on_step)
     if world.is_main:
-        print_table(f"sft/{name}", {k: v for k, v in manifest["stats"].items() if v is not None})
-    return manifest
+        save_final_model(model, tokenizer, out.path("model"))
+        log = pl.DataFrame(result.log, schema_overrides={k: v for k, v in schema.TRAIN_LOG.items()}, strict=False)
+        schema.conform(log, "train_log").write_parquet(out.path("train_log.parquet"))
+        out.rows["train_log"] = len(result.log)
+        out.stats = summary(config, result, len(train_data), 0 if valid_data is None else len(valid_data), world, device)
+        out.stats["zero_ig_logged"] = ig_manifest is not None
+        out.stats["ig_group_threshold"] = train_data.ig_group_threshold
+        out.stats["ig_group_threshold_source"] = None if train_data.ig_group_threshold is None else ("config" if config.ig_group_threshold is not None else "median positive IG of the training targets")
+        out.stats["precision"] = precision.name
+        out.stats.update(utilisation(model, result, device, world))
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+def report(plan: StagePlan, manifest: dict, cached: bool) -> None:
+    if not cached:
+        print_table(f"sft/{plan.context['name']}", {k: v for k, v in manifest["stats"].items() if v is not None})
 
 
 def save_final_model(model, tokenizer, directory: Path) -> None:

@@ -15,14 +15,17 @@ from pathlib import Path
 
 import polars as pl
 
-from igdrec import grid as G
 from igdrec import schema
+from igdrec.experiments.grid_config import CONFIG_COPY, GRID_STATE, REPORT_METRICS, WEIGHTINGS, GridConfig
+from igdrec.experiments.plan import Cell, Plan, RowPlan, fine_tunes
+from igdrec.experiments.rows import IMPROVEMENTS, ROWS, TABLE1_ROWS, TABLE2_ROWS
+from igdrec.experiments.select import choose, resolve_test_cell
 from igdrec.console import console, err_console
 from igdrec.errors import IgdrecError
 from igdrec.metrics import paired_bootstrap
 from igdrec.rundir import RunDir
 
-METRICS = G.REPORT_METRICS  # a result without one of them (an older grid's cut-offs) shows "—" there
+METRICS = REPORT_METRICS  # a result without one of them (an older grid's cut-offs) shows "—" there
 SHORT = {"NDCG@5": "N@5", "NDCG@10": "N@10", "HR@5": "H@5", "HR@10": "H@10"}
 BOOTSTRAP = 1000
 REPORTS = "reports"
@@ -76,7 +79,7 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _metrics(cell: G.Cell | None) -> dict | None:
+def _metrics(cell: Cell | None) -> dict | None:
     if cell is None:
         return None
     run = RunDir(cell.steps[0].run_dir)
@@ -85,12 +88,12 @@ def _metrics(cell: G.Cell | None) -> dict | None:
     return _read_json(run.root / "metrics" / cell.metrics / "metrics.json")
 
 
-def _per_sample(cell: G.Cell) -> pl.DataFrame:
+def _per_sample(cell: Cell) -> pl.DataFrame:
     run = RunDir(cell.steps[0].run_dir)
     return schema.read(run.artifact(f"metrics/{cell.metrics}", "per_sample.parquet"), "per_sample_metrics").sort("sample_id")
 
 
-def improvement(base: G.Cell, better: G.Cell, metric: str, base_value: float, resamples: int = BOOTSTRAP) -> dict:
+def improvement(base: Cell, better: Cell, metric: str, base_value: float, resamples: int = BOOTSTRAP) -> dict:
     """Relative improvement (%) of `better` over `base` and the paired-bootstrap 95% CI of the difference."""
     a, b = _per_sample(base), _per_sample(better)
     if a["sample_id"].to_list() != b["sample_id"].to_list():
@@ -125,25 +128,25 @@ def _git_commit() -> str:
 class _Collected:
     """The plan's rows resolved against the artifacts of one grid run."""
 
-    def __init__(self, plan: G.Plan):
+    def __init__(self, plan: Plan):
         self.plan = plan
-        self.by_key: dict[tuple[str, str], G.RowPlan] = {(r.dataset, r.row): r for r in plan.rows}
-        self.test: dict[tuple[str, str], G.Cell | None] = {}
+        self.by_key: dict[tuple[str, str], RowPlan] = {(r.dataset, r.row): r for r in plan.rows}
+        self.test: dict[tuple[str, str], Cell | None] = {}
         self.selection: dict[tuple[str, str], list[dict]] = {}
         metric = plan.grid.selection.metric
         for key, row in self.by_key.items():
-            self.test[key] = G.resolve_test_cell(row, metric)
+            self.test[key] = resolve_test_cell(row, metric)
             if row.candidates:
-                self.selection[key] = G.choose(row.candidates[0].steps[0].run_dir, row.candidates, metric)[1]
+                self.selection[key] = choose(row.candidates[0].steps[0].run_dir, row.candidates, metric)[1]
 
-    def cell(self, dataset: str, row: str) -> G.Cell | None:
+    def cell(self, dataset: str, row: str) -> Cell | None:
         return self.test.get((dataset, row))
 
     def values(self, dataset: str, row: str) -> dict | None:
         return _metrics(self.cell(dataset, row))
 
 
-def _settings(cell: G.Cell | None, values: dict | None) -> tuple[str | None, float | None, float | None]:
+def _settings(cell: Cell | None, values: dict | None) -> tuple[str | None, float | None, float | None]:
     """(fine-tune, its β, decoding α) as recorded by the artifacts behind a metrics result."""
     if cell is None or values is None or "decode" not in values:
         return None, None, None
@@ -165,28 +168,28 @@ def table1(c: _Collected, out: Path) -> list[dict]:
         if paper:
             header += [f"paper {SHORT[m]} ({ds.paper})" for m in METRICS]
         rows = []
-        for row in G.TABLE1_ROWS:
+        for row in TABLE1_ROWS:
             key = (ds.name, row)
             if row in c.plan.unavailable:
-                rows.append([G.ROWS[row]["label"], *["n/a"] * 4, "", "", "", *([_f(v) for v in paper[row]] if paper and row in paper else ["—"] * 4 if paper else [])])
+                rows.append([ROWS[row]["label"], *["n/a"] * 4, "", "", "", *([_f(v) for v in paper[row]] if paper and row in paper else ["—"] * 4 if paper else [])])
                 continue
             if key not in c.by_key:
                 continue
             cell, values = c.cell(*key), c.values(*key)
             sft, beta, alpha = _settings(cell, values)
-            record = {"dataset": ds.name, "row": row, "method": G.ROWS[row]["label"], "kind": "score",
+            record = {"dataset": ds.name, "row": row, "method": ROWS[row]["label"], "kind": "score",
                       "metrics": cell.metrics if values else None, "n_samples": values["n_samples"] if values else None,
                       "sft": sft, "beta": beta, "alpha": alpha}
             record |= {m: values.get(m) if values else None for m in METRICS}
             if paper and row in paper:
                 record |= {f"paper_{m}": v for m, v in zip(METRICS, paper[row])}
             records.append(record)
-            line = [G.ROWS[row]["label"], *[_f(record[m]) for m in METRICS], str(record["n_samples"] or "—"),
+            line = [ROWS[row]["label"], *[_f(record[m]) for m in METRICS], str(record["n_samples"] or "—"),
                     "" if record["alpha"] is None else f"{record['alpha']:g}", "" if record["beta"] is None else f"{record['beta']:g}"]
             if paper:
                 line += [_f(v) for v in paper.get(row, (None,) * 4)]
             rows.append(line)
-            for base, better in G.IMPROVEMENTS:
+            for base, better in IMPROVEMENTS:
                 if row == better and (ds.name, base) in c.by_key:
                     imp = _improvement_record(c, ds, base, better, paper)
                     if imp:
@@ -256,7 +259,7 @@ def table2(c: _Collected, out: Path) -> list[dict]:
         if paper:
             header += [f"paper {SHORT[m]} ({ds.paper})" for m in METRICS]
         rows = []
-        for label, row in G.TABLE2_ROWS:
+        for label, row in TABLE2_ROWS:
             if (ds.name, row) not in c.by_key:
                 continue
             cell, values = c.cell(ds.name, row), c.values(ds.name, row)
@@ -283,8 +286,8 @@ def table3(c: _Collected, out: Path) -> list[dict]:
     for ds in c.plan.grid.datasets:
         run = RunDir(ds.run_dir)
         rows, plain_s = [], None
-        for weighting in G.WEIGHTINGS:
-            for step in G.fine_tunes(c.plan.grid, ds, weighting):
+        for weighting in WEIGHTINGS:
+            for step in fine_tunes(c.plan.grid, ds, weighting):
                 manifest = run.manifest(step.path)
                 stats = manifest["stats"] if manifest else {}
                 s_per_step = stats["train_seconds"] / stats["steps"] if stats.get("steps") else None
@@ -333,7 +336,7 @@ def table4(c: _Collected, out: Path) -> list[dict]:
 
 
 def figures(c: _Collected, out: Path) -> tuple[list[tuple[str, str]], str | None]:
-    from igdrec import figures as F
+    from igdrec.experiments import figures as F
 
     made: list[tuple[str, str]] = []
     try:
@@ -351,7 +354,7 @@ def figures(c: _Collected, out: Path) -> tuple[list[tuple[str, str]], str | None
             logs = {}
             run = RunDir(ds.run_dir)
             for weighting in ("plain", "igd"):
-                for step in G.fine_tunes(c.plan.grid, ds, weighting):
+                for step in fine_tunes(c.plan.grid, ds, weighting):
                     if run.manifest(step.path):
                         logs[f"{weighting} ({step.path.split('/', 1)[1]})"] = schema.read(run.artifact(step.path, "train_log.parquet"), "train_log")
             if logs:
@@ -365,7 +368,7 @@ def figures(c: _Collected, out: Path) -> tuple[list[tuple[str, str]], str | None
                     continue
                 for s in scores:
                     if s[metric] is not None:
-                        label = f"{G.ROWS[row]['label'] if row == 'd3+igd-no-wt' else row} (sft {s['sft']})"
+                        label = f"{ROWS[row]['label'] if row == 'd3+igd-no-wt' else row} (sft {s['sft']})"
                         curves.setdefault(label, []).append((s["alpha"], s[metric]))
             curves = {k: v for k, v in curves.items() if len(v) > 1}
             if curves:
@@ -376,7 +379,7 @@ def figures(c: _Collected, out: Path) -> tuple[list[tuple[str, str]], str | None
     return made, None
 
 
-def _sizes(grid: G.GridConfig) -> list[str]:
+def _sizes(grid: GridConfig) -> list[str]:
     lines = []
     for ds in grid.datasets:
         sft = ds.stages.get("sft", {})
@@ -392,9 +395,9 @@ def _sizes(grid: G.GridConfig) -> list[str]:
 
 def readme(c: _Collected, out: Path, made: list[tuple[str, str]], figure_error: str | None) -> None:
     grid = c.plan.grid
-    state = _read_json(grid.run_root / G.GRID_STATE) or {}
+    state = _read_json(grid.run_root / GRID_STATE) or {}
     phases = state.get("wall_time_s", {})
-    config_text = (grid.run_root / G.CONFIG_COPY).read_text() if (grid.run_root / G.CONFIG_COPY).exists() else grid.path.read_text()
+    config_text = (grid.run_root / CONFIG_COPY).read_text() if (grid.run_root / CONFIG_COPY).exists() else grid.path.read_text()
     lines = [f"# igdrec grid `{grid.scale}`: the paper's Tables 1–4 and figures", "",
              f"- git commit: `{_git_commit()}`",
              f"- grid finished: {state.get('finished_at', 'not yet (partial grid)')}",
@@ -439,15 +442,9 @@ def readme(c: _Collected, out: Path, made: list[tuple[str, str]], figure_error: 
     (out / "README.md").write_text("\n".join(lines))
 
 
-def write_reports(run_root: str | Path, config: str | Path | None = None, only: str | None = None) -> Path:
-    """Render every table, figure and the README under `<run_root>/reports/` from the artifacts."""
-    run_root = Path(run_root)
-    config_path = Path(config) if config else run_root / G.CONFIG_COPY
-    if not config_path.exists():
-        raise IgdrecError(f"{run_root}: no {G.CONFIG_COPY}; is this a grid run root? (or pass the grid config with --config)")
-    # an older run root whose metrics lack a cut-off the tables print still renders (those cells empty)
-    plan = G.plan_grid(G.load_grid(config_path, run_root=run_root, check_metrics=False), only=only)
-    out = run_root / REPORTS
+def write_reports(plan: Plan) -> Path:
+    """Render every table, figure and the README of the plan's grid under `<run_root>/reports/` from the artifacts."""
+    out = plan.grid.run_root / REPORTS
     out.mkdir(parents=True, exist_ok=True)
     collected = _Collected(plan)
     table1(collected, out)
