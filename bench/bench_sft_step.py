@@ -50,7 +50,7 @@ from igdrec.sft_data import SFTExamples, micro_batch_rows
 from igdrec.sft_loss import WeightedLoss
 from igdrec.stages import sft
 
-SCHEMES = {"plain": dict(weighting="plain"), "pos": dict(weighting="pos", beta=0.5), "cft": dict(weighting="cft", beta=0.5, alpha=0.1), "igd": dict(weighting="igd", beta=0.1)}
+SCHEMES = {"plain": dict(weighting="plain"), "pos": dict(weighting="pos", beta=0.5), "cft": dict(weighting="cft", beta=0.5, cft_alpha=0.1), "igd": dict(weighting="igd", beta=0.1)}
 WORDS = "star love night dark city blue king river last house game legend war dream man secret story heart".split()
 
 

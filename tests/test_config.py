@@ -71,7 +71,7 @@ def test_stages_default_to_the_sections_given_in_pipeline_order(tmp_path):
         ("sft:\n  weighting: idg\n", "sft.weighting 'idg': expected one of plain, pos, cft, igd (did you mean 'igd'?)"),
         ("sft:\n  max_steps: 0\n", "sft.max_steps 0: must be ≥ 1"),
         ("sft:\n  lr: -1\n", "sft.lr -1: must be > 0"),
-        ("sft:\n  alpha: 0.1\n", "--alpha 0.1: only the cft weighting"),
+        ("sft:\n  cft_alpha: 0.1\n", "--cft-alpha 0.1: only the cft weighting"),
         ("sft:\n  lora: maybe\n", "sft.lora: expected true or false"),
         ("decode:\n  alpha: 2\n", "decode.alpha 2: must lie in [0, 1]"),
         ("metrics:\n  ks: [1, a]\n", "metrics.ks: expected an integer, got 'a'"),
@@ -136,8 +136,8 @@ def test_cli_reports_unknown_yaml_key_on_one_line(tmp_path):
 # Every field of every stage config: settable from the CLI and from YAML, with a cache-key role
 
 
-def other_value(opt: cfg.Option):
-    """A valid value of the field that differs from its default."""
+def other_value(opt: cfg.Option, cls: type | None = None):
+    """A valid value of the field that differs from its default (with `cls`: one its config's rules accept too)."""
     if opt.choices:
         return next(c for c in opt.choices if c != opt.default)
     if opt.kind is bool:
@@ -145,14 +145,17 @@ def other_value(opt: cfg.Option):
     if opt.kind is list:
         return [2, 3] if opt.element is int else ["alpha_proj", "beta_proj"]
     if opt.kind is str:
-        return "some-value"
-    base = opt.default if opt.default is not None else (opt.min if opt.min is not None else 1)
-    low = opt.min if opt.min is not None else opt.gt
-    candidates = [base + 1, base + 0.5, base / 2, (low or 0) + 0.25]
+        candidates = ["some-value", "2"]  # "2": a text option that takes a count too (decode --batch-size)
+    else:
+        base = opt.default if opt.default is not None else (opt.min if opt.min is not None else 1)
+        low = opt.min if opt.min is not None else opt.gt
+        candidates = [base + 1, base + 0.5, base / 2, (low or 0) + 0.25]
     for value in candidates:
-        value = int(value) if opt.kind is int else float(value)
+        value = value if opt.kind is str else int(value) if opt.kind is int else float(value)
         try:
-            cfg.validate(opt, value, opt.cli_name)
+            cfg.check_value(opt, value, opt.cli_name)
+            if cls is not None:
+                cfg.check(dataclasses.replace(config_where_it_applies(cls, opt), **{opt.name: value}))
         except IgdrecError:
             continue
         if value != opt.default:
@@ -196,9 +199,9 @@ def test_every_field_is_settable_from_cli_and_yaml_and_has_a_key_role(stage, tmp
     for opt in cfg.options(cls):
         assert opt.declared, f"{cls.__name__}.{opt.name}: declare it with option(default, help, key=...)"
         assert opt.role in (cfg.KEY, cfg.RUN_SETTING, cfg.INPUT_FILE)
-        value = other_value(opt)
+        value = other_value(opt, cls)
 
-        # the settings under which the option acts (e.g. --weighting cft for --alpha)
+        # the settings under which the option acts (e.g. --weighting cft for --cft-alpha)
         conditions = {k: v[0] if isinstance(v, tuple) else v for k, v in opt.only.items()} if isinstance(opt.only, dict) else {}
         by_name = {o.name: o for o in cfg.options(cls)}
         condition_args = [arg for k, v in conditions.items() for arg in cli_args(by_name[k], v)]
@@ -215,9 +218,9 @@ def test_every_field_is_settable_from_cli_and_yaml_and_has_a_key_role(stage, tmp
         base = config_where_it_applies(cls, opt)
         changed = dataclasses.replace(base, **{opt.name: value if value != getattr(base, opt.name) else opt.default})
         if opt.role == cfg.KEY:
-            assert cfg.key_params(base)[opt.name] != cfg.key_params(changed)[opt.name], f"{stage}.{opt.name}"
+            assert cfg.key_params(base)[opt.in_key_as] != cfg.key_params(changed)[opt.in_key_as], f"{stage}.{opt.name}"
         else:  # a run setting or an input file (keyed by its content fingerprint) never is a key parameter
-            assert opt.name not in cfg.key_params(base) and opt.name not in cfg.key_params(changed), f"{stage}.{opt.name}"
+            assert opt.in_key_as not in cfg.key_params(base) and opt.in_key_as not in cfg.key_params(changed), f"{stage}.{opt.name}"
 
 
 NUMERIC = [(stage, opt) for stage, cls in cfg.STAGE_CONFIGS.items() for opt in cfg.options(cls)

@@ -205,7 +205,8 @@ def test_cache_params_cover_every_keyed_field():
 def test_batch_size_auto_is_eight_on_cpu_and_fits_free_memory_on_cuda():
     from types import SimpleNamespace
 
-    from igdrec.decoding import AUTO_MEMORY_SHARE, auto_batch_size, parse_batch_size, sample_memory_bytes
+    from igdrec.config import parse_batch_size
+    from igdrec.decoding import AUTO_MEMORY_SHARE, auto_batch_size, sample_memory_bytes
 
     assert parse_batch_size("auto") is None and parse_batch_size(12) == 12 and parse_batch_size("3") == 3
     for bad in ("0", "-1", "many", 2.5):
