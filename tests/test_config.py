@@ -354,3 +354,82 @@ def test_a_plain_dataclass_field_is_caught_by_the_coverage_test():
 
     (opt,) = cfg.options(Sloppy)
     assert not opt.declared and opt.role == cfg.KEY  # counted in the key until declared otherwise
+
+
+# --------------------------------------------------------------------------------------------------
+# A renamed option: sft --cft-alpha, formerly --alpha (decode's --alpha is IGD's calibration)
+
+
+def test_cft_alpha_keeps_alpha_as_its_cache_key_spelling():
+    config = cfg.SFTConfig(weighting="cft", cft_alpha=0.2)
+    params = cfg.key_params(config)
+    assert params["alpha"] == 0.2 and "cft_alpha" not in params
+    assert cfg.option_named(cfg.SFTConfig, "cft_alpha").in_key_as == "alpha"
+    # the key of every other option is its field name
+    assert all(o.in_key_as == o.name for cls in cfg.STAGE_CONFIGS.values() for o in cfg.options(cls) if o.name != "cft_alpha")
+
+
+def test_yaml_alpha_of_sft_still_reads_as_cft_alpha_with_one_warning_line(tmp_path, capsys):
+    cfg._warn.cache_clear()
+    old = cfg.load_pipeline(write(tmp_path, "sft:\n  weighting: cft\n  alpha: 0.1\n")).stage_config("sft")
+    warned = capsys.readouterr().err.strip().splitlines()
+    assert len(warned) == 1 and warned[0].startswith("warning:") and "sft.alpha is deprecated" in warned[0]
+    assert "sft.cft_alpha" in warned[0]
+    new = cfg.load_pipeline(write(tmp_path, "sft:\n  weighting: cft\n  cft_alpha: 0.1\n")).stage_config("sft")
+    assert old == new and old.cft_alpha == 0.1 and cfg.key_params(old) == cfg.key_params(new)
+    assert capsys.readouterr().err == ""  # the new name warns about nothing
+    with pytest.raises(IgdrecError, match=r"igdrec.yaml:sft.alpha and .*igdrec.yaml:sft.cft_alpha: .*give only the new one"):
+        cfg.load_pipeline(write(tmp_path, "sft:\n  weighting: cft\n  alpha: 0.1\n  cft_alpha: 0.2\n"))
+
+
+def test_cli_alpha_of_sft_still_sets_cft_alpha_with_one_warning_line(captured):
+    cfg._warn.cache_clear()
+    runner = CliRunner()
+    result = runner.invoke(app, ["sft", "--weighting", "cft", "--alpha", "0.1"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines() == [
+        "warning: sft --alpha is deprecated; it is now --cft-alpha (the same setting, the same cache key)"]
+    assert runner.invoke(app, ["sft", "--weighting", "cft", "--cft-alpha", "0.1"]).exit_code == 0
+    (_, old), (_, new) = captured
+    assert old == new and old.cft_alpha == 0.1
+    both = runner.invoke(app, ["sft", "--weighting", "cft", "--alpha", "0.1", "--cft-alpha", "0.2"])
+    assert both.exit_code != 0 and both.output.strip().splitlines() == [
+        "error: --alpha and --cft-alpha: --alpha is the former name of --cft-alpha; give only the new one"]
+    # the old flag is hidden from --help, whose --beta names both of its meanings
+    shown = runner.invoke(app, ["sft", "--help"], env={"COLUMNS": "200"}).output
+    assert "--cft-alpha" in shown and "--alpha " not in shown and "pos and cft" in shown
+
+
+def test_grid_weightings_cft_alpha_plans_the_same_fine_tunes_as_cft_alpha(tmp_path):
+    from igdrec.experiments import grid_config
+    from igdrec.experiments import plan as planning
+
+    text = (REPO / "configs" / "grid" / "paper.yaml").read_text()
+    assert "cft_alpha: [" in text
+    old_path = tmp_path / "old.yaml"
+    old_path.write_text(text.replace("cft_alpha: [", "alpha: ["))
+
+    def fine_tunes(path):
+        grid = grid_config.load_grid(path, run_root=tmp_path / "runs")
+        return [(s.path, cfg.key_params(s.config)) for d in grid.datasets for s in planning.fine_tunes(grid, d, "cft")]
+
+    new = fine_tunes(REPO / "configs" / "grid" / "paper.yaml")
+    assert len(new) > 1 and fine_tunes(old_path) == new
+
+
+def test_a_config_is_checked_once_however_many_layers_check_it(monkeypatch):
+    calls = []
+    original = cfg.DecodeConfig.check_fields
+    monkeypatch.setattr(cfg.DecodeConfig, "check_fields", lambda self: (calls.append(self), original(self))[-1])
+    monkeypatch.setattr(cfg, "_PASSED", set())
+    config = cfg.apply_cli(cfg.DecodeConfig(), {"alpha": "0.2"})
+    cfg.check(config)
+    cfg.check(dataclasses.replace(config))  # equal values: a copy is as checked as the original
+    assert len(calls) == 1
+    cfg.check(dataclasses.replace(config, alpha=0.3))  # other values are checked anew
+    assert len(calls) == 2
+    bad = dataclasses.replace(config, tfa="sasrec", constrained=False)
+    for _ in range(2):  # a config that fails is never remembered as checked
+        with pytest.raises(IgdrecError, match="--tfa scores catalog items"):
+            cfg.check(bad)
+    assert len(calls) == 4

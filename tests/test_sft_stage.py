@@ -122,8 +122,8 @@ def test_igd_needs_an_ig_index_and_checks_its_arrays(tiny_model_dir, tmp_path):
 
 
 def test_bad_options_are_one_line_errors(run_with_ig, tiny_model_dir):
-    with pytest.raises(IgdrecError, match="--alpha"):
-        sft.run(config(tiny_model_dir, weighting="igd", alpha=0.1), run_with_ig)
+    with pytest.raises(IgdrecError, match="--cft-alpha"):
+        sft.run(config(tiny_model_dir, weighting="igd", cft_alpha=0.1), run_with_ig)
     with pytest.raises(IgdrecError, match="--beta"):
         sft.run(config(tiny_model_dir, beta=1.5), run_with_ig)
     with pytest.raises(IgdrecError, match="--weighting"):

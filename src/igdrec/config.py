@@ -12,7 +12,7 @@ values it accepts. Everything else is derived from these declarations:
 Validation runs once per invocation, at the entry: the command line (`apply_cli`) and the YAML loader
 (`build`) check what they build; the runner checks a config handed to `stage.run` by Python code. The rules
 are pure functions of the values, so `check` remembers the values it passed and a second check of the
-same values (the runner's, `Decoder.from_run`'s) costs nothing (docs/architecture.md).
+same values (the runner's after the CLI's) costs nothing (docs/architecture.md).
 
 A YAML config has one section per stage plus `run_dir` and `stages` (the stages `igdrec run` executes,
 in order; default: those with a section, in pipeline order). A stage command loads its section (from

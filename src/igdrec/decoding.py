@@ -278,15 +278,21 @@ class Decoder:
     @classmethod
     def from_run(cls, run_dir: RunDir | str | Path, config: DecodeConfig | None = None, **options) -> "Decoder":
         """Load the model (`sft=NAME` or `model=SPEC`) and catalog of a run; `options` override `config`'s
-        fields (None leaves a field as it is)."""
+        fields (None leaves a field as it is).
+
+        A config handed in as it is counts as checked (the runner checked the decode stage's); one assembled
+        here from `options` (the Python API's) is checked before anything loads.
+        """
         from igdrec.modeling import inference_dtype, load_model, load_tokenizer, pick_device
 
         run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         unknown = sorted(set(options) - {f.name for f in dataclasses.fields(DecodeConfig)})
         if unknown:
             raise TypeError(f"unknown decode option(s): {', '.join(unknown)}")
-        config = dataclasses.replace(config or DecodeConfig(), **{k: v for k, v in options.items() if v is not None})
-        cfg.check(config)  # the entry of Python callers (api.Recommender.load); free for a config checked before
+        changes = {k: v for k, v in options.items() if v is not None}
+        if config is None or changes:
+            config = dataclasses.replace(config or DecodeConfig(), **changes)
+            cfg.check(config)  # free where the values are a checked config's (the CLI's `recommend`)
         catalog = Catalog.load(run)
         source = resolve_source(run, config.sft, config.model)
         tokenizer = load_tokenizer(source.spec)
