@@ -120,7 +120,7 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    modules = {k: WeightedLoss(model, c.weighting, c.alpha, c.share_prefix) for k, c in configs.items()}
+    modules = {k: WeightedLoss(model, c.weighting, c.cft_alpha, c.share_prefix) for k, c in configs.items()}
 
     def step(scheme: str) -> tuple[float, float]:
         started, cpu_started = time.perf_counter(), time.process_time()

@@ -367,6 +367,10 @@ def test_cft_alpha_keeps_alpha_as_its_cache_key_spelling():
     assert cfg.option_named(cfg.SFTConfig, "cft_alpha").in_key_as == "alpha"
     # the key of every other option is its field name
     assert all(o.in_key_as == o.name for cls in cfg.STAGE_CONFIGS.values() for o in cfg.options(cls) if o.name != "cft_alpha")
+    for cls in cfg.STAGE_CONFIGS.values():  # one key spelling per option; a former name names no other field
+        spellings = [o.in_key_as for o in cfg.options(cls)]
+        assert len(set(spellings)) == len(spellings), cls.__name__
+        assert not set(cfg.renamed(cls)) & {o.name for o in cfg.options(cls)}, cls.__name__
 
 
 def test_yaml_alpha_of_sft_still_reads_as_cft_alpha_with_one_warning_line(tmp_path, capsys):
