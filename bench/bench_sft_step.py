@@ -50,7 +50,7 @@ from igdrec.sft_data import SFTExamples, micro_batch_rows
 from igdrec.sft_loss import WeightedLoss
 from igdrec.stages import sft
 
-SCHEMES = {"plain": dict(weighting="plain"), "pos": dict(weighting="pos", beta=0.5), "cft": dict(weighting="cft", beta=0.5, alpha=0.1), "igd": dict(weighting="igd", beta=0.1)}
+SCHEMES = {"plain": dict(weighting="plain"), "pos": dict(weighting="pos", beta=0.5), "cft": dict(weighting="cft", beta=0.5, cft_alpha=0.1), "igd": dict(weighting="igd", beta=0.1)}
 WORDS = "star love night dark city blue king river last house game legend war dream man secret story heart".split()
 
 
@@ -120,7 +120,7 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    modules = {k: WeightedLoss(model, c.weighting, c.alpha, c.share_prefix) for k, c in configs.items()}
+    modules = {k: WeightedLoss(model, c.weighting, c.cft_alpha, c.share_prefix) for k, c in configs.items()}
 
     def step(scheme: str) -> tuple[float, float]:
         started, cpu_started = time.perf_counter(), time.process_time()

@@ -20,7 +20,7 @@ CASES = {
     "preprocess-amazon": (cfg.PreprocessConfig(source="amazon2018", category="Toys"), "8f2261923c39fa790d5174b0dc886031"),
     "build-ig-index": (cfg.IGIndexConfig(), "5501d017d4123acd91b4612312ef43da"),
     "sft": (cfg.SFTConfig(), "15c580c53d1b102a37db91bd92a5f938"),
-    "sft-cft": (cfg.SFTConfig(weighting="cft", alpha=0.2, lr_schedule="linear"), "c922ad129d338ebaf04f798f2c3b1a76"),
+    "sft-cft": (cfg.SFTConfig(weighting="cft", cft_alpha=0.2, lr_schedule="linear"), "c922ad129d338ebaf04f798f2c3b1a76"),
     "sft-full": (cfg.SFTConfig(lora=False, weighting="plain"), "7ce4fadb98c449d8327a6f1f5aa6b325"),
     "decode": (cfg.DecodeConfig(sft="x"), "8b7d73f87c0c9924a071156711752cd4"),
     "decode-tfa": (cfg.DecodeConfig(sft="x", tfa="sasrec", tfa_guidance=0.3), "1ac718e5b0777e21fdc449826cda981b"),

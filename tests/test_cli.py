@@ -46,7 +46,7 @@ def one_line_error(result, *needles):
         (["sft", "--lr", "-1"], ["--lr -1: must be > 0"]),
         (["sft", "--lr", "0"], ["--lr 0: must be > 0"]),
         (["sft", "--beta", "1.5"], ["--beta 1.5: must lie in [0, 1]"]),
-        (["sft", "--alpha", "0.1"], ["--alpha 0.1: only the cft weighting"]),
+        (["sft", "--cft-alpha", "0.1"], ["--cft-alpha 0.1: only the cft weighting"]),
         (["sft", "--weighting", "igdd"], ["--weighting 'igdd': expected one of plain, pos, cft, igd", "did you mean 'igd'"]),
         (["sft", "--lora-target-modules", ","], ["--lora-target-modules: expected at least one value"]),
         (["metrics", "--ks", "a,b"], ["--ks: expected an integer, got 'a'"]),

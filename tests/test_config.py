@@ -71,7 +71,7 @@ def test_stages_default_to_the_sections_given_in_pipeline_order(tmp_path):
         ("sft:\n  weighting: idg\n", "sft.weighting 'idg': expected one of plain, pos, cft, igd (did you mean 'igd'?)"),
         ("sft:\n  max_steps: 0\n", "sft.max_steps 0: must be ≥ 1"),
         ("sft:\n  lr: -1\n", "sft.lr -1: must be > 0"),
-        ("sft:\n  alpha: 0.1\n", "--alpha 0.1: only the cft weighting"),
+        ("sft:\n  cft_alpha: 0.1\n", "--cft-alpha 0.1: only the cft weighting"),
         ("sft:\n  lora: maybe\n", "sft.lora: expected true or false"),
         ("decode:\n  alpha: 2\n", "decode.alpha 2: must lie in [0, 1]"),
         ("metrics:\n  ks: [1, a]\n", "metrics.ks: expected an integer, got 'a'"),
@@ -136,8 +136,8 @@ def test_cli_reports_unknown_yaml_key_on_one_line(tmp_path):
 # Every field of every stage config: settable from the CLI and from YAML, with a cache-key role
 
 
-def other_value(opt: cfg.Option):
-    """A valid value of the field that differs from its default."""
+def other_value(opt: cfg.Option, cls: type | None = None):
+    """A valid value of the field that differs from its default (with `cls`: one its config's rules accept too)."""
     if opt.choices:
         return next(c for c in opt.choices if c != opt.default)
     if opt.kind is bool:
@@ -145,14 +145,17 @@ def other_value(opt: cfg.Option):
     if opt.kind is list:
         return [2, 3] if opt.element is int else ["alpha_proj", "beta_proj"]
     if opt.kind is str:
-        return "some-value"
-    base = opt.default if opt.default is not None else (opt.min if opt.min is not None else 1)
-    low = opt.min if opt.min is not None else opt.gt
-    candidates = [base + 1, base + 0.5, base / 2, (low or 0) + 0.25]
+        candidates = ["some-value", "2"]  # "2": a text option that takes a count too (decode --batch-size)
+    else:
+        base = opt.default if opt.default is not None else (opt.min if opt.min is not None else 1)
+        low = opt.min if opt.min is not None else opt.gt
+        candidates = [base + 1, base + 0.5, base / 2, (low or 0) + 0.25]
     for value in candidates:
-        value = int(value) if opt.kind is int else float(value)
+        value = value if opt.kind is str else int(value) if opt.kind is int else float(value)
         try:
-            cfg.validate(opt, value, opt.cli_name)
+            cfg.check_value(opt, value, opt.cli_name)
+            if cls is not None:
+                cfg.check(dataclasses.replace(config_where_it_applies(cls, opt), **{opt.name: value}))
         except IgdrecError:
             continue
         if value != opt.default:
@@ -196,9 +199,9 @@ def test_every_field_is_settable_from_cli_and_yaml_and_has_a_key_role(stage, tmp
     for opt in cfg.options(cls):
         assert opt.declared, f"{cls.__name__}.{opt.name}: declare it with option(default, help, key=...)"
         assert opt.role in (cfg.KEY, cfg.RUN_SETTING, cfg.INPUT_FILE)
-        value = other_value(opt)
+        value = other_value(opt, cls)
 
-        # the settings under which the option acts (e.g. --weighting cft for --alpha)
+        # the settings under which the option acts (e.g. --weighting cft for --cft-alpha)
         conditions = {k: v[0] if isinstance(v, tuple) else v for k, v in opt.only.items()} if isinstance(opt.only, dict) else {}
         by_name = {o.name: o for o in cfg.options(cls)}
         condition_args = [arg for k, v in conditions.items() for arg in cli_args(by_name[k], v)]
@@ -215,9 +218,9 @@ def test_every_field_is_settable_from_cli_and_yaml_and_has_a_key_role(stage, tmp
         base = config_where_it_applies(cls, opt)
         changed = dataclasses.replace(base, **{opt.name: value if value != getattr(base, opt.name) else opt.default})
         if opt.role == cfg.KEY:
-            assert cfg.key_params(base)[opt.name] != cfg.key_params(changed)[opt.name], f"{stage}.{opt.name}"
+            assert cfg.key_params(base)[opt.in_key_as] != cfg.key_params(changed)[opt.in_key_as], f"{stage}.{opt.name}"
         else:  # a run setting or an input file (keyed by its content fingerprint) never is a key parameter
-            assert opt.name not in cfg.key_params(base) and opt.name not in cfg.key_params(changed), f"{stage}.{opt.name}"
+            assert opt.in_key_as not in cfg.key_params(base) and opt.in_key_as not in cfg.key_params(changed), f"{stage}.{opt.name}"
 
 
 NUMERIC = [(stage, opt) for stage, cls in cfg.STAGE_CONFIGS.items() for opt in cfg.options(cls)
@@ -351,3 +354,86 @@ def test_a_plain_dataclass_field_is_caught_by_the_coverage_test():
 
     (opt,) = cfg.options(Sloppy)
     assert not opt.declared and opt.role == cfg.KEY  # counted in the key until declared otherwise
+
+
+# --------------------------------------------------------------------------------------------------
+# A renamed option: sft --cft-alpha, formerly --alpha (decode's --alpha is IGD's calibration)
+
+
+def test_cft_alpha_keeps_alpha_as_its_cache_key_spelling():
+    config = cfg.SFTConfig(weighting="cft", cft_alpha=0.2)
+    params = cfg.key_params(config)
+    assert params["alpha"] == 0.2 and "cft_alpha" not in params
+    assert cfg.option_named(cfg.SFTConfig, "cft_alpha").in_key_as == "alpha"
+    # the key of every other option is its field name
+    assert all(o.in_key_as == o.name for cls in cfg.STAGE_CONFIGS.values() for o in cfg.options(cls) if o.name != "cft_alpha")
+    for cls in cfg.STAGE_CONFIGS.values():  # one key spelling per option; a former name names no other field
+        spellings = [o.in_key_as for o in cfg.options(cls)]
+        assert len(set(spellings)) == len(spellings), cls.__name__
+        assert not set(cfg.renamed(cls)) & {o.name for o in cfg.options(cls)}, cls.__name__
+
+
+def test_yaml_alpha_of_sft_still_reads_as_cft_alpha_with_one_warning_line(tmp_path, capsys):
+    cfg._warn.cache_clear()
+    old = cfg.load_pipeline(write(tmp_path, "sft:\n  weighting: cft\n  alpha: 0.1\n")).stage_config("sft")
+    warned = capsys.readouterr().err.strip().splitlines()
+    assert len(warned) == 1 and warned[0].startswith("warning:") and "sft.alpha is deprecated" in warned[0]
+    assert "sft.cft_alpha" in warned[0]
+    new = cfg.load_pipeline(write(tmp_path, "sft:\n  weighting: cft\n  cft_alpha: 0.1\n")).stage_config("sft")
+    assert old == new and old.cft_alpha == 0.1 and cfg.key_params(old) == cfg.key_params(new)
+    assert capsys.readouterr().err == ""  # the new name warns about nothing
+    with pytest.raises(IgdrecError, match=r"igdrec.yaml:sft.alpha and .*igdrec.yaml:sft.cft_alpha: .*give only the new one"):
+        cfg.load_pipeline(write(tmp_path, "sft:\n  weighting: cft\n  alpha: 0.1\n  cft_alpha: 0.2\n"))
+
+
+def test_cli_alpha_of_sft_still_sets_cft_alpha_with_one_warning_line(captured):
+    cfg._warn.cache_clear()
+    runner = CliRunner()
+    result = runner.invoke(app, ["sft", "--weighting", "cft", "--alpha", "0.1"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines() == [
+        "warning: sft --alpha is deprecated; it is now --cft-alpha (the same setting, the same cache key)"]
+    assert runner.invoke(app, ["sft", "--weighting", "cft", "--cft-alpha", "0.1"]).exit_code == 0
+    (_, old), (_, new) = captured
+    assert old == new and old.cft_alpha == 0.1
+    both = runner.invoke(app, ["sft", "--weighting", "cft", "--alpha", "0.1", "--cft-alpha", "0.2"])
+    assert both.exit_code != 0 and both.output.strip().splitlines() == [
+        "error: --alpha and --cft-alpha: --alpha is the former name of --cft-alpha; give only the new one"]
+    # the old flag is hidden from --help, whose --beta names both of its meanings
+    shown = runner.invoke(app, ["sft", "--help"], env={"COLUMNS": "200"}).output
+    assert "--cft-alpha" in shown and "--alpha " not in shown and "pos and cft" in shown
+
+
+def test_grid_weightings_cft_alpha_plans_the_same_fine_tunes_as_cft_alpha(tmp_path):
+    from igdrec.experiments import grid_config
+    from igdrec.experiments import plan as planning
+
+    text = (REPO / "configs" / "grid" / "paper.yaml").read_text()
+    assert "cft_alpha: [" in text
+    old_path = tmp_path / "old.yaml"
+    old_path.write_text(text.replace("cft_alpha: [", "alpha: ["))
+
+    def fine_tunes(path):
+        grid = grid_config.load_grid(path, run_root=tmp_path / "runs")
+        return [(s.path, cfg.key_params(s.config)) for d in grid.datasets for s in planning.fine_tunes(grid, d, "cft")]
+
+    new = fine_tunes(REPO / "configs" / "grid" / "paper.yaml")
+    assert len(new) > 1 and fine_tunes(old_path) == new
+
+
+def test_a_config_is_checked_once_however_many_layers_check_it(monkeypatch):
+    calls = []
+    original = cfg.DecodeConfig.check_fields
+    monkeypatch.setattr(cfg.DecodeConfig, "check_fields", lambda self: (calls.append(self), original(self))[-1])
+    monkeypatch.setattr(cfg, "_PASSED", set())
+    config = cfg.apply_cli(cfg.DecodeConfig(), {"alpha": "0.2"})
+    cfg.check(config)
+    cfg.check(dataclasses.replace(config))  # equal values: a copy is as checked as the original
+    assert len(calls) == 1
+    cfg.check(dataclasses.replace(config, alpha=0.3))  # other values are checked anew
+    assert len(calls) == 2
+    bad = dataclasses.replace(config, tfa="sasrec", constrained=False)
+    for _ in range(2):  # a config that fails is never remembered as checked
+        with pytest.raises(IgdrecError, match="--tfa scores catalog items"):
+            cfg.check(bad)
+    assert len(calls) == 4

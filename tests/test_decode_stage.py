@@ -35,6 +35,23 @@ def run(tmp_path, model_dir):
     return run
 
 
+def test_a_cli_decode_checks_its_config_once(run, model_dir, monkeypatch):
+    """The CLI, the runner and Decoder.from_run each ask for a check; the decode's rules run once."""
+    from igdrec import config as cfg
+
+    calls = []
+    original = DecodeConfig.check_fields
+    monkeypatch.setattr(DecodeConfig, "check_fields", lambda self: (calls.append(self), original(self))[-1])
+    monkeypatch.setattr(cfg, "_PASSED", set())
+    result = CliRunner().invoke(app, ["decode", "--model", str(model_dir), "--limit", "2", "--num-beams", "2",
+                                      "--run-dir", str(run.root)])
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1
+    # a Python caller's stage.run is checked at the runner's door
+    with pytest.raises(IgdrecError, match="--tfa scores catalog items"):
+        decode.run(DecodeConfig(model=str(model_dir), tfa="sasrec", constrained=False), run)
+
+
 def test_beams_artifact_is_consistent_with_the_trie(run, model_dir):
     config = DecodeConfig(model=str(model_dir), limit=5, num_beams=4, alpha=0.2, length_penalty=1.0, batch_size=3, shard_size=2)
     manifest = decode.run(config, run)
@@ -205,7 +222,8 @@ def test_cache_params_cover_every_keyed_field():
 def test_batch_size_auto_is_eight_on_cpu_and_fits_free_memory_on_cuda():
     from types import SimpleNamespace
 
-    from igdrec.decoding import AUTO_MEMORY_SHARE, auto_batch_size, parse_batch_size, sample_memory_bytes
+    from igdrec.config import parse_batch_size
+    from igdrec.decoding import AUTO_MEMORY_SHARE, auto_batch_size, sample_memory_bytes
 
     assert parse_batch_size("auto") is None and parse_batch_size(12) == 12 and parse_batch_size("3") == 3
     for bad in ("0", "-1", "many", 2.5):

@@ -32,7 +32,7 @@ def grid_yaml(tmp_path: Path, model_dir: Path, **changes) -> Path:
             "decode": {"limit": 6, "num_beams": 10, "batch_size": 8},
             "metrics": {"bootstrap": 50},
         },
-        "weightings": {"pos": {"beta": 0.5}, "cft": {"beta": 0.5, "alpha": 0.1}, "igd": {"beta": [0.1, 0.3]}},
+        "weightings": {"pos": {"beta": 0.5}, "cft": {"beta": 0.5, "cft_alpha": 0.1}, "igd": {"beta": [0.1, 0.3]}},
         "selection": {"alphas": ALPHAS, "valid_limit": 4},
     } | changes
     path = tmp_path / "grid.yaml"
@@ -68,8 +68,7 @@ def test_every_available_row_is_in_table1_and_equals_its_metrics_artifact(finish
     tmp, _, plan, _ = finished
     rows = _csv(tmp / "grid" / "reports" / "table1.csv")
     scores = [r for r in rows if r["kind"] == "score"]
-    available = [r for r in table_rows.TABLE1_ROWS if planning.row_unavailable(r) is None]
-    assert [r["row"] for r in scores] == available
+    assert [r["row"] for r in scores] == table_rows.TABLE1_ROWS
     for r in scores:
         summary = json.loads((tmp / "grid" / "toy" / "metrics" / f"{r['metrics']}.json").read_text())
         assert summary["split"] == "test" and int(r["n_samples"]) == summary["n_samples"] == 6
@@ -87,11 +86,6 @@ def test_every_available_row_is_in_table1_and_equals_its_metrics_artifact(finish
     for r in improvements:
         for m in report.METRICS:
             assert float(r[f"ci_low_{m}"]) <= float(r[f"diff_{m}"]) <= float(r[f"ci_high_{m}"])
-    # rows whose stage is missing are reported as such, never silently dropped
-    for row in table_rows.TABLE1_ROWS:
-        if planning.row_unavailable(row):
-            assert row in plan.unavailable
-            assert "n/a" in (tmp / "grid" / "reports" / "table1.md").read_text()
 
 
 def test_alpha_and_beta_are_chosen_on_valid_by_ndcg10(finished):
@@ -173,9 +167,6 @@ def test_only_runs_one_row_and_refuses_unknown_or_unavailable_rows(finished, tin
     assert [r.row for r in plan.rows] == ["d3"]
     with pytest.raises(IgdrecError, match="--only 'd4': unknown row \\(did you mean 'd3'\\?\\)"):
         planning.plan_grid(grid_config.load_grid(config), only="d4")
-    if planning.row_unavailable("sasrec"):
-        with pytest.raises(IgdrecError, match="baseline"):
-            planning.plan_grid(grid_config.load_grid(config), only="sasrec")
     result = CliRunner().invoke(app, ["grid", str(config), "--dry-run", "--only", "d3"])
     assert result.exit_code == 0 and "cached" in result.output
 

@@ -94,9 +94,9 @@ def paper_plan(tmp_path: Path) -> planning.Plan:
 def test_paper_grid_lists_pos_and_cft_candidate_fine_tunes_per_dataset_chosen_on_valid(tmp_path):
     spec = yaml.safe_load((REPO / "configs" / "grid" / "paper.yaml").read_text())
     pos_betas, cft = spec["weightings"]["pos"]["beta"], spec["weightings"]["cft"]
-    assert len(pos_betas) > 1 and len(cft["beta"]) * len(cft["alpha"]) > 1
+    assert len(pos_betas) > 1 and len(cft["beta"]) * len(cft["cft_alpha"]) > 1
     expected = {"pos": {f"sft/pos-b{b:g}" for b in pos_betas},
-                "cft": {f"sft/cft-b{b:g}-a{a:g}" for b in cft["beta"] for a in cft["alpha"]}}
+                "cft": {f"sft/cft-b{b:g}-a{a:g}" for b in cft["beta"] for a in cft["cft_alpha"]}}
     plan = paper_plan(tmp_path)
     records = dryrun.dry_run(plan)
     for dataset in ("games", "toys", "cds", "books"):
@@ -183,4 +183,4 @@ def test_method_doc_states_what_each_shipped_scale_selects():
         if scale != "paper":  # the paper's IGD β differs per dataset
             assert cells[1] == shown(w["igd"]["beta"])
         assert cells[2] == shown(w["pos"]["beta"])
-        assert cells[3] == f"{shown(w['cft']['beta'])} × {shown(w['cft']['alpha'])}"
+        assert cells[3] == f"{shown(w['cft']['beta'])} × {shown(w['cft']['cft_alpha'])}"

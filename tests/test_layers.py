@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors", "console", "config"),
     ("schema", "assets", "rundir", "sources", "prompt", "ig", "weighting", "dropout", "fused_lora", "modeling",
      "assistant", "beam", "distributed", "precision", "checkpoints", "flops", "schedule", "sft_data", "sft_loss",
-     "training", "decoding", "seqrec", "metrics", "reranking", "inspect"),
+     "training", "decoding", "seqrec", "metrics", "reranking", "explain"),
     ("runner",),
     ("stages",),
     ("experiments.rows",),

@@ -153,6 +153,16 @@ def test_api_refuses_bad_histories(recommender):
         recommender.recommend(["Heat"], k=0)
 
 
+def test_api_load_checks_its_decode_options(run):
+    """Recommender.load is an entry point: its options get the CLI's one-line errors before anything loads."""
+    from igdrec.config import DecodeConfig
+
+    with pytest.raises(IgdrecError, match=r"^--alpha 2: must lie in \[0, 1\]$"):
+        Recommender.load(run.root, sft=SFT, alpha=2.0)
+    with pytest.raises(IgdrecError, match=r"^--batch-size 'many': expected a positive integer or auto$"):
+        Recommender.load(run.root, sft=SFT, config=DecodeConfig(batch_size="many"))
+
+
 @pytest.mark.parametrize("bad", [1.7, 1.0, True, None, np.float64(2.0), [3]])
 def test_api_ids_must_be_integers(recommender, bad):
     """1.7 or True once silently meant item 1, None ended in a TypeError."""

@@ -33,7 +33,7 @@ def test_default_names():
     assert sft.default_name(SFTConfig(beta=0.1)) == "igd-b0.1"
     assert sft.default_name(SFTConfig(weighting="plain", sample=256)) == "plain-s256"
     assert sft.default_name(SFTConfig(weighting="pos", beta=0.5)) == "pos-b0.5"
-    assert sft.default_name(SFTConfig(weighting="cft", beta=0.5, alpha=0.1)) == "cft-b0.5-a0.1"
+    assert sft.default_name(SFTConfig(weighting="cft", beta=0.5, cft_alpha=0.1)) == "cft-b0.5-a0.1"
 
 
 def test_cli_igd_lora_run_publishes_a_loadable_adapter_and_a_log(run_with_ig, tiny_model_dir):
@@ -122,8 +122,8 @@ def test_igd_needs_an_ig_index_and_checks_its_arrays(tiny_model_dir, tmp_path):
 
 
 def test_bad_options_are_one_line_errors(run_with_ig, tiny_model_dir):
-    with pytest.raises(IgdrecError, match="--alpha"):
-        sft.run(config(tiny_model_dir, weighting="igd", alpha=0.1), run_with_ig)
+    with pytest.raises(IgdrecError, match="--cft-alpha"):
+        sft.run(config(tiny_model_dir, weighting="igd", cft_alpha=0.1), run_with_ig)
     with pytest.raises(IgdrecError, match="--beta"):
         sft.run(config(tiny_model_dir, beta=1.5), run_with_ig)
     with pytest.raises(IgdrecError, match="--weighting"):

@@ -112,6 +112,12 @@ def _parameter(opt: cfg.Option) -> inspect.Parameter:
     return inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, default=_default_text(opt), annotation=Annotated[Optional[str], info])
 
 
+def _former_parameter(former: str, opt: cfg.Option) -> inspect.Parameter:
+    """The hidden option that still accepts a renamed field's former name (config.py warns when it is used)."""
+    info = typer.Option("--" + former.replace("_", "-"), help=f"Deprecated: {opt.cli_name}.", metavar=_metavar(opt), hidden=True)
+    return inspect.Parameter(former, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[str], info])
+
+
 def field_option(config_cls: type, name: str, panel: str | None = None):
     """A stage-config field as an option of a hand-written command (same name, help and metavar):
 
@@ -135,12 +141,13 @@ def stage_command(
     config_cls = cfg.STAGE_CONFIGS[stage]
     opts = cfg.options(config_cls)
     extra_names = [p.name for p in extra]
-    clash = {o.name for o in opts} & (set(_COMMON) | set(extra_names))
+    clash = ({o.name for o in opts} | set(cfg.renamed(config_cls))) & (set(_COMMON) | set(extra_names))
     if clash:
         raise TypeError(f"{config_cls.__name__}: field(s) {', '.join(sorted(clash))} clash with options of the `{stage}` command")
     common = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a) for n, (a, d) in _COMMON.items()]
     context = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
-    parameters = [context] + [_parameter(o) for o in opts] + list(extra) + common
+    former = [_former_parameter(name, o) for name, o in cfg.renamed(config_cls).items()]
+    parameters = [context] + [_parameter(o) for o in opts] + former + list(extra) + common
 
     def command(ctx: typer.Context, **values: Any) -> None:
         settings = {name: values.pop(name) for name in _COMMON}
@@ -245,9 +252,9 @@ def prompt(
 ):
     """Print the exact prompt the model sees for a sample (the contract between SFT and decode)."""
     try:
-        from igdrec import inspect as inspection
+        from igdrec import explain
 
-        inspection.show_prompt(RunDir(run_dir), split=split, sample_id=sample_id, as_ids=ids, model=model)
+        explain.show_prompt(RunDir(run_dir), split=split, sample_id=sample_id, as_ids=ids, model=model)
     except IgdrecError as exc:
         _fail(exc)
 
@@ -260,9 +267,9 @@ def ig_show(
 ):
     """Show an item's token path with each token's IG, normalised IG and prefix entropy."""
     try:
-        from igdrec import inspect as inspection
+        from igdrec import explain
 
-        inspection.show_item_ig(RunDir(run_dir), item_id=item_id, title=title)
+        explain.show_item_ig(RunDir(run_dir), item_id=item_id, title=title)
     except IgdrecError as exc:
         _fail(exc)
 

@@ -9,6 +9,11 @@ values it accepts. Everything else is derived from these declarations:
 - validation: `parse` (types), `check` (choices, bounds, a config's own cross-field rules), with
   one-line errors that name the option (`--max-steps`) or the file and key (`x.yaml:sft.max_steps`).
 
+Validation runs once per invocation, at the entry: the command line (`apply_cli`) and the YAML loader
+(`build`) check what they build; the runner checks a config handed to `stage.run` by Python code. The rules
+are pure functions of the values, so `check` remembers the values it passed and a second check of the
+same values (the runner's after the CLI's) costs nothing (docs/architecture.md).
+
 A YAML config has one section per stage plus `run_dir` and `stages` (the stages `igdrec run` executes,
 in order; default: those with a section, in pipeline order). A stage command loads its section (from
 `--config`, if given) and then applies the options the user passed explicitly.
@@ -73,6 +78,8 @@ def option(
     input: bool = False,
     flags: str | None = None,
     artifact: bool = False,
+    key_name: str | None = None,
+    renamed_from: str | None = None,
 ):
     """A stage-config field with its help text, cache-key role and accepted values, written once.
 
@@ -93,13 +100,17 @@ def option(
     `flags`: the command-line spelling of a bool, e.g. "--lora/--full" (default "--name/--no-name").
     `artifact=True`: the value names an artifact of the run (`--name`, `--sft NAME`...), so it must pass
     `check_artifact_name`.
+    `key_name`: the field's spelling in the cache key, where it was renamed after results were cached
+    under the old name (the key, and so every cached result, stays the same).
+    `renamed_from`: the field's former name, still accepted as `--old-name` and YAML `old_name:` with a
+    one-line deprecation warning.
     The CLI options, the YAML loader, the validation and the cache keys are all derived from these fields.
     """
     role = INPUT_FILE if input else KEY if key else RUN_SETTING
     metadata = {
         "help": help, "key": role == KEY, "role": role, "choices": tuple(choices) if choices else None,
         "min": min, "max": max, "gt": gt, "lt": lt, "pattern": pattern, "as_set": as_set, "only": only, "flags": flags,
-        "artifact": artifact,
+        "artifact": artifact, "key_name": key_name, "renamed_from": renamed_from,
     }
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
@@ -107,8 +118,8 @@ def option(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Stage configs. A docstring is the help of the stage's command. `cross_check` (optional) holds the
-# rules that involve several fields.
+# Stage configs. A docstring is the help of the stage's command. `check_fields` (optional) holds the
+# rules that involve several fields (or more than `option()` can say); `check` runs it.
 
 # The word lists of the options, written here only: the libraries import them from this module (which
 # stays free of torch and polars, so `igdrec --help` loads neither); tests/test_written_once.py.
@@ -186,9 +197,12 @@ class SFTConfig:
     """Fine-tune the LLM on next-item titles with plain, Pos, CFT or IGD token weights (<run>/sft/NAME)."""
 
     weighting: str = option("igd", "Token weighting (docs/method.md §5).", choices=WEIGHTINGS)
-    beta: float = option(0.1, "IGD: weight of zero-IG tokens; Pos/CFT: weight of the last target token.",
+    beta: float = option(0.1, "Means two things by --weighting: igd = the weight of target tokens whose IG is 0 "
+                              "(w_t, docs/method.md §5); pos and cft = the weight of the last target token.",
                          min=0.0, max=1.0, only=lambda c: c.weighting != "plain")
-    alpha: float = option(0.0, "CFT: weight of the causal loss.", min=0.0, only={"weighting": "cft"})
+    # Named apart from decode's --alpha (IGD's decoding calibration); cached results key it as "alpha".
+    cft_alpha: float = option(0.0, "CFT: weight α of the causal loss term (docs/method.md §5); not decode's --alpha.",
+                              min=0.0, only={"weighting": "cft"}, key_name="alpha", renamed_from="alpha")
     model: str = option(EMBEDDED_MODEL, "smollm2-135m, a Hugging Face id or a local directory.")
     name: str | None = option(None, "Name of this fine-tune (default from weighting and parameters).", key=False, artifact=True)
     sample: int | None = option(None, "Train on a seeded random subset of N training samples (default: all).", min=1)
@@ -239,9 +253,9 @@ class SFTConfig:
         key=False)
     compile: bool = option(False, "torch.compile the decoder blocks (pays off on GPU for long runs).", key=False)
 
-    def cross_check(self) -> None:
-        if self.alpha != 0.0 and self.weighting != "cft":
-            raise IgdrecError(f"--alpha {self.alpha}: only the cft weighting has a causal loss (use --weighting cft)")
+    def check_fields(self) -> None:
+        if self.cft_alpha != 0.0 and self.weighting != "cft":
+            raise IgdrecError(f"--cft-alpha {self.cft_alpha}: only the cft weighting has a causal loss (use --weighting cft)")
 
 
 @dataclass
@@ -278,7 +292,8 @@ class DecodeConfig:
         "cancel the assistant, so it is refused (docs/method.md §6.4).", min=0.0, max=1.0,
         only=lambda c: c.tfa is not None)
 
-    def cross_check(self) -> None:
+    def check_fields(self) -> None:
+        parse_batch_size(self.batch_size)
         if self.tfa is not None and not self.constrained:
             raise IgdrecError("--tfa scores catalog items: it needs a constrained search (drop --unconstrained)")
         if self.tfa is not None and self.tfa_guidance == 1.0:
@@ -305,7 +320,7 @@ class RerankConfig:
     grounding_batch_size: int = option(32, "Texts per forward pass when embedding for --grounding.", key=False, min=1)
     device: str = _device_option("The grounding model's device: auto, cpu, cuda, cuda:N or mps.")
 
-    def cross_check(self) -> None:
+    def check_fields(self) -> None:
         if self.grounding_model and not self.grounding:
             raise IgdrecError(f"--grounding-model {self.grounding_model}: only used with --grounding")
 
@@ -333,6 +348,20 @@ class BaselineConfig:
     eval_batch_size: int = option(4096, "Windows per scoring batch (validation, test).", key=False, min=1)
     device: str = _device_option()
 
+    def check_fields(self) -> None:
+        if self.model == "sasrec" and self.hidden_size % self.n_heads:
+            raise IgdrecError(f"--hidden-size {self.hidden_size}: must be a multiple of --n-heads {self.n_heads}")
+
+
+def parse_batch_size(value) -> int | None:
+    """Decode's --batch-size as a number of samples, or None for "auto"."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return None
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise IgdrecError(f"--batch-size {value!r}: expected a positive integer or auto")
+
 
 @dataclass
 class MetricsConfig:
@@ -352,7 +381,7 @@ class MetricsConfig:
     bootstrap: int = option(1000, "Paired bootstrap resamples of --compare.", min=1, key=False)
     seed: int = option(0, "Seed of the --compare bootstrap.", key=False, min=0, max=SEED_MAX)
 
-    def cross_check(self) -> None:
+    def check_fields(self) -> None:
         if self.rerank is not None and self.baseline is not None:
             raise IgdrecError(f"--rerank {self.rerank} and --baseline {self.baseline}: score one of them at a time")
 
@@ -393,10 +422,16 @@ class Option:
     only: dict | Callable | None = None
     flags: str | None = None
     artifact: bool = False
+    key_name: str | None = None  # the cache key's spelling, where it is not `name`
+    renamed_from: str | None = None  # the former name, still accepted with a warning
 
     @property
     def cli_name(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+    @property
+    def in_key_as(self) -> str:
+        return self.key_name or self.name
 
     @property
     def kind(self) -> type:
@@ -438,13 +473,40 @@ def options(cls: type) -> tuple[Option, ...]:
             declared="help" in meta and bool(meta.get("help")), choices=meta.get("choices"), min=meta.get("min"),
             max=meta.get("max"), gt=meta.get("gt"), lt=meta.get("lt"), pattern=meta.get("pattern"),
             as_set=meta.get("as_set", False), only=meta.get("only"), flags=meta.get("flags"),
-            artifact=meta.get("artifact", False),
+            artifact=meta.get("artifact", False), key_name=meta.get("key_name"), renamed_from=meta.get("renamed_from"),
         ))
     return tuple(result)
 
 
 def option_named(cls: type, name: str) -> Option:
     return next(o for o in options(cls) if o.name == name)
+
+
+def renamed(cls: type) -> dict[str, Option]:
+    """Former field names of a stage config -> the option that took each over."""
+    return {o.renamed_from: o for o in options(cls) if o.renamed_from}
+
+
+def _new_names(cls: type, values: dict[str, Any], where: Callable[[str], str], prefix: str = "") -> dict[str, Any]:
+    """`values` with a former field name replaced by the field's name, each use warned about on one line;
+    `where(name)` spells a name as the user wrote it (`--alpha`, `x.yaml:sft.alpha`)."""
+    old = renamed(cls)
+    values = dict(values)
+    for name in [n for n in values if n in old]:
+        opt = old[name]
+        if opt.name in {n.replace("-", "_") for n in values}:
+            raise IgdrecError(f"{where(name)} and {where(opt.name)}: {where(name)} is the former name of {where(opt.name)}; "
+                              "give only the new one")
+        values[opt.name] = values.pop(name)
+        _warn(f"warning: {prefix}{where(name)} is deprecated; it is now {where(opt.name)} (the same setting, the same cache key)")
+    return values
+
+
+@functools.cache  # once per message and process: the grid builds one config many times
+def _warn(message: str) -> None:
+    from igdrec.console import err_console, shown
+
+    err_console.print(shown(message), soft_wrap=True)
 
 
 def describe(cls: type) -> str:
@@ -459,7 +521,7 @@ def key_params(config) -> dict:
     A stage adds what only it can resolve (a resolved upstream name, a tokenizer identity) on top.
     """
     values = dataclasses.asdict(config)
-    return {o.name: _as_set(o, values[o.name]) for o in options(type(config)) if o.role == KEY and o.applies(config)}
+    return {o.in_key_as: _as_set(o, values[o.name]) for o in options(type(config)) if o.role == KEY and o.applies(config)}
 
 
 def _shape(annotation: Any) -> tuple[type, bool, type | None]:
@@ -550,7 +612,7 @@ def _type_name(kind: type, element: type | None = None) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, getattr(kind, "__name__", str(kind)))
 
 
-def validate(opt: Option, value: Any, where: str) -> None:
+def check_value(opt: Option, value: Any, where: str) -> None:
     """Choices, bounds and the artifact-name rule of one field's value (each element of a list)."""
     if opt.kind is list and value is not None and len(value) == 0:
         raise IgdrecError(f"{where}: expected at least one value")
@@ -589,29 +651,42 @@ def _num(x: float) -> str:
     return str(x) if isinstance(x, int) else f"{x:g}"
 
 
+# The values `check` passed, per config class: the rules are pure functions of the values, so a config
+# is checked once per invocation however many layers (CLI, runner, library) hand it on.
+_PASSED: set[tuple[type, str]] = set()
+
+
 def check(config) -> None:
-    """Every field's choices and bounds, then the config's cross-field rules; errors name the option."""
+    """Every field's choices and bounds, then the config's own rules (`check_fields`); errors name the option.
+
+    Values that passed before pass again without running the rules a second time.
+    """
+    values = (type(config), repr(dataclasses.astuple(config)))
+    if values in _PASSED:
+        return
     for opt in options(type(config)):
-        validate(opt, getattr(config, opt.name), opt.cli_name)
-    cross_check = getattr(config, "cross_check", None)
-    if cross_check is not None:
-        cross_check()
-
-
-def override(config, **changes):
-    """A checked copy of `config` with every change that is not None applied (CLI flags win over YAML)."""
-    config = dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
-    check(config)
-    return config
+        check_value(opt, getattr(config, opt.name), opt.cli_name)
+    check_fields = getattr(config, "check_fields", None)
+    if check_fields is not None:
+        check_fields()
+    _PASSED.add(values)
 
 
 def apply_cli(config, given: dict[str, Any]):
-    """`config` with the options the user typed (raw strings, bools or lists, None = not given) applied."""
-    by_name = {o.name: o for o in options(type(config))}
-    changes = {name: parse(by_name[name], raw, by_name[name].cli_name) for name, raw in given.items() if raw is not None}
-    config = dataclasses.replace(config, **changes)
+    """`config`, checked, with the options the user typed (raw strings, bools or lists, None = not given)
+    applied; a former option name (`renamed_from`) is taken for the new one with a warning."""
+    cls = type(config)
+    given = _new_names(cls, {k: v for k, v in given.items() if v is not None}, lambda n: "--" + n.replace("_", "-"),
+                       f"{_stage_name(cls)} ")
+    by_name = {o.name: o for o in options(cls)}
+    changes = {name: parse(by_name[name], raw, by_name[name].cli_name) for name, raw in given.items()}
+    config = dataclasses.replace(config, **changes) if changes else config
     check(config)
     return config
+
+
+def _stage_name(cls: type) -> str:
+    return next(stage for stage, c in STAGE_CONFIGS.items() if c is cls)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -632,12 +707,12 @@ def build(cls: type, values: dict[str, Any], where: str):
     """A stage config from one YAML section; `where` ("file:section") prefixes every error."""
     known = {o.name: o for o in options(cls)}
     parsed = {}
-    for key, value in values.items():
-        name = str(key).replace("-", "_")
+    for key, value in _new_names(cls, {str(key): value for key, value in values.items()}, lambda n: f"{where}.{n}").items():
+        name = key.replace("-", "_")
         if name not in known:
             raise IgdrecError(f"{where}: unknown key {key!r}{suggestion(name, known) or '; known: ' + ', '.join(known)}")
         parsed[name] = parse(known[name], value, f"{where}.{name}")
-        validate(known[name], parsed[name], f"{where}.{name}")
+        check_value(known[name], parsed[name], f"{where}.{name}")
     config = cls(**parsed)
     try:
         check(config)

@@ -67,14 +67,6 @@ def resolve_source(run: RunDir, sft: str | None, model: str | None) -> ModelSour
     return ModelSource(label=label, spec=model, sft=None, inputs={}, key={"model": key_model})
 
 
-def decode_model_spec(run: RunDir, manifest: dict) -> str:
-    """The model a finished decode used (for stages that need it again, e.g. rerank's grounding)."""
-    params = manifest["params"]
-    if params.get("sft"):
-        return str(run.stage_dir(f"sft/{params['sft']}") / "model")
-    return params["model"]
-
-
 # --------------------------------------------------------------------------- the catalog
 
 
@@ -223,16 +215,6 @@ class TextFreeAssistant:
 # --------------------------------------------------------------------------- batch size
 
 
-def parse_batch_size(value) -> int | None:
-    """An int ≥ 1, or None for "auto"."""
-    text = str(value).strip().lower()
-    if text == "auto":
-        return None
-    if text.isdigit() and int(text) >= 1:
-        return int(text)
-    raise IgdrecError(f"--batch-size {value!r}: expected a positive integer or auto")
-
-
 def sample_memory_bytes(model_config, num_beams: int, prompt_len: int, new_tokens: int, dtype_bytes: int) -> int:
     """Peak GPU memory one sample of a decode batch needs, from the model's shape.
 
@@ -278,7 +260,7 @@ class Decoder:
         self.config = config
         self.source = source
         self.device = next(model.parameters()).device
-        self.fixed_batch_size = parse_batch_size(config.batch_size)
+        self.fixed_batch_size = cfg.parse_batch_size(config.batch_size)
         self.last_batch_size: int | None = None
         longest = config.max_new_tokens or catalog.trie.max_depth
         if float(longest + 1) ** config.length_penalty > float(np.finfo(np.float32).max):  # S / L^lp would be -0 for all
@@ -296,15 +278,21 @@ class Decoder:
     @classmethod
     def from_run(cls, run_dir: RunDir | str | Path, config: DecodeConfig | None = None, **options) -> "Decoder":
         """Load the model (`sft=NAME` or `model=SPEC`) and catalog of a run; `options` override `config`'s
-        fields (None leaves a field as it is)."""
+        fields (None leaves a field as it is).
+
+        A config handed in as it is counts as checked (the runner checked the decode stage's); one assembled
+        here from `options` (the Python API's) is checked before anything loads.
+        """
         from igdrec.modeling import inference_dtype, load_model, load_tokenizer, pick_device
 
         run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         unknown = sorted(set(options) - {f.name for f in dataclasses.fields(DecodeConfig)})
         if unknown:
             raise TypeError(f"unknown decode option(s): {', '.join(unknown)}")
-        config = dataclasses.replace(config or DecodeConfig(), **{k: v for k, v in options.items() if v is not None})
-        validate(config)
+        changes = {k: v for k, v in options.items() if v is not None}
+        if config is None or changes:
+            config = dataclasses.replace(config or DecodeConfig(), **changes)
+            cfg.check(config)  # free where the values are a checked config's (the CLI's `recommend`)
         catalog = Catalog.load(run)
         source = resolve_source(run, config.sft, config.model)
         tokenizer = load_tokenizer(source.spec)
@@ -396,8 +384,3 @@ class Decoder:
     def stats(self):
         return self.engine.stats
 
-
-def validate(config: DecodeConfig) -> None:
-    """One-line errors for decode settings that cannot work, before anything is loaded."""
-    cfg.check(config)
-    parse_batch_size(config.batch_size)

@@ -9,7 +9,3 @@ class IgdrecError(Exception):
     """
 
     exit_code = 2
-
-
-class StageNotBuilt(IgdrecError):
-    exit_code = 3

@@ -9,13 +9,14 @@ class in `config.STAGE_CONFIGS`; adding a stage is that module plus that registr
 
 and, where it needs them,
 
-    check(config)                       rules beyond the config's own (default: `config.check`)
     prepare(plan, writer) -> world      work before the stage directory opens (load data, a model, join
                                         torchrun's process group); the world's rank 0 alone publishes
     report(plan, manifest, cached)      what it prints once its result is published (or found cached),
                                         before the runner's "wrote NAME (next: …)" line
 
-The CLI's stage commands, `igdrec run` and the grid all run stages through `run_stage`.
+The CLI's stage commands, `igdrec run` and the grid all run stages through `run_stage`. Its check is
+`config.check`: the entry point of a Python caller's `stage.run(config, ...)`, and free for a config the
+command line or the YAML loader already checked (each rule lives in config.py, none in a stage).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def stage_module(stage: str):
 def plan_stage(stage: str, config, run: RunDir) -> StagePlan:
     """The stage's checked config planned against the run directory (raises what the stage would)."""
     module = stage_module(stage)
-    getattr(module, "check", cfg.check)(config)
+    cfg.check(config)
     return module.plan(config, run)
 
 

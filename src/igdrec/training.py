@@ -70,7 +70,7 @@ def train(
     """Fine-tune `model` in place with `config`'s scheme and loop settings (resuming from `checkpoint_dir`
     with `config.resume`); at the end it holds the weights of the best validation (if any)."""
     per_epoch, total_steps = planned_steps(len(train_data), config, world.size)
-    loss_module = WeightedLoss(model, config.weighting, config.alpha, share_prefix=config.share_prefix)
+    loss_module = WeightedLoss(model, config.weighting, config.cft_alpha, share_prefix=config.share_prefix)
     optimiser = _Optimiser(model, config, device, precision.autocast, total_steps)
     loop = _LoopState()
     checkpoint_path = checkpoint_dir / checkpoints.CHECKPOINT

@@ -107,8 +107,6 @@ def print_dry_run(plan: Plan) -> list[dict]:
             console.print("estimated per dataset: " + ", ".join(f"{k} {v:.1f} h" for k, v in per.items()), soft_wrap=True)
         console.print(f"estimated cost of what is left: {sum(known) / 3600:.2f} h "
                       f"(cost model `cost:` in {plan.grid.path}; {len(todo) - len(known)} steps without an estimate)", soft_wrap=True)
-    for row, why in plan.unavailable.items():
-        console.print(f"[yellow]left out:[/] {row}: {why}", soft_wrap=True)
     console.print(f"chosen on the validation split by {plan.grid.selection.metric} (ties: the earlier candidate; the "
                   "reference picks α by test metrics, we do not):", soft_wrap=True)
     for dataset in plan.grid.datasets:

@@ -46,7 +46,6 @@ class GridConfig:
     datasets: list[Dataset]
     selection: Selection
     rows: list[str]
-    explicit_rows: bool
     tfa_guidance: float
     cost: dict = field(default_factory=dict)  # cost model for --dry-run (see estimate_seconds())
     raw: dict = field(default_factory=dict)
@@ -83,7 +82,7 @@ def _value(cls: type, name: str, value: Any, where: str) -> Any:
     """A grid value parsed and bounded by the stage option it stands for (config.py declares each once)."""
     opt = cfg.option_named(cls, name)
     parsed = cfg.parse(opt, value, where)
-    cfg.validate(opt, parsed, where)
+    cfg.check_value(opt, parsed, where)
     return parsed
 
 
@@ -212,7 +211,6 @@ def load_grid(path: str | Path, run_root: str | Path | None = None, check_metric
         rows = [r.strip() for r in rows.split(",") if r.strip()]
     if rows != "all" and (not isinstance(rows, list) or not rows):
         raise IgdrecError(f"{path}:rows: expected `all` or a list of rows, got {rows!r}; known rows: {', '.join(ROWS)}")
-    explicit = rows != "all"
     rows = list(ROWS) if rows == "all" else list(rows)
     for row in rows:
         if row not in ROWS:
@@ -220,7 +218,7 @@ def load_grid(path: str | Path, run_root: str | Path | None = None, check_metric
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise IgdrecError(f"{path}:rows: unknown row {row!r}{hint}; known: {', '.join(ROWS)}")
     tfa_guidance = _value(cfg.DecodeConfig, "tfa_guidance", raw.get("tfa_guidance", 0.5), f"{path}:tfa_guidance")
-    grid = GridConfig(path, str(raw.get("scale", path.stem)), root, datasets, selection, rows, explicit,
+    grid = GridConfig(path, str(raw.get("scale", path.stem)), root, datasets, selection, rows,
                       tfa_guidance, _cost(raw.get("cost"), f"{path}:cost"), raw)
     if check_metrics:
         _check_metrics(grid)

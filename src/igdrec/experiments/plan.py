@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from igdrec import config as cfg
-from igdrec import runner
 from igdrec.errors import IgdrecError
 from igdrec.experiments.grid_config import CONFIG_COPY, Dataset, GridConfig, load_grid
 from igdrec.experiments.rows import ROWS
@@ -60,33 +59,6 @@ class RowPlan:
 class Plan:
     grid: GridConfig
     rows: list[RowPlan]
-    unavailable: dict[str, str]  # row -> why it cannot run with this igdrec
-
-
-def stage_available(stage: str) -> bool:
-    """Whether this igdrec has the stage: its config class, its module, and the CLI's runner knows it."""
-    import importlib.util
-
-    module = runner.STAGE_MODULES.get(stage)
-    return stage in cfg.STAGE_CONFIGS and module is not None and importlib.util.find_spec(module) is not None
-
-
-def _has_field(cls: type, name: str) -> bool:
-    return name in {f.name for f in dataclasses.fields(cls)}
-
-
-def row_unavailable(row: str) -> str | None:
-    spec = ROWS[row]
-    if "baseline" in spec and not stage_available("baseline"):
-        return "needs the `baseline` stage (igdrec baseline), which this igdrec does not have yet"
-    if "baseline" in spec and not _has_field(cfg.MetricsConfig, "baseline"):
-        return "needs MetricsConfig.baseline (metrics of a baseline's topk), which this igdrec does not have yet"
-    if spec.get("tfa"):
-        if not _has_field(cfg.DecodeConfig, "tfa"):
-            return "needs TFA inside decode (DecodeConfig.tfa), which this igdrec does not have yet"
-        if not stage_available("baseline"):
-            return "needs the `baseline` stage for its SASRec assistant, which this igdrec does not have yet"
-    return None
 
 
 def _fmt(value: float) -> str:
@@ -191,18 +163,8 @@ def plan_grid(grid: GridConfig, only: str | None = None) -> Plan:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise IgdrecError(f"--only {only!r}: unknown row{hint}; known: {', '.join(ROWS)}")
     wanted = [only] if only else grid.rows
-    unavailable = {}
-    for row in wanted:
-        why = row_unavailable(row)
-        if why:
-            if only:
-                raise IgdrecError(f"--only {row}: the row {why}")
-            if grid.explicit_rows:
-                raise IgdrecError(f"{grid.path}:rows: {row} {why}; leave it out of `rows:`")
-            unavailable[row] = why
-    runnable = [row for row in wanted if row not in unavailable]
-    rows = [_Planner(grid, dataset).row(row) for dataset in grid.datasets for row in runnable]  # dataset by dataset
-    return Plan(grid, rows, unavailable)
+    rows = [_Planner(grid, dataset).row(row) for dataset in grid.datasets for row in wanted]  # dataset by dataset
+    return Plan(grid, rows)
 
 
 def count_cells(plan: Plan) -> int:

@@ -170,9 +170,6 @@ def table1(c: _Collected, out: Path) -> list[dict]:
         rows = []
         for row in TABLE1_ROWS:
             key = (ds.name, row)
-            if row in c.plan.unavailable:
-                rows.append([ROWS[row]["label"], *["n/a"] * 4, "", "", "", *([_f(v) for v in paper[row]] if paper and row in paper else ["—"] * 4 if paper else [])])
-                continue
             if key not in c.by_key:
                 continue
             cell, values = c.cell(*key), c.values(*key)
@@ -211,8 +208,7 @@ def table1(c: _Collected, out: Path) -> list[dict]:
            "paired-bootstrap 95% interval over the test samples (resamples: the metrics `bootstrap` setting, default 1000). "
            "**What the interval covers:** test-sample noise only — both rows' lists are held fixed and the test samples are "
            "resampled in pairs — for one fine-tuning run per row (one seed); the variation between fine-tuning seeds and the "
-           "choice of α/β on validation are not in it. Rows marked n/a need a stage "
-           "this igdrec does not have yet (see README.md). α, and the fine-tune where a weighting lists candidates (IGD β, "
+           "choice of α/β on validation are not in it. α, and the fine-tune where a weighting lists candidates (IGD β, "
            "Pos β, CFT β × α), were chosen on the validation split; the paper's columns are the paper's own numbers (Qwen2.5-1.5B, full Amazon test sets), "
            "never ours."]
     (out / "table1.md").write_text("\n".join(md) + "\n")
@@ -430,8 +426,6 @@ def readme(c: _Collected, out: Path, made: list[tuple[str, str]], figure_error: 
             shown = ", ".join(f"{s['sft']} α={s['alpha']:g}: {_f(s[metric])}" for s in scores)
             lines.append(f"- {dataset} / {row}: {shown} → {chosen}")
         lines.append("")
-    if c.plan.unavailable:
-        lines += ["## Rows not run", ""] + [f"- {row}: {why}" for row, why in c.plan.unavailable.items()] + [""]
     lines += ["## Wall time per phase (this run directory, summed over resumed runs)", "",
               _md_table(["phase", "wall time"], [[p, f"{s / 60:.1f} min"] for p, s in sorted(phases.items())] or [["—", "—"]]), "",
               "## Figures", ""]

@@ -21,7 +21,7 @@ from igdrec.errors import IgdrecError
 from igdrec.experiments import report as report_module
 from igdrec.experiments.dryrun import cache_state
 from igdrec.experiments.grid_config import CONFIG_COPY, GRID_STATE
-from igdrec.experiments.plan import Cell, Plan, Step, count_cells, plan_grid, stage_available
+from igdrec.experiments.plan import Cell, Plan, Step, count_cells, plan_grid
 from igdrec.experiments.select import resolve_test_cell
 from igdrec.rundir import write_json_atomic
 
@@ -56,8 +56,6 @@ def run_step(step: Step, force: bool = False) -> None:
     if step.stage == "sft" and _gpu_count() > 1:
         _run_sft_torchrun(step, force, _gpu_count())
         return
-    if step.stage == "baseline" and not stage_available("baseline"):
-        raise IgdrecError(f"{step.path}: the `baseline` stage is not part of this igdrec yet")
     runner.run_stage(step.stage, step.config, step.run_dir, force)
 
 
@@ -94,8 +92,6 @@ def run_grid(plan: Plan, force: bool = False, report: bool = True) -> dict:
     state_path = grid.run_root / GRID_STATE
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     phases: dict[str, float] = state.get("wall_time_s", {})
-    for row, why in plan.unavailable.items():
-        err_console.print(f"[yellow]note:[/] row {row} is left out: it {why}")
     progress = _Progress(count_cells(plan))
     done_steps: set[tuple[str, str]] = set()
 

@@ -7,12 +7,12 @@ and evaluation (`evaluation`), windows as padded tensors (`data`). The `baseline
 from igdrec.seqrec.checkpoint import load_recommender, save_recommender
 from igdrec.seqrec.data import SequenceBatch, SequenceData, pad_histories
 from igdrec.seqrec.evaluation import RankingEvaluator, rank_items, title_groups, topk_frame
-from igdrec.seqrec.models import GRU4Rec, ModelSettings, MostPopular, Recommender, SASRec, TrainableRecommender, build_model
-from igdrec.seqrec.trainer import EpochRecord, Trainer, TrainResult
+from igdrec.seqrec.models import GRU4Rec, ModelSettings, MostPopular, SequentialRecommender, SASRec, TrainableSequentialRecommender, build_model
+from igdrec.seqrec.trainer import EpochRecord, Trainer, BaselineTrainResult
 
 __all__ = [
-    "GRU4Rec", "ModelSettings", "MostPopular", "Recommender", "SASRec", "TrainableRecommender", "build_model",
+    "GRU4Rec", "ModelSettings", "MostPopular", "SequentialRecommender", "SASRec", "TrainableSequentialRecommender", "build_model",
     "load_recommender", "save_recommender", "SequenceBatch", "SequenceData", "pad_histories",
     "RankingEvaluator", "rank_items", "title_groups", "topk_frame",
-    "EpochRecord", "Trainer", "TrainResult",
+    "EpochRecord", "Trainer", "BaselineTrainResult",
 ]

@@ -19,13 +19,13 @@ import torch
 
 from igdrec.config import BASELINE_MODELS
 from igdrec.errors import IgdrecError
-from igdrec.seqrec.models import ModelSettings, Recommender, build_model
+from igdrec.seqrec.models import ModelSettings, SequentialRecommender, build_model
 
 WEIGHTS = "model.safetensors"
 SETTINGS = "model.json"
 
 
-def save_recommender(model: Recommender, directory: Path, name: str, max_len: int, settings: ModelSettings) -> None:
+def save_recommender(model: SequentialRecommender, directory: Path, name: str, max_len: int, settings: ModelSettings) -> None:
     """Write `model`'s state (parameters and buffers) and what rebuilding it takes into `directory`."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     safetensors.torch.save_file(state, str(directory / WEIGHTS))
@@ -33,7 +33,7 @@ def save_recommender(model: Recommender, directory: Path, name: str, max_len: in
     (directory / SETTINGS).write_text(json.dumps(shape, indent=2) + "\n")
 
 
-def load_recommender(directory: Path, device: torch.device | str = "cpu") -> tuple[Recommender, int]:
+def load_recommender(directory: Path, device: torch.device | str = "cpu") -> tuple[SequentialRecommender, int]:
     """The model saved in `directory` (eval mode, on `device`) and the history length it was built for;
     a one-line IgdrecError naming the file for anything that does not rebuild exactly."""
     shape = _read_shape(directory / SETTINGS)

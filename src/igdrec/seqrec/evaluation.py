@@ -17,7 +17,7 @@ import torch
 
 from igdrec import metrics as M
 from igdrec.seqrec.data import SequenceData
-from igdrec.seqrec.models import Recommender
+from igdrec.seqrec.models import SequentialRecommender
 
 
 def title_groups(titles: Sequence[str]) -> np.ndarray:
@@ -27,7 +27,7 @@ def title_groups(titles: Sequence[str]) -> np.ndarray:
 
 
 @torch.no_grad()
-def full_sort_scores(model: Recommender, data: SequenceData, batch_size: int, device: torch.device) -> Iterator[tuple[slice, torch.Tensor]]:
+def full_sort_scores(model: SequentialRecommender, data: SequenceData, batch_size: int, device: torch.device) -> Iterator[tuple[slice, torch.Tensor]]:
     """(rows of `data`, (B, n_items) scores on the CPU) batch by batch, the model in eval mode."""
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
@@ -68,7 +68,7 @@ def rank_items(scores: torch.Tensor, k: int, group: np.ndarray) -> tuple[np.ndar
     return items, values
 
 
-def ranked_lists(model: Recommender, data: SequenceData, k: int, group: np.ndarray, batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def ranked_lists(model: SequentialRecommender, data: SequenceData, k: int, group: np.ndarray, batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """`rank_items` over all of `data`: (N, k) item ids and (N, k) scores in sample_id order."""
     items = np.empty((len(data), k), dtype=np.int64)
     values = np.empty((len(data), k), dtype=np.float64)
@@ -95,12 +95,12 @@ class RankingEvaluator:
         self.batch_size = batch_size
         self.device = device or torch.device("cpu")
 
-    def evaluate(self, model: Recommender) -> dict[str, float]:
+    def evaluate(self, model: SequentialRecommender) -> dict[str, float]:
         lists, _ = ranked_lists(model, self.data, max(self.ks), self.group, self.batch_size, self.device)
         return ranking_metric_values(lists, self.data.target.numpy(), self.titles, self.ks)
 
 
-def topk_frame(model: Recommender, data: SequenceData, k: int, titles: Sequence[str], batch_size: int, device: torch.device) -> pl.DataFrame:
+def topk_frame(model: SequentialRecommender, data: SequenceData, k: int, titles: Sequence[str], batch_size: int, device: torch.device) -> pl.DataFrame:
     """The ranked lists as rows of the `topk` schema (sample_id, 0-based rank, item_id, score)."""
     items, values = ranked_lists(model, data, k, title_groups(titles), batch_size, device)
     valid = items >= 0

@@ -22,7 +22,7 @@ from igdrec.seqrec.data import SequenceBatch
 
 
 @runtime_checkable
-class Recommender(Protocol):
+class SequentialRecommender(Protocol):
     n_items: int
 
     def full_sort_predict(self, batch: SequenceBatch) -> torch.Tensor:
@@ -33,7 +33,7 @@ class Recommender(Protocol):
 
 
 @runtime_checkable
-class TrainableRecommender(Recommender, Protocol):
+class TrainableSequentialRecommender(SequentialRecommender, Protocol):
     def calculate_loss(self, batch: SequenceBatch) -> torch.Tensor:
         """Scalar training loss of the batch."""
 
@@ -221,7 +221,7 @@ class MostPopular(nn.Module):
         return scores / scores.sum(dim=-1, keepdim=True)
 
 
-def build_model(model: str, n_items: int, max_len: int, settings: ModelSettings, train_targets: np.ndarray) -> Recommender:
+def build_model(model: str, n_items: int, max_len: int, settings: ModelSettings, train_targets: np.ndarray) -> SequentialRecommender:
     if model == "sasrec":
         return SASRec(n_items, max_len, settings)
     if model == "gru4rec":
@@ -231,8 +231,8 @@ def build_model(model: str, n_items: int, max_len: int, settings: ModelSettings,
     raise ValueError(f"unknown model {model!r}; known: {', '.join(BASELINE_MODELS)}")
 
 
-def is_trainable(model: Recommender) -> bool:
-    return isinstance(model, TrainableRecommender) and any(p.requires_grad for p in model.parameters())
+def is_trainable(model: SequentialRecommender) -> bool:
+    return isinstance(model, TrainableSequentialRecommender) and any(p.requires_grad for p in model.parameters())
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -17,7 +17,7 @@ import torch
 
 from igdrec.config import BaselineConfig
 from igdrec.seqrec.data import SequenceData
-from igdrec.seqrec.models import TrainableRecommender
+from igdrec.seqrec.models import TrainableSequentialRecommender
 
 
 @dataclass
@@ -30,7 +30,7 @@ class EpochRecord:
 
 
 @dataclass
-class TrainResult:
+class BaselineTrainResult:
     best_epoch: int
     best_valid: float
     epochs_run: int
@@ -49,11 +49,11 @@ class Trainer:
 
     def fit(
         self,
-        model: TrainableRecommender,
+        model: TrainableSequentialRecommender,
         train: SequenceData,
-        validate: Callable[[TrainableRecommender], float],
+        validate: Callable[[TrainableSequentialRecommender], float],
         on_epoch: Callable[[EpochRecord], None] | None = None,
-    ) -> TrainResult:
+    ) -> BaselineTrainResult:
         s = self.config
         # The caller seeds the initialisation; the batch order has its own generator and dropout draws
         # from the global generator, seeded here so a run depends on the seed alone.
@@ -92,4 +92,4 @@ class Trainer:
         if best_state is not None:
             model.load_state_dict(best_state)
         model.eval()
-        return TrainResult(best_epoch, best_valid, len(history), stopped_early, time.perf_counter() - started, history)
+        return BaselineTrainResult(best_epoch, best_valid, len(history), stopped_early, time.perf_counter() - started, history)

@@ -38,13 +38,6 @@ from igdrec.seqrec.models import count_parameters, is_trainable
 VALID_METRIC = "NDCG@10"
 
 
-def check_config(config: BaselineConfig) -> None:
-    """The option rules of config.py (choices, bounds), plus what only the architecture knows."""
-    cfg.check(config)
-    if config.model == "sasrec" and config.hidden_size % config.n_heads:
-        raise IgdrecError(f"--hidden-size {config.hidden_size}: must be a multiple of --n-heads {config.n_heads}")
-
-
 def cache_params(config: BaselineConfig) -> dict:
     """The fields that change the result (option key=True), the architecture resolved to its defaults."""
     # How D3's assistant reads this baseline (its saved model; earlier igdrec wrote per-sample probabilities
@@ -57,9 +50,6 @@ def cache_params(config: BaselineConfig) -> dict:
 
 def run(config: BaselineConfig, run_dir: RunDir, force: bool = False) -> dict:
     return run_stage("baseline", config, run_dir, force)
-
-
-check = check_config
 
 
 def plan(config: BaselineConfig, run_dir: RunDir) -> StagePlan:
@@ -121,7 +111,7 @@ def report(plan: StagePlan, manifest: dict, cached: bool) -> None:
         print_table(f"baseline {name}", {k: v for k, v in plan.context["stats"].items() if k not in ("split",)})
 
 
-def _train(model, config: BaselineConfig, train: seqrec.SequenceData, evaluator: seqrec.RankingEvaluator, device: torch.device) -> seqrec.TrainResult:
+def _train(model, config: BaselineConfig, train: seqrec.SequenceData, evaluator: seqrec.RankingEvaluator, device: torch.device) -> seqrec.BaselineTrainResult:
     with progress_bar(TextColumn("{task.fields[status]}")) as progress:
         task = progress.add_task(f"train {config.model}", total=config.epochs, status="")
 

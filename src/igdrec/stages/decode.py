@@ -33,10 +33,6 @@ def run(config: DecodeConfig, run_dir: RunDir, force: bool = False) -> dict:
     return run_stage("decode", config, run_dir, force)
 
 
-def check(config: DecodeConfig) -> None:
-    decoding.validate(config)
-
-
 def plan(config: DecodeConfig, run_dir: RunDir) -> StagePlan:
     run = run_dir
     data = run.require("data", hint="igdrec preprocess")

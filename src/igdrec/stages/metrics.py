@@ -200,7 +200,7 @@ def compare(names: list[str], run_dir: RunDir, bootstrap: int | None = None, see
     if len(names) != 2:
         raise IgdrecError(f"--compare needs exactly two metrics names, got {len(names)}: {' '.join(names)}")
     resamples = MetricsConfig.bootstrap if bootstrap is None else bootstrap
-    cfg.validate(cfg.option_named(MetricsConfig, "bootstrap"), resamples, "--bootstrap")
+    cfg.check_value(cfg.option_named(MetricsConfig, "bootstrap"), resamples, "--bootstrap")
     frames = []
     for n in names:
         cfg.check_artifact_name(n, "--compare")

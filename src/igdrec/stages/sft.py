@@ -40,7 +40,7 @@ def default_name(config: SFTConfig) -> str:
     if config.weighting == "plain":
         name = "plain"
     elif config.weighting == "cft":
-        name = f"cft-b{config.beta:g}-a{config.alpha:g}"
+        name = f"cft-b{config.beta:g}-a{config.cft_alpha:g}"
     else:
         name = f"{config.weighting}-b{config.beta:g}"
     if config.sample is not None:
@@ -143,7 +143,7 @@ def split_examples(run: RunDir, split: str, size: int | None, config: SFTConfig,
         beta=config.beta,
         cutoff_len=config.cutoff_len,
         zero_ig=zero_ig,
-        with_reference=config.weighting == "cft" and config.alpha != 0.0,
+        with_reference=config.weighting == "cft" and config.cft_alpha != 0.0,
         ig=ig,
         ig_group_threshold=ig_group_threshold,
         sample_ids=samples["sample_id"].to_list(),
