@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+# The shared helpers (tests/helpers/) are imported by module name: `from fixtures import synthetic_run`.
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 os.environ.setdefault("IGDREC_NO_PROGRESS", "1")
 
 from tiny_model import build_tokenizer, save_tiny_model  # noqa: E402

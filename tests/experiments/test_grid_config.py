@@ -15,7 +15,7 @@ from igdrec.experiments import rows as table_rows
 from igdrec.cli import app
 from igdrec.rundir import RunDir, StageWriter, write_json_atomic
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BASE = {"scale": "t", "datasets": {"toy": {}}, "stages": {"sft": {"model": "m"}}}
 
 

@@ -31,7 +31,7 @@ from igdrec.modeling import load_tokenizer
 from igdrec.rundir import MANIFEST, RunDir, StageWriter
 from igdrec.stages import decode, metrics, rerank, sft
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 STAGE_ROOTS = ("sft", "decode", "rerank", "metrics", "baseline", "grounding")
 RULE = "not a valid name; use 1-100 letters, digits, '_', '-' or '.', starting with a letter, digit or '_'"
 

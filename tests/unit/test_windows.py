@@ -3,16 +3,9 @@
 import random
 
 import polars as pl
+from windows_reference import as_tuples, brute_force, interactions
 
 from igdrec.sources.windows import build_windows, temporal_split
-
-
-def interactions(rows):
-    return pl.DataFrame(rows, schema={"user_id": pl.String, "item_id": pl.Int64, "timestamp": pl.Int64}, orient="row")
-
-
-def as_tuples(df):
-    return list(zip(df["user_id"], df["history_item_ids"].to_list(), df["item_id"], df["timestamp"]))
 
 
 def test_windows_by_hand_with_timestamp_ties():
@@ -45,21 +38,6 @@ def test_split_sizes_and_sample_ids():
     for df in splits.values():
         assert df["sample_id"].to_list() == list(range(df.height))
         assert df.schema["history_item_ids"] == pl.List(pl.Int64)
-
-
-def brute_force(rows, history_len):
-    """The reference pipeline's loops: per user (first-seen order) a stable time sort, then a stable global sort."""
-    per_user = {}
-    for user, item, ts in rows:
-        per_user.setdefault(user, []).append((item, ts))
-    windows = []
-    for user, seq in per_user.items():
-        seq = sorted(seq, key=lambda x: x[1])
-        for k in range(1, len(seq)):
-            windows.append((user, [i for i, _ in seq[max(0, k - history_len):k]], seq[k][0], seq[k][1]))
-    windows.sort(key=lambda w: w[3])
-    n = len(windows)
-    return windows[: int(n * 0.8)], windows[int(n * 0.8): int(n * 0.9)], windows[int(n * 0.9):]
 
 
 def test_matches_brute_force_on_random_data_with_many_ties():

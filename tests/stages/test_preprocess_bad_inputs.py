@@ -10,8 +10,8 @@ import time
 
 import polars as pl
 import pytest
-from test_preprocess_errors import GOOD, amazon_args, d3_args, fail, interactions_files
-from test_preprocess_windows import brute_force, interactions as interaction_frame
+from preprocess_inputs import GOOD, amazon_args, d3_args, fail, interactions_files
+from windows_reference import brute_force, interactions as interaction_frame
 from typer.testing import CliRunner
 
 from igdrec import schema
@@ -212,7 +212,7 @@ def test_d3_missing_user_id_is_refused(tmp_path):
 
 
 def test_d3_parquet_split_with_list_histories_equals_the_csv(tmp_path):
-    from test_preprocess_sources import write_d3_inputs
+    from preprocess_inputs import write_d3_inputs
 
     from igdrec.config import PreprocessConfig
     from igdrec.rundir import RunDir

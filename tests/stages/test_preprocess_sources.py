@@ -1,8 +1,5 @@
 """Each preprocess source on small files written here in the real formats."""
 
-import csv
-import gzip
-import json
 import os
 import random
 from datetime import datetime, timezone
@@ -10,6 +7,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from preprocess_inputs import D3_TITLES, write_d3_inputs, write_json_lines, write_reference_csv
 
 from igdrec import assets, schema
 from igdrec.config import PreprocessConfig
@@ -23,7 +21,7 @@ def private_cache(tmp_path, monkeypatch):
     """Input fingerprints are memoised in the cache: keep the tests' out of the user's."""
     monkeypatch.setenv("IGDREC_CACHE", str(tmp_path / "cache"))
 
-# ---------------------------------------------------------------- input writers (also used by the error tests)
+# ---------------------------------------------------------------- input writers (shared ones: tests/helpers/preprocess_inputs.py)
 
 
 def write_recbole(directory: Path, ratings, movies) -> dict:
@@ -39,43 +37,6 @@ def write_recbole(directory: Path, ratings, movies) -> dict:
 
 def day(text: str) -> int:
     return int(datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp())
-
-
-def write_json_lines(path: Path, records, compress: bool = True) -> Path:
-    data = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records).encode()
-    path.write_bytes(gzip.compress(data) if compress else data)
-    return path
-
-
-REFERENCE_HEADER = ["user_id", "item_asins", "item_asin", "history_item_id", "item_id", "history_item_title", "item_title",
-                    "history_rating", "rating", "history_timestamp", "timestamp"]
-
-
-def write_reference_csv(path: Path, rows, titles) -> Path:
-    """A split CSV as the reference code writes it: Python lists through csv.writer."""
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(REFERENCE_HEADER)
-        for user, history, target, ts in rows:
-            writer.writerow([user, [f"A{i}" for i in history], f"A{target}", history, target, [titles[i] for i in history],
-                             titles[target], [5.0] * len(history), 5.0, [ts - 1] * len(history), ts])
-    return path
-
-
-D3_TITLES = {0: 'Bob\'s "Great", Game', 1: "Halo 3", 2: "Zelda, Link's [Awakening]", 3: "Mario"}
-
-
-def write_d3_inputs(directory: Path, extra_column: bool = False) -> dict:
-    info = directory / "info.txt"
-    order = [2, 0, 3, 1]  # the reference writes ids in shuffled order
-    info.write_text("".join((f"sid{i}\t" if extra_column else "") + f"{D3_TITLES[i]}\t{i}\n" for i in order))
-    splits = {
-        "train": [("u1", [0], 1, 100), ("u1", [0, 1], 2, 200), ("u2", [3], 0, 150)],
-        "valid": [("u2", [3, 0], 1, 300)],
-        "test": [("u1", [0, 1, 2], 3, 400)],
-    }
-    paths = {split: write_reference_csv(directory / f"{split}.csv", rows, D3_TITLES) for split, rows in splits.items()}
-    return {"info": str(info), **{k: str(v) for k, v in paths.items()}}
 
 
 def run_stage(tmp_path: Path, **options) -> tuple[dict, RunDir]:

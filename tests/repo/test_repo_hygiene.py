@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 METHOD = ROOT / "docs" / "method.md"
 
 # Built from pieces so that this file does not contain (and flag) the strings it looks for.

@@ -13,7 +13,7 @@ import pytest
 from igdrec import config as cfg
 from igdrec.experiments import grid_config, plan as planning
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 
 # Every single-run config is one or the other, so that a new one has to be placed.

@@ -4,13 +4,13 @@ import gzip
 import json
 
 import pytest
+from preprocess_inputs import GOOD, amazon_args, d3_args, fail, interactions_files, write_json_lines
 from typer.testing import CliRunner
 
 from igdrec.cli import app
 from igdrec.errors import IgdrecError
 from igdrec.sources.amazon2018 import REVIEW_FIELDS
 from igdrec.sources.tables import iter_json_lines
-from test_preprocess_sources import write_d3_inputs, write_json_lines
 
 
 @pytest.fixture(autouse=True)
@@ -19,29 +19,7 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("IGDREC_CACHE", str(tmp_path / "cache"))
 
 
-def fail(tmp_path, *args):
-    """Run `igdrec preprocess ARGS`, check it failed cleanly, return its one-line message."""
-    run_dir = tmp_path / "run"
-    result = CliRunner().invoke(app, ["preprocess", "--run-dir", str(run_dir), *args])
-    assert result.exit_code != 0, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    assert not list(run_dir.rglob("stage.json")) and not (run_dir / "data").exists()
-    return lines[0]
-
-
-def interactions_files(tmp_path, inter_text, items_text="item_id,title\na,Alpha\nb,Beta\n"):
-    inter, items = tmp_path / "inter.csv", tmp_path / "items.csv"
-    inter.write_bytes(inter_text.encode() if isinstance(inter_text, str) else inter_text)
-    items.write_bytes(items_text.encode() if isinstance(items_text, str) else items_text)
-    return ["--source", "interactions", "--interactions", str(inter), "--items", str(items)]
-
-
 # Six windows: the fewest whose 80/10/10 split leaves no split empty.
-GOOD = "user_id,item_id,timestamp\nu,a,1\nu,b,2\nu,a,3\nu,b,4\nv,a,5\nv,b,6\nv,a,7\nv,b,8\n"
-
-
 def test_missing_file(tmp_path):
     args = interactions_files(tmp_path, GOOD)
     args[args.index("--items") + 1] = str(tmp_path / "nope.csv")
@@ -82,12 +60,6 @@ def test_run_dir_not_writable(tmp_path):
     assert f"run directory {blocker} is a file, not a directory" in result.output.replace("\n", "")
 
 
-def amazon_args(tmp_path, reviews, meta=({"asin": "A", "title": "Game A"},)):
-    return ["--source", "amazon2018", "--category", "Video_Games",
-            "--reviews", str(write_json_lines(tmp_path / "reviews.json.gz", reviews)),
-            "--meta", str(write_json_lines(tmp_path / "meta.json.gz", list(meta)))]
-
-
 def test_malformed_json_line(tmp_path):
     reviews = [{"reviewerID": "u", "asin": "A", "unixReviewTime": 1}, '{"reviewerID": "u", "asin": "A", unixReviewTime: 2}']
     assert "reviews.json.gz:2: malformed JSON" in fail(tmp_path, *amazon_args(tmp_path, reviews))
@@ -117,13 +89,6 @@ def test_json_errors_name_the_right_line_across_chunks(tmp_path):
     chunks = [chunk for chunk, _ in iter_json_lines(good, REVIEW_FIELDS, required=(), chunk_bytes=100)]
     assert len(chunks) > 3 and sum(c.height for c in chunks) == 33
     assert [t for c in chunks for t in c["unixReviewTime"]] == list(range(33))
-
-
-def d3_args(tmp_path, **overrides):
-    files = write_d3_inputs(tmp_path)
-    for name, text in overrides.items():
-        (tmp_path / name).write_text(text)
-    return ["--source", "d3-csv", *[a for split in ("train", "valid", "test", "info") for a in (f"--{split}", files[split])]]
 
 
 def test_d3_unparseable_list(tmp_path):

@@ -1,4 +1,4 @@
-"""`precision`: fp32, bf16-mixed (fp32 weights under bf16 autocast) and pure bf16 (weights and AdamW state)."""
+"""The sft stage trains in fp32, bf16-mixed (fp32 weights under bf16 autocast) and pure bf16 (weights and AdamW state)."""
 
 import polars as pl
 import pytest
@@ -7,27 +7,13 @@ from ig_helpers import publish_ig_stage
 from safetensors.torch import load_file
 
 from fixtures import synthetic_run
-from igdrec import config as cfg
 from igdrec import schema, training
 from igdrec.config import SFTConfig
-from igdrec.errors import IgdrecError
 from igdrec.modeling import load_tokenizer
-from igdrec.precision import Precision, resolve_precision
 from igdrec.stages import sft
 
 SMALL = dict(weighting="igd", beta=0.1, sample=16, valid_sample=0, batch_size=8, micro_batch_size=4, max_steps=2,
              warmup_steps=1, lr=1e-3, lora=False)
-
-
-def test_resolution_and_bad_values():
-    cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == Precision("fp32", torch.float32, None)
-    assert resolve_precision("bf16-mixed", cpu).autocast == torch.bfloat16
-    assert resolve_precision("bf16", cpu) == Precision("bf16", torch.bfloat16, None)
-    with pytest.raises(IgdrecError, match=r"--precision.*bf16mixed.*bf16-mixed"):
-        cfg.check(SFTConfig(precision="bf16mixed"))
-    assert cfg.key_params(SFTConfig(precision="bf16")) != cfg.key_params(SFTConfig())  # part of the cache key
-    assert cfg.key_params(SFTConfig(compile=True)) == cfg.key_params(SFTConfig())  # a run setting
 
 
 def test_three_precisions_train_on_cpu(tiny_model_dir, tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "src" / "igdrec"
+PACKAGE = Path(__file__).resolve().parents[2] / "src" / "igdrec"
 
 # Lowest first. A module may import its own layer and those below it; each entry is a module or a package
 # (its modules included). The package `igdrec` itself (its lazy `Recommender`) sits with the API on top.

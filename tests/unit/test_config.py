@@ -14,7 +14,7 @@ from igdrec import config as cfg
 from igdrec.cli import app
 from igdrec.errors import IgdrecError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path, text):

@@ -15,7 +15,7 @@ from igdrec.errors import IgdrecError
 from igdrec.rundir import RunDir, StageWriter
 from igdrec.stages import preprocess
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 @pytest.fixture(autouse=True)

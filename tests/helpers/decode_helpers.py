@@ -8,13 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pytest
 import torch
+from fixtures import synthetic_run
 
 from igdrec import prompt, schema
 from igdrec.ig import CatalogTrie, build_catalog_trie
+from igdrec.modeling import load_tokenizer
 from igdrec.rundir import RunDir, StageWriter
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 
 def save_peaked_model(directory: Path, seed: int = 0, scale: float = 60.0) -> Path:
@@ -109,3 +112,16 @@ def publish_sft(run: RunDir, model_dir: Path, name: str) -> Path:
         target = out.path("model")
         shutil.copytree(model_dir, target, dirs_exist_ok=True)
     return run.stage_dir(f"sft/{name}") / "model"
+
+
+# The decode tests' fixtures (tests/stages/test_decode.py, tests/unit/test_decoding.py import them by name).
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_peaked_model(tmp_path_factory.mktemp("peaked"))
+
+
+@pytest.fixture()
+def run(tmp_path, model_dir):
+    run = synthetic_run(tmp_path / "run")
+    publish_ig(run, load_tokenizer(str(model_dir)), str(model_dir))
+    return run

@@ -11,7 +11,7 @@ from igdrec import assets, schema
 from igdrec.config import PreprocessConfig
 from igdrec.errors import IgdrecError
 from igdrec.rundir import RunDir
-from test_preprocess_windows import as_tuples, brute_force
+from windows_reference import as_tuples, brute_force
 
 MEMBERS = ("pkg/data/a.txt", "pkg/data/b.txt")
 
