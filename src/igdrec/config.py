@@ -89,7 +89,7 @@ def option(
     `inputs`), never on the path's spelling, so the field stays out of `key_params`.
     `choices`: the allowed values (a near miss is answered with the closest one).
     `min`/`max`: inclusive bounds, `gt`/`lt`: exclusive ones (of a number, or of each list element). Every
-    number declares at least its lower bound (tests/test_config.py).
+    number declares at least its lower bound (tests/unit/test_config.py).
     `pattern`: (regular expression, how it reads), a family of strings accepted beside `choices`
     (e.g. `cuda:N`).
     `as_set`: a list whose order and repeats mean nothing: parsed sorted without repeats, so that
@@ -122,7 +122,7 @@ def option(
 # rules that involve several fields (or more than `option()` can say); `check` runs it.
 
 # The word lists of the options, written here only: the libraries import them from this module (which
-# stays free of torch and polars, so `igdrec --help` loads neither); tests/test_written_once.py.
+# stays free of torch and polars, so `igdrec --help` loads neither); tests/repo/test_written_once.py.
 SOURCES = ("ml-100k", "amazon2018", "d3-csv", "interactions")  # module igdrec.sources.<name without '-'>
 WEIGHTINGS = ("plain", "pos", "cft", "igd")
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")

@@ -12,7 +12,7 @@ input), it took 19% of a fine-tuning step. LoRA's dropout rate is small (0.05), 
 So dropping the elements at positions G1 - 1, G1 + G2 - 1, ... of the flattened input gives each element
 the same chance p of being dropped, independently of all others: the same distribution of masks as
 `nn.Dropout` (not the same masks for a seed), with kept elements scaled by 1 / (1 - p) as there.
-tests/test_dropout.py checks the rate, the independence of neighbours and the gradient.
+tests/unit/test_dropout.py checks the rate, the independence of neighbours and the gradient.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ ride on the r-wide products, and the dropout mask is applied by zeroing the p·n
 place instead of a multiply. The dropped positions come from `igdrec.dropout.dropped_positions`, drawn in
 the same order and with the same generator as the `GapDropout` module they replace, so for a seed the
 masks — and hence losses and gradients, up to float rounding — equal peft's path with `GapDropout`
-(tests/test_fused_lora.py). The base weights are frozen: no gradient is computed for them.
+(tests/unit/test_fused_lora.py). The base weights are frozen: no gradient is computed for them.
 
 Anything else peft's layer supports (merged or disabled adapters, several active adapters, DoRA and
 other variants, LoRA bias, mixed-adapter batches, autocast, a non-`nn.Linear` base, a base weight or

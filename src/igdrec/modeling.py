@@ -64,7 +64,7 @@ def use_gqa_kernel(model) -> bool:
     per layer and pass (SmolLM2: 3×), which on CPU cost more than the attention itself: 29% of decode time,
     where the kernel does the same arithmetic on the shared heads in a tenth of the time. Only on CPU: on
     CUDA a mask with GQA drops SDPA to its slowest kernel. The output is the same up to float noise
-    (tests/test_modeling.py)."""
+    (tests/unit/test_modeling.py)."""
     config = getattr(model, "config", None)
     heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
     device = next(model.parameters()).device
