@@ -20,7 +20,7 @@ def _split_sizes(run_dir: Path) -> dict:
         return {}
 
 
-def step_cost(step: Step, grid: GridConfig) -> dict:
+def _step_cost(step: Step, grid: GridConfig) -> dict:
     """The cost model a step is priced with: the grid's `cost:`, its dataset's on top (per-model rates merged)."""
     dataset = next((d for d in grid.datasets if d.name == step.dataset), None)
     shared, own = grid.cost or {}, (dataset.cost if dataset else None) or {}
@@ -48,7 +48,7 @@ def estimate_seconds(step: Step, grid: GridConfig) -> float | None:
     when it has run, else from the cost model's `train_samples` / `valid_samples` / `test_samples`. None
     where a rate is missing.
     """
-    cost = step_cost(step, grid)
+    cost = _step_cost(step, grid)
     sizes = _split_sizes(step.run_dir)
     overhead = cost.get(f"{step.stage.replace('-', '_')}_overhead_s", 0.0)  # model loading, validation...
     if step.stage == "sft":
