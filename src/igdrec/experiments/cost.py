@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
-from igdrec.experiments.grid_config import GridConfig
+from igdrec.experiments.grid_config import PER_MODEL_COST_KEYS, GridConfig
 from igdrec.experiments.plan import RowPlan, Step
 from igdrec.rundir import MANIFEST
 
@@ -19,15 +20,35 @@ def _split_sizes(run_dir: Path) -> dict:
         return {}
 
 
+def _step_cost(step: Step, grid: GridConfig) -> dict:
+    """The cost model a step is priced with: the grid's `cost:`, its dataset's on top (per-model rates merged)."""
+    dataset = next((d for d in grid.datasets if d.name == step.dataset), None)
+    shared, own = grid.cost or {}, (dataset.cost if dataset else None) or {}
+    cost = {**shared, **own}
+    for key in PER_MODEL_COST_KEYS:
+        if key in shared and key in own:
+            cost[key] = {**shared[key], **own[key]}
+    return cost
+
+
+def baseline_epochs(step: Step, cost: dict) -> int | None:
+    """Epochs a baseline is expected to run: early stopping keeps the best epoch and stops `patience` + 1
+    epochs after it (seqrec/trainer.py), so min(epochs, best + patience + 1). None without a best epoch."""
+    best = cost.get("baseline_best_epoch", {}).get(step.config.model)
+    return None if best is None else min(step.config.epochs, math.ceil(best) + step.config.patience + 1)
+
+
 def estimate_seconds(step: Step, grid: GridConfig) -> float | None:
     """Rough cost of a step from the grid's `cost` model (a dataset's `cost:` overrides the grid's).
 
     sft = samples · epochs · tokens_per_sample / train_tokens_per_s (× cft_factor for CFT's second pass);
-    decode = samples · decode_s_per_sample; plus `<stage>_overhead_s` per step (model loading, validation). Sample counts come from the data stage when it has run, else
-    from the cost model's `train_samples` / `valid_samples` / `test_samples`. None where a rate is missing.
+    decode = samples · decode_s_per_sample; baseline = baseline_epochs() · training windows / 1000 ·
+    baseline_epoch_s_per_1k_windows[model] (an epoch's training and validation both grow with the windows);
+    plus `<stage>_overhead_s` per step (model loading, validation). Sample counts come from the data stage
+    when it has run, else from the cost model's `train_samples` / `valid_samples` / `test_samples`. None
+    where a rate is missing.
     """
-    dataset = next((d for d in grid.datasets if d.name == step.dataset), None)
-    cost = {**(grid.cost or {}), **((dataset.cost if dataset else None) or {})}
+    cost = _step_cost(step, grid)
     sizes = _split_sizes(step.run_dir)
     overhead = cost.get(f"{step.stage.replace('-', '_')}_overhead_s", 0.0)  # model loading, validation...
     if step.stage == "sft":
@@ -45,6 +66,11 @@ def estimate_seconds(step: Step, grid: GridConfig) -> float | None:
         available = sizes.get(step.config.split) or cost.get(f"{step.config.split}_samples")
         n = min(step.config.limit or available or 0, available or step.config.limit or 0)
         return None if not per or not n else overhead + n * per
+    if step.stage == "baseline":
+        per = cost.get("baseline_epoch_s_per_1k_windows", {}).get(step.config.model)
+        windows = sizes.get("train") or cost.get("train_samples")
+        epochs = baseline_epochs(step, cost)
+        return None if per is None or not windows or epochs is None else overhead + epochs * windows / 1000 * per
     return overhead
 
 

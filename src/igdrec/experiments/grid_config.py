@@ -59,6 +59,8 @@ _GRID_STAGES = ("build-ig-index", "sft", "decode", "rerank", "metrics", "baselin
 _COST_KEYS = ("train_tokens_per_s", "tokens_per_sample", "cft_factor", "decode_s_per_sample",
               "train_samples", "valid_samples", "test_samples",
               *(f"{s.replace('-', '_')}_overhead_s" for s in ("preprocess", *_GRID_STAGES)))
+# The cost keys that hold one number per baseline model, e.g. `baseline_best_epoch: {gru4rec: 40, sasrec: 30}`.
+PER_MODEL_COST_KEYS = ("baseline_epoch_s_per_1k_windows", "baseline_best_epoch")
 # The cut-offs the report's tables print (report.py); a grid whose metrics lack one is refused before it runs.
 REPORT_METRICS = ("NDCG@5", "NDCG@10", "HR@5", "HR@10")
 
@@ -117,12 +119,24 @@ def _selection(value: Any, where: str) -> Selection:
 
 
 def _cost(value: Any, where: str) -> dict:
-    cost = _mapping(value, where)
-    _unknown_keys(cost, _COST_KEYS, where)
+    cost = dict(_mapping(value, where))
+    _unknown_keys(cost, (*_COST_KEYS, *PER_MODEL_COST_KEYS), where)
     for key, rate in cost.items():
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
-            raise IgdrecError(f"{where}.{key}: expected a number ≥ 0, got {rate!r}")
+        if key in PER_MODEL_COST_KEYS:
+            if not isinstance(rate, dict):
+                raise IgdrecError(f"{where}.{key}: expected a number ≥ 0 per baseline model, e.g. {{gru4rec: 6, sasrec: 9}}, got {rate!r}")
+            _unknown_keys(rate, cfg.BASELINE_MODELS, f"{where}.{key}")
+            for model, number in rate.items():
+                _cost_number(number, f"{where}.{key}.{model}")
+            cost[key] = dict(rate)
+        else:
+            _cost_number(rate, f"{where}.{key}")
     return cost
+
+
+def _cost_number(value: Any, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise IgdrecError(f"{where}: expected a number ≥ 0, got {value!r}")
 
 
 def _cutoffs(grid_path: Path, dataset: Dataset, baselines: bool) -> tuple[list[int], str]:
