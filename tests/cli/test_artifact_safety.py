@@ -16,6 +16,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
+from cli_helpers import one_line_error
 from decode_helpers import publish_ig, save_peaked_model
 from fixtures import synthetic_run
 from typer.testing import CliRunner
@@ -34,14 +35,6 @@ from igdrec.stages import decode, metrics, rerank, sft
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 STAGE_ROOTS = ("sft", "decode", "rerank", "metrics", "baseline", "grounding")
 RULE = "not a valid name; use 1-100 letters, digits, '_', '-' or '.', starting with a letter, digit or '_'"
-
-
-def one_line_error(result, *needles):
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code != 0, result.output
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def finished(run: RunDir) -> dict[str, str]:

@@ -7,6 +7,7 @@ import json
 
 import polars as pl
 import pytest
+from cli_helpers import one_line_error
 from decode_helpers import publish_ig
 from fixtures import synthetic_run
 from typer.testing import CliRunner
@@ -27,14 +28,6 @@ def ran(monkeypatch):
     monkeypatch.setattr(cli, "run_stage", lambda stage, config, run_dir, force: calls.append((stage, config)))
     monkeypatch.setattr(metrics_stage, "compare", lambda names, run, **kwargs: calls.append(("compare", names, kwargs)))
     return calls
-
-
-def one_line_error(result, *needles):
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code != 0, result.output
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 @pytest.mark.parametrize(
