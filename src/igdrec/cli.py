@@ -18,7 +18,7 @@ import typer
 from rich.text import Text
 
 from igdrec import config as cfg
-from igdrec import runner
+from igdrec import options, runner
 from igdrec.console import err_console, shown
 from igdrec.errors import IgdrecError
 from igdrec.rundir import RunDir
@@ -65,7 +65,7 @@ def run_stage(stage: str, config, run_dir: Path | None, force: bool):
 # Stage commands, derived from the stage configs
 
 
-def _metavar(opt: cfg.Option) -> str:
+def _metavar(opt: options.Option) -> str:
     if opt.choices:
         return "|".join([*map(str, opt.choices), *([opt.pattern[1]] if opt.pattern else [])])
     names = {int: "INT", float: "FLOAT", str: "TEXT"}
@@ -74,7 +74,7 @@ def _metavar(opt: cfg.Option) -> str:
     return names.get(opt.kind, "VALUE")
 
 
-def _default_text(opt: cfg.Option) -> str | None:
+def _default_text(opt: options.Option) -> str | None:
     """The field's default as the user would type it (what `--help` shows)."""
     if opt.default is None:
         return None
@@ -83,9 +83,9 @@ def _default_text(opt: cfg.Option) -> str | None:
     return str(opt.default)
 
 
-def _panel(opt: cfg.Option) -> str | None:
+def _panel(opt: options.Option) -> str | None:
     """Options that only act under a setting of another option get a heading of their own."""
-    if opt.role == cfg.RUN_SETTING:
+    if opt.role == options.RUN_SETTING:
         return RUN_SETTINGS_PANEL
     if isinstance(opt.only, dict):
         conditions = []
@@ -100,9 +100,9 @@ def _panel(opt: cfg.Option) -> str | None:
     return None
 
 
-def _parameter(opt: cfg.Option) -> inspect.Parameter:
+def _parameter(opt: options.Option) -> inspect.Parameter:
     """The Typer option of one config field. Only values the user typed are used (see `command`); they
-    arrive as raw strings and are parsed by `config.parse`, the code that reads YAML, so both give the
+    arrive as raw strings and are parsed by `options.parse`, the code that reads YAML, so both give the
     same one-line errors."""
     if opt.kind is bool:
         flags = opt.flags or f"{opt.cli_name}/--no-{opt.cli_name[2:]}"
@@ -112,8 +112,8 @@ def _parameter(opt: cfg.Option) -> inspect.Parameter:
     return inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, default=_default_text(opt), annotation=Annotated[Optional[str], info])
 
 
-def _former_parameter(former: str, opt: cfg.Option) -> inspect.Parameter:
-    """The hidden option that still accepts a renamed field's former name (config.py warns when it is used)."""
+def _former_parameter(former: str, opt: options.Option) -> inspect.Parameter:
+    """The hidden option that still accepts a renamed field's former name (options.py warns when it is used)."""
     info = typer.Option("--" + former.replace("_", "-"), help=f"Deprecated: {opt.cli_name}.", metavar=_metavar(opt), hidden=True)
     return inspect.Parameter(former, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[str], info])
 
@@ -123,9 +123,9 @@ def field_option(config_cls: type, name: str, panel: str | None = None):
 
         alpha: cli.field_option(cfg.DecodeConfig, "alpha") = None
 
-    The value arrives raw (None = not given); `cfg.apply_cli(cfg.DecodeConfig(), {"alpha": alpha})` parses
+    The value arrives raw (None = not given); `options.apply_cli(cfg.DecodeConfig(), {"alpha": alpha}, "decode")` parses
     and checks it with the stage's own rules and one-line errors."""
-    opt = cfg.option_named(config_cls, name)
+    opt = options.option_named(config_cls, name)
     if opt.kind is bool:
         flags = opt.flags or f"{opt.cli_name}/--no-{opt.cli_name[2:]}"
         return Annotated[Optional[bool], typer.Option(flags, help=opt.help, show_default=False, rich_help_panel=panel)]
@@ -139,14 +139,14 @@ def stage_command(
     parameters, and --run-dir/--config/--force. The command loads the `--config` section, applies the
     options given and calls `handler(config, run_dir, force, **extra values)` (default: `run_stage`)."""
     config_cls = cfg.STAGE_CONFIGS[stage]
-    opts = cfg.options(config_cls)
+    opts = options.options(config_cls)
     extra_names = [p.name for p in extra]
-    clash = ({o.name for o in opts} | set(cfg.renamed(config_cls))) & (set(_COMMON) | set(extra_names))
+    clash = ({o.name for o in opts} | set(options.renamed(config_cls))) & (set(_COMMON) | set(extra_names))
     if clash:
         raise TypeError(f"{config_cls.__name__}: field(s) {', '.join(sorted(clash))} clash with options of the `{stage}` command")
     common = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a) for n, (a, d) in _COMMON.items()]
     context = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
-    former = [_former_parameter(name, o) for name, o in cfg.renamed(config_cls).items()]
+    former = [_former_parameter(name, o) for name, o in options.renamed(config_cls).items()]
     parameters = [context] + [_parameter(o) for o in opts] + former + list(extra) + common
 
     def command(ctx: typer.Context, **values: Any) -> None:
@@ -159,13 +159,13 @@ def stage_command(
     command.__signature__ = inspect.Signature(parameters)
     command.__annotations__ = {p.name: p.annotation for p in parameters}
     command.__name__ = command.__qualname__ = stage.replace("-", "_")
-    command.__doc__ = cfg.describe(config_cls)
+    command.__doc__ = options.describe(config_cls)
     target.command(stage)(command)
 
 
 def _invoke(stage: str, given: dict, settings: dict, handler: Callable | None = None, extras: dict | None = None) -> None:
     try:
-        stage_config = cfg.apply_cli(cfg.load_stage_config(stage, settings["config"]), given)
+        stage_config = options.apply_cli(cfg.load_stage_config(stage, settings["config"]), given, stage)
         if handler is None:
             run_stage(stage, stage_config, settings["run_dir"], settings["force"])
         else:
@@ -314,8 +314,8 @@ def recommend(
             raise IgdrecError(f"--top-k {top_k}: must be at least 1")
         from igdrec.api import Recommender
 
-        settings = cfg.apply_cli(cfg.load_stage_config("decode", config),
-                                 {"alpha": alpha, "length_penalty": length_penalty, "device": device})
+        settings = options.apply_cli(cfg.load_stage_config("decode", config),
+                                     {"alpha": alpha, "length_penalty": length_penalty, "device": device}, "recommend")
         recommender = Recommender.load(run_dir, sft=sft, model=model, config=settings)
         prepared = recommender.prepare(entries)
         if prepared.dropped:

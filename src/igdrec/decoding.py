@@ -21,7 +21,7 @@ import numpy as np
 import polars as pl
 
 from igdrec import config as cfg
-from igdrec import prompt, schema
+from igdrec import options, prompt, schema
 from igdrec.config import DecodeConfig
 from igdrec.errors import IgdrecError
 from igdrec.ig import CatalogTrie
@@ -60,7 +60,7 @@ def resolve_source(run: RunDir, sft: str | None, model: str | None) -> ModelSour
         manifest = run.require(f"sft/{sft}", hint=f"igdrec sft --name {sft}")
         spec = str(run.stage_dir(f"sft/{sft}") / "model")
         return ModelSource(label=sft, spec=spec, sft=sft, inputs={"sft": manifest["fingerprint"]}, key={"sft": sft})
-    label = cfg.artifact_label(Path(model.rstrip("/")).name)
+    label = options.artifact_label(Path(model.rstrip("/")).name)
     local = Path(model).expanduser()
     # A local directory is keyed by its absolute path so that two spellings of it are one decode.
     key_model = str(local.resolve()) if local.exists() else model
@@ -276,23 +276,23 @@ class Decoder:
         )
 
     @classmethod
-    def from_run(cls, run_dir: RunDir | str | Path, config: DecodeConfig | None = None, **options) -> "Decoder":
-        """Load the model (`sft=NAME` or `model=SPEC`) and catalog of a run; `options` override `config`'s
+    def from_run(cls, run_dir: RunDir | str | Path, config: DecodeConfig | None = None, **overrides) -> "Decoder":
+        """Load the model (`sft=NAME` or `model=SPEC`) and catalog of a run; `overrides` replace `config`'s
         fields (None leaves a field as it is).
 
         A config handed in as it is counts as checked (the runner checked the decode stage's); one assembled
-        here from `options` (the Python API's) is checked before anything loads.
+        here from `overrides` (the Python API's) is checked before anything loads.
         """
         from igdrec.modeling import inference_dtype, load_model, load_tokenizer, pick_device
 
         run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(DecodeConfig)})
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(DecodeConfig)})
         if unknown:
             raise TypeError(f"unknown decode option(s): {', '.join(unknown)}")
-        changes = {k: v for k, v in options.items() if v is not None}
+        changes = {k: v for k, v in overrides.items() if v is not None}
         if config is None or changes:
             config = dataclasses.replace(config or DecodeConfig(), **changes)
-            cfg.check(config)  # free where the values are a checked config's (the CLI's `recommend`)
+            options.check(config)  # free where the values are a checked config's (the CLI's `recommend`)
         catalog = Catalog.load(run)
         source = resolve_source(run, config.sft, config.model)
         tokenizer = load_tokenizer(source.spec)

@@ -13,7 +13,7 @@ never leaves an artifact that a later stage would accept. Resumable stages (sft,
 partial directory after a failure and pick it up again on the next run with the same key.
 
 A stage directory is `<run>/<stage folder>/NAME` (or `<run>/data`, `<run>/ig`) with NAME a valid artifact
-name (`config.check_artifact_name`), reached through no symbolic link: publishing removes the previous
+name (`options.check_artifact_name`), reached through no symbolic link: publishing removes the previous
 directory, and must never remove anything else. While a stage writes, it holds an exclusive lock on
 `<run>/.partial/<stage folder>__NAME.lock`, so a second process writing the same artifact is refused at once.
 """
@@ -34,7 +34,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from igdrec import config as cfg
+from igdrec import options
 from igdrec.console import console
 from igdrec.errors import IgdrecError
 
@@ -252,7 +252,7 @@ class StageWriter:
             raise IgdrecError(f"{self.stage} stage path {self.stage_path!r}: expected <stage folder>/NAME "
                               f"(or one of {', '.join(SINGLE_STAGE_PATHS)})")
         for part in parts:
-            cfg.check_artifact_name(part, f"{self.stage} name")  # also what a default name is made of
+            options.check_artifact_name(part, f"{self.stage} name")  # also what a default name is made of
         self.key = cache_key(self.stage, self.params, self.inputs)
         self.final_dir = self.run.stage_dir(self.stage_path)
         safe = self.stage_path.replace("/", "__")

@@ -15,7 +15,7 @@ and, where it needs them,
                                         before the runner's "wrote NAME (next: …)" line
 
 The CLI's stage commands, `igdrec run` and the grid all run stages through `run_stage`. Its check is
-`config.check`: the entry point of a Python caller's `stage.run(config, ...)`, and free for a config the
+`options.check`: the entry point of a Python caller's `stage.run(config, ...)`, and free for a config the
 command line or the YAML loader already checked (each rule lives in config.py, none in a stage).
 """
 
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from igdrec import config as cfg
+from igdrec import options
 from igdrec.console import console
 from igdrec.rundir import RunDir, StageWriter, cache_key
 
@@ -83,7 +84,7 @@ def stage_module(stage: str):
 def plan_stage(stage: str, config, run: RunDir) -> StagePlan:
     """The stage's checked config planned against the run directory (raises what the stage would)."""
     module = stage_module(stage)
-    cfg.check(config)
+    options.check(config)
     return module.plan(config, run)
 
 

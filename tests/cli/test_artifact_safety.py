@@ -22,7 +22,7 @@ from fixtures import synthetic_run
 from typer.testing import CliRunner
 
 from igdrec import config as cfg
-from igdrec import checkpoints, rundir, schema
+from igdrec import checkpoints, options, rundir, schema
 from igdrec.experiments import grid_config
 from igdrec.api import Recommender
 from igdrec.cli import app
@@ -83,20 +83,20 @@ def full_run(tmp_path, tiny_tokenizer):
 
 @pytest.mark.parametrize("name", ["a", "igd-b0.1", "igd-b0.1-test-b10-lp1-a0.1-n100", "_x", "V2", "x" * 100])
 def test_the_rule_accepts_the_names_igdrec_makes(name):
-    assert cfg.check_artifact_name(name, "--name") == name
+    assert options.check_artifact_name(name, "--name") == name
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", "../data", "../../x", "a/b", "/abs", ".hidden", "-x", "a\nb",
                                   "a b", "a\\b", "x" * 101, "é", None, 5])
 def test_the_rule_refuses_what_could_escape_hide_or_break_a_line(name):
     with pytest.raises(IgdrecError) as caught:
-        cfg.check_artifact_name(name, "--name")
+        options.check_artifact_name(name, "--name")
     message = str(caught.value)
     assert message.startswith(f"--name {name!r}: {RULE}") and "\n" not in message
 
 
 def test_every_option_that_names_an_artifact_carries_the_rule():
-    named = {(cls.__name__, o.name) for cls in cfg.STAGE_CONFIGS.values() for o in cfg.options(cls) if o.artifact}
+    named = {(cls.__name__, o.name) for cls in cfg.STAGE_CONFIGS.values() for o in options.options(cls) if o.artifact}
     assert named == {
         ("SFTConfig", "name"), ("DecodeConfig", "sft"), ("DecodeConfig", "name"), ("DecodeConfig", "tfa"),
         ("RerankConfig", "decode"), ("RerankConfig", "name"), ("BaselineConfig", "name"),
@@ -186,8 +186,8 @@ def test_the_writer_refuses_a_stage_path_that_is_not_made_of_valid_names(full_ru
 @pytest.mark.parametrize("model, label", [("/models/.hidden_model", "hidden_model"), ("..", "model"),
                                           ("org/-odd name", "odd_name"), ("HuggingFaceTB/SmolLM2-135M", "SmolLM2-135M")])
 def test_default_names_made_from_a_model_path_are_valid(model, label):
-    made = cfg.artifact_label(Path(model.rstrip("/")).name)
-    assert made == label and cfg.check_artifact_name(made, "label") == label
+    made = options.artifact_label(Path(model.rstrip("/")).name)
+    assert made == label and options.check_artifact_name(made, "label") == label
 
 
 def grid_with_dataset(tmp_path: Path, dataset: str) -> Path:

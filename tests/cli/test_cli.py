@@ -12,7 +12,7 @@ from decode_helpers import publish_ig
 from fixtures import synthetic_run
 from typer.testing import CliRunner
 
-from igdrec import cli, schema
+from igdrec import cli, options, schema
 from igdrec import config as cfg
 from igdrec.cli import app
 from igdrec.config import MetricsConfig
@@ -232,7 +232,7 @@ def test_a_hand_written_command_can_reuse_a_field_and_its_checks():
     @hand_app.command()
     def recommend(alpha: cli.field_option(cfg.DecodeConfig, "alpha") = None, jump_forward: cli.field_option(cfg.DecodeConfig, "jump_forward") = None):
         try:
-            seen.append(cfg.apply_cli(cfg.DecodeConfig(), {"alpha": alpha, "jump_forward": jump_forward}))
+            seen.append(options.apply_cli(cfg.DecodeConfig(), {"alpha": alpha, "jump_forward": jump_forward}, "decode"))
         except IgdrecError as exc:
             cli._fail(exc)
 

@@ -7,6 +7,8 @@ imports) included, so a deferred import cannot hide an upward edge or a cycle.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "src" / "igdrec"
@@ -14,7 +16,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "src" / "igdrec"
 # Lowest first. A module may import its own layer and those below it; each entry is a module or a package
 # (its modules included). The package `igdrec` itself (its lazy `Recommender`) sits with the API on top.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "console", "config"),
+    ("errors", "console", "options"),
+    ("config",),  # the stage configs, over the option machinery that names no stage
     ("schema", "assets", "rundir", "sources", "prompt", "ig", "weighting", "dropout", "fused_lora", "modeling",
      "assistant", "beam", "distributed", "precision", "checkpoints", "flops", "schedule", "sft_data", "sft_loss",
      "training", "decoding", "seqrec", "metrics", "reranking", "explain"),
@@ -127,3 +130,12 @@ def test_no_import_cycle():
         if module not in state:
             cycle = visit(module)
             assert cycle is None, "import cycle: " + " -> ".join(f"igdrec.{m}" for m in cycle)
+
+
+def test_the_option_machinery_and_the_stage_configs_import_no_heavy_library():
+    """`igdrec --help` and a config error load neither torch nor polars (docs/architecture.md)."""
+    code = ("import sys; sys.path.insert(0, %r); import igdrec.options, igdrec.config; "
+            "heavy = [m for m in ('torch', 'polars', 'transformers', 'peft') if m in sys.modules]; "
+            "assert not heavy, heavy" % str(PACKAGE.parent))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import igdrec
 from igdrec import config as cfg
+from igdrec import options
 
 SRC = Path(igdrec.__file__).parent
 WORD_LISTS = {name: getattr(cfg, name) for name in ("SOURCES", "WEIGHTINGS", "PRECISIONS", "LR_SCHEDULES", "BASELINE_MODELS", "DEVICES")}
 
 
 def library_dataclasses() -> list[type]:
-    """The dataclasses defined in igdrec's modules, except those declared with `config.option()` (the
+    """The dataclasses defined in igdrec's modules, except those declared with `options.option()` (the
     config layer: the stage configs and anything built on the same machinery)."""
     found = []
     for module_info in pkgutil.walk_packages(igdrec.__path__, "igdrec."):
@@ -36,7 +37,7 @@ def library_dataclasses() -> list[type]:
 
 
 def stage_option_names() -> set[str]:
-    return {o.name for stage in cfg.STAGE_CONFIGS.values() for o in cfg.options(stage)}
+    return {o.name for stage in cfg.STAGE_CONFIGS.values() for o in options.options(stage)}
 
 
 def test_the_scan_sees_the_libraries():

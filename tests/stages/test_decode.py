@@ -25,12 +25,12 @@ from igdrec.stages import decode
 
 def test_a_cli_decode_checks_its_config_once(run, model_dir, monkeypatch):
     """The CLI, the runner and Decoder.from_run each ask for a check; the decode's rules run once."""
-    from igdrec import config as cfg
+    from igdrec import options
 
     calls = []
     original = DecodeConfig.check_fields
     monkeypatch.setattr(DecodeConfig, "check_fields", lambda self: (calls.append(self), original(self))[-1])
-    monkeypatch.setattr(cfg, "_PASSED", set())
+    monkeypatch.setattr(options, "_PASSED", set())
     result = CliRunner().invoke(app, ["decode", "--model", str(model_dir), "--limit", "2", "--num-beams", "2",
                                       "--run-dir", str(run.root)])
     assert result.exit_code == 0, result.output

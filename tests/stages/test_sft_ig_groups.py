@@ -8,7 +8,7 @@ import pytest
 from ig_helpers import publish_ig_stage
 
 from fixtures import synthetic_run
-from igdrec import config
+from igdrec import options
 from igdrec import schema
 from igdrec.config import SFTConfig
 from igdrec.modeling import load_tokenizer
@@ -37,4 +37,4 @@ def test_stage_logs_three_groups_and_records_the_median_threshold(tiny_model_dir
     log = schema.read(run.artifact("sft/groups-high", "train_log.parquet"), "train_log")
     assert (log["tokens_high_ig"] == 0).all() and log["ce_high_ig"].null_count() == log.height
     assert high["stats"]["ig_group_threshold"] == 1e9
-    assert config.key_params(dataclasses.replace(cfg, ig_group_threshold=1e9)) != config.key_params(cfg)
+    assert options.key_params(dataclasses.replace(cfg, ig_group_threshold=1e9)) != options.key_params(cfg)

@@ -12,6 +12,7 @@ from dataclasses import asdict
 import pytest
 
 from igdrec import config as cfg
+from igdrec import options
 from igdrec.rundir import fingerprint_obj
 from igdrec.seqrec import ModelSettings
 
@@ -40,7 +41,7 @@ MODEL_SETTINGS = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_key_params_are_the_ones_earlier_runs_were_keyed_on(case):
     config, expected = CASES[case]
-    params = cfg.key_params(config)
+    params = options.key_params(config)
     assert fingerprint_obj(params) == expected, params
 
 
@@ -52,5 +53,5 @@ def test_resolved_baseline_architecture_is_the_one_earlier_runs_were_keyed_on(mo
 
 def test_a_changed_key_changes_the_fingerprint():
     config, expected = CASES["sft"]
-    assert fingerprint_obj(cfg.key_params(cfg.SFTConfig(beta=0.2))) != expected
-    assert fingerprint_obj(cfg.key_params(cfg.SFTConfig(log_every=7))) == expected  # a run setting: not in the key
+    assert fingerprint_obj(options.key_params(cfg.SFTConfig(beta=0.2))) != expected
+    assert fingerprint_obj(options.key_params(cfg.SFTConfig(log_every=7))) == expected  # a run setting: not in the key

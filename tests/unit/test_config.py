@@ -9,7 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from igdrec import cli
+from igdrec import cli, options
 from igdrec import config as cfg
 from igdrec.cli import app
 from igdrec.errors import IgdrecError
@@ -109,7 +109,7 @@ def test_every_config_in_the_repository_loads():
         pipeline = cfg.load_pipeline(path)
         assert pipeline.stages, path
         for stage in pipeline.stages:
-            cfg.check(pipeline.stage_config(stage))
+            options.check(pipeline.stage_config(stage))
 
 
 def test_cli_flag_overrides_yaml(tmp_path, captured):
@@ -136,7 +136,7 @@ def test_cli_reports_unknown_yaml_key_on_one_line(tmp_path):
 # Every field of every stage config: settable from the CLI and from YAML, with a cache-key role
 
 
-def other_value(opt: cfg.Option, cls: type | None = None):
+def other_value(opt: options.Option, cls: type | None = None):
     """A valid value of the field that differs from its default (with `cls`: one its config's rules accept too)."""
     if opt.choices:
         return next(c for c in opt.choices if c != opt.default)
@@ -153,9 +153,9 @@ def other_value(opt: cfg.Option, cls: type | None = None):
     for value in candidates:
         value = value if opt.kind is str else int(value) if opt.kind is int else float(value)
         try:
-            cfg.check_value(opt, value, opt.cli_name)
+            options.check_value(opt, value, opt.cli_name)
             if cls is not None:
-                cfg.check(dataclasses.replace(config_where_it_applies(cls, opt), **{opt.name: value}))
+                options.check(dataclasses.replace(config_where_it_applies(cls, opt), **{opt.name: value}))
         except IgdrecError:
             continue
         if value != opt.default:
@@ -163,7 +163,7 @@ def other_value(opt: cfg.Option, cls: type | None = None):
     raise AssertionError(f"no valid non-default value for {opt.name}")
 
 
-def cli_args(opt: cfg.Option, value) -> list[str]:
+def cli_args(opt: options.Option, value) -> list[str]:
     if opt.kind is bool:
         on, off = (opt.flags or f"{opt.cli_name}/--no-{opt.cli_name[2:]}").split("/")
         return [on if value else off]
@@ -171,13 +171,13 @@ def cli_args(opt: cfg.Option, value) -> list[str]:
     return [opt.cli_name, text]
 
 
-def config_where_it_applies(cls, opt: cfg.Option):
+def config_where_it_applies(cls, opt: options.Option):
     """A config of `cls` for which `opt` has an effect (its `only` condition holds)."""
     config = cls()
     if isinstance(opt.only, dict):
         config = dataclasses.replace(config, **{k: v[0] if isinstance(v, tuple) else v for k, v in opt.only.items()})
     if not opt.applies(config):  # a callable condition: try setting one other field
-        for other in cfg.options(cls):
+        for other in options.options(cls):
             candidate = dataclasses.replace(config, **{other.name: other_value(other)})
             if other.name != opt.name and opt.applies(candidate):
                 return candidate
@@ -196,14 +196,14 @@ def test_stages_commands_and_configs_are_registered_together():
 def test_every_field_is_settable_from_cli_and_yaml_and_has_a_key_role(stage, tmp_path, captured):
     cls = cfg.STAGE_CONFIGS[stage]
     runner = CliRunner()
-    for opt in cfg.options(cls):
+    for opt in options.options(cls):
         assert opt.declared, f"{cls.__name__}.{opt.name}: declare it with option(default, help, key=...)"
-        assert opt.role in (cfg.KEY, cfg.RUN_SETTING, cfg.INPUT_FILE)
+        assert opt.role in (options.KEY, options.RUN_SETTING, options.INPUT_FILE)
         value = other_value(opt, cls)
 
         # the settings under which the option acts (e.g. --weighting cft for --cft-alpha)
         conditions = {k: v[0] if isinstance(v, tuple) else v for k, v in opt.only.items()} if isinstance(opt.only, dict) else {}
-        by_name = {o.name: o for o in cfg.options(cls)}
+        by_name = {o.name: o for o in options.options(cls)}
         condition_args = [arg for k, v in conditions.items() for arg in cli_args(by_name[k], v)]
 
         # command line
@@ -217,17 +217,17 @@ def test_every_field_is_settable_from_cli_and_yaml_and_has_a_key_role(stage, tmp
         # cache key: a key field changes the key wherever it has an effect; anything else never does
         base = config_where_it_applies(cls, opt)
         changed = dataclasses.replace(base, **{opt.name: value if value != getattr(base, opt.name) else opt.default})
-        if opt.role == cfg.KEY:
-            assert cfg.key_params(base)[opt.in_key_as] != cfg.key_params(changed)[opt.in_key_as], f"{stage}.{opt.name}"
+        if opt.role == options.KEY:
+            assert options.key_params(base)[opt.in_key_as] != options.key_params(changed)[opt.in_key_as], f"{stage}.{opt.name}"
         else:  # a run setting or an input file (keyed by its content fingerprint) never is a key parameter
-            assert opt.in_key_as not in cfg.key_params(base) and opt.in_key_as not in cfg.key_params(changed), f"{stage}.{opt.name}"
+            assert opt.in_key_as not in options.key_params(base) and opt.in_key_as not in options.key_params(changed), f"{stage}.{opt.name}"
 
 
-NUMERIC = [(stage, opt) for stage, cls in cfg.STAGE_CONFIGS.items() for opt in cfg.options(cls)
+NUMERIC = [(stage, opt) for stage, cls in cfg.STAGE_CONFIGS.items() for opt in options.options(cls)
            if opt.kind in (int, float) or (opt.kind is list and opt.element in (int, float))]
 
 
-def out_of_range(opt: cfg.Option) -> list:
+def out_of_range(opt: options.Option) -> list:
     """The nearest values beyond each declared bound."""
     kind = opt.element if opt.kind is list else opt.kind
     step = 1 if kind is int else 0.5
@@ -295,28 +295,28 @@ def test_cut_offs_are_a_set_sorted_without_repeats(tmp_path, captured):
     from_yaml = cfg.load_pipeline(write(tmp_path, "metrics:\n  ks: [10, 1, 10]\n")).stage_config("metrics")
     assert from_yaml.ks == [1, 10]
     # one value, one cache key: also for a config built in Python with the cut-offs in any order
-    assert cfg.key_params(cfg.MetricsConfig(ks=[1])) == cfg.key_params(cfg.MetricsConfig(ks=[1, 1]))
-    assert cfg.key_params(cfg.MetricsConfig(ks=[5, 1, 5]))["ks"] == [1, 5]
+    assert options.key_params(cfg.MetricsConfig(ks=[1])) == options.key_params(cfg.MetricsConfig(ks=[1, 1]))
+    assert options.key_params(cfg.MetricsConfig(ks=[5, 1, 5]))["ks"] == [1, 5]
 
 
 def test_min_lr_ratio_acts_only_on_the_cosine_schedule():
     linear = cfg.SFTConfig(lr_schedule="linear")
-    assert "min_lr_ratio" not in cfg.key_params(linear)
-    assert cfg.key_params(linear) == cfg.key_params(dataclasses.replace(linear, min_lr_ratio=0.5))
-    assert cfg.key_params(cfg.SFTConfig())["min_lr_ratio"] == 0.1 and cfg.SFTConfig().lr_schedule == "cosine"
+    assert "min_lr_ratio" not in options.key_params(linear)
+    assert options.key_params(linear) == options.key_params(dataclasses.replace(linear, min_lr_ratio=0.5))
+    assert options.key_params(cfg.SFTConfig())["min_lr_ratio"] == 0.1 and cfg.SFTConfig().lr_schedule == "cosine"
 
 
 def test_inert_fields_stay_out_of_the_key():
-    plain = cfg.key_params(cfg.SFTConfig(weighting="plain"))
+    plain = options.key_params(cfg.SFTConfig(weighting="plain"))
     assert "beta" not in plain and "alpha" not in plain
-    assert "alpha" in cfg.key_params(cfg.SFTConfig(weighting="cft"))
-    full = cfg.key_params(cfg.SFTConfig(lora=False))
+    assert "alpha" in options.key_params(cfg.SFTConfig(weighting="cft"))
+    full = options.key_params(cfg.SFTConfig(lora=False))
     assert not any(k.startswith("lora_") for k in full) and full["lora"] is False
-    assert set(cfg.key_params(cfg.PreprocessConfig())) == {"source", "history_len", "category_word"}
-    d3 = cfg.key_params(cfg.PreprocessConfig(source="d3-csv", train="a.csv"))
+    assert set(options.key_params(cfg.PreprocessConfig())) == {"source", "history_len", "category_word"}
+    d3 = options.key_params(cfg.PreprocessConfig(source="d3-csv", train="a.csv"))
     assert set(d3) == {"source", "category_word"}  # d3-csv keeps its histories; files enter by content
-    assert "grounding_model" not in cfg.key_params(cfg.RerankConfig())
-    assert cfg.key_params(cfg.RerankConfig(grounding=True, grounding_model="m"))["grounding_model"] == "m"
+    assert "grounding_model" not in options.key_params(cfg.RerankConfig())
+    assert options.key_params(cfg.RerankConfig(grounding=True, grounding_model="m"))["grounding_model"] == "m"
 
 
 def test_a_new_stage_gets_its_command_from_its_config(monkeypatch):
@@ -327,11 +327,11 @@ def test_a_new_stage_gets_its_command_from_its_config(monkeypatch):
     class ToyConfig:
         """Do toy things."""
 
-        size: int = cfg.option(3, "How big.", min=1)
-        mode: str = cfg.option("fast", "How.", choices=("fast", "slow"))
-        tags: list[str] = cfg.option(factory=lambda: ["a"], help="Tags.")
-        verbose: bool = cfg.option(False, "Talk.", key=False)
-        limit: float | None = cfg.option(None, "Cap.", gt=0.0)
+        size: int = options.option(3, "How big.", min=1)
+        mode: str = options.option("fast", "How.", choices=("fast", "slow"))
+        tags: list[str] = options.option(factory=lambda: ["a"], help="Tags.")
+        verbose: bool = options.option(False, "Talk.", key=False)
+        limit: float | None = options.option(None, "Cap.", gt=0.0)
 
     monkeypatch.setitem(cfg.STAGE_CONFIGS, "toy", ToyConfig)
     seen = []
@@ -344,7 +344,7 @@ def test_a_new_stage_gets_its_command_from_its_config(monkeypatch):
     bad = runner.invoke(toy_app, ["--mode", "slwo"])
     assert bad.exit_code != 0 and "--mode 'slwo': expected one of fast, slow (did you mean 'slow'?)" in bad.output
     assert "How big." in runner.invoke(toy_app, ["--help"]).output
-    assert cfg.key_params(ToyConfig()) == {"size": 3, "mode": "fast", "tags": ["a"], "limit": None}
+    assert options.key_params(ToyConfig()) == {"size": 3, "mode": "fast", "tags": ["a"], "limit": None}
 
 
 def test_a_plain_dataclass_field_is_caught_by_the_coverage_test():
@@ -352,8 +352,8 @@ def test_a_plain_dataclass_field_is_caught_by_the_coverage_test():
     class Sloppy:
         forgotten: int = 3
 
-    (opt,) = cfg.options(Sloppy)
-    assert not opt.declared and opt.role == cfg.KEY  # counted in the key until declared otherwise
+    (opt,) = options.options(Sloppy)
+    assert not opt.declared and opt.role == options.KEY  # counted in the key until declared otherwise
 
 
 # --------------------------------------------------------------------------------------------------
@@ -362,32 +362,32 @@ def test_a_plain_dataclass_field_is_caught_by_the_coverage_test():
 
 def test_cft_alpha_keeps_alpha_as_its_cache_key_spelling():
     config = cfg.SFTConfig(weighting="cft", cft_alpha=0.2)
-    params = cfg.key_params(config)
+    params = options.key_params(config)
     assert params["alpha"] == 0.2 and "cft_alpha" not in params
-    assert cfg.option_named(cfg.SFTConfig, "cft_alpha").in_key_as == "alpha"
+    assert options.option_named(cfg.SFTConfig, "cft_alpha").in_key_as == "alpha"
     # the key of every other option is its field name
-    assert all(o.in_key_as == o.name for cls in cfg.STAGE_CONFIGS.values() for o in cfg.options(cls) if o.name != "cft_alpha")
+    assert all(o.in_key_as == o.name for cls in cfg.STAGE_CONFIGS.values() for o in options.options(cls) if o.name != "cft_alpha")
     for cls in cfg.STAGE_CONFIGS.values():  # one key spelling per option; a former name names no other field
-        spellings = [o.in_key_as for o in cfg.options(cls)]
+        spellings = [o.in_key_as for o in options.options(cls)]
         assert len(set(spellings)) == len(spellings), cls.__name__
-        assert not set(cfg.renamed(cls)) & {o.name for o in cfg.options(cls)}, cls.__name__
+        assert not set(options.renamed(cls)) & {o.name for o in options.options(cls)}, cls.__name__
 
 
 def test_yaml_alpha_of_sft_still_reads_as_cft_alpha_with_one_warning_line(tmp_path, capsys):
-    cfg._warn.cache_clear()
+    options._warn.cache_clear()
     old = cfg.load_pipeline(write(tmp_path, "sft:\n  weighting: cft\n  alpha: 0.1\n")).stage_config("sft")
     warned = capsys.readouterr().err.strip().splitlines()
     assert len(warned) == 1 and warned[0].startswith("warning:") and "sft.alpha is deprecated" in warned[0]
     assert "sft.cft_alpha" in warned[0]
     new = cfg.load_pipeline(write(tmp_path, "sft:\n  weighting: cft\n  cft_alpha: 0.1\n")).stage_config("sft")
-    assert old == new and old.cft_alpha == 0.1 and cfg.key_params(old) == cfg.key_params(new)
+    assert old == new and old.cft_alpha == 0.1 and options.key_params(old) == options.key_params(new)
     assert capsys.readouterr().err == ""  # the new name warns about nothing
     with pytest.raises(IgdrecError, match=r"igdrec.yaml:sft.alpha and .*igdrec.yaml:sft.cft_alpha: .*give only the new one"):
         cfg.load_pipeline(write(tmp_path, "sft:\n  weighting: cft\n  alpha: 0.1\n  cft_alpha: 0.2\n"))
 
 
 def test_cli_alpha_of_sft_still_sets_cft_alpha_with_one_warning_line(captured):
-    cfg._warn.cache_clear()
+    options._warn.cache_clear()
     runner = CliRunner()
     result = runner.invoke(app, ["sft", "--weighting", "cft", "--alpha", "0.1"])
     assert result.exit_code == 0, result.output
@@ -415,7 +415,7 @@ def test_grid_weightings_cft_alpha_plans_the_same_fine_tunes_as_cft_alpha(tmp_pa
 
     def fine_tunes(path):
         grid = grid_config.load_grid(path, run_root=tmp_path / "runs")
-        return [(s.path, cfg.key_params(s.config)) for d in grid.datasets for s in planning.fine_tunes(grid, d, "cft")]
+        return [(s.path, options.key_params(s.config)) for d in grid.datasets for s in planning.fine_tunes(grid, d, "cft")]
 
     new = fine_tunes(REPO / "configs" / "grid" / "paper.yaml")
     assert len(new) > 1 and fine_tunes(old_path) == new
@@ -425,15 +425,15 @@ def test_a_config_is_checked_once_however_many_layers_check_it(monkeypatch):
     calls = []
     original = cfg.DecodeConfig.check_fields
     monkeypatch.setattr(cfg.DecodeConfig, "check_fields", lambda self: (calls.append(self), original(self))[-1])
-    monkeypatch.setattr(cfg, "_PASSED", set())
-    config = cfg.apply_cli(cfg.DecodeConfig(), {"alpha": "0.2"})
-    cfg.check(config)
-    cfg.check(dataclasses.replace(config))  # equal values: a copy is as checked as the original
+    monkeypatch.setattr(options, "_PASSED", set())
+    config = options.apply_cli(cfg.DecodeConfig(), {"alpha": "0.2"}, "decode")
+    options.check(config)
+    options.check(dataclasses.replace(config))  # equal values: a copy is as checked as the original
     assert len(calls) == 1
-    cfg.check(dataclasses.replace(config, alpha=0.3))  # other values are checked anew
+    options.check(dataclasses.replace(config, alpha=0.3))  # other values are checked anew
     assert len(calls) == 2
     bad = dataclasses.replace(config, tfa="sasrec", constrained=False)
     for _ in range(2):  # a config that fails is never remembered as checked
         with pytest.raises(IgdrecError, match="--tfa scores catalog items"):
-            cfg.check(bad)
+            options.check(bad)
     assert len(calls) == 4

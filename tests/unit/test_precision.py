@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from igdrec import config as cfg
+from igdrec import options
 from igdrec.config import SFTConfig
 from igdrec.errors import IgdrecError
 from igdrec.precision import Precision, resolve_precision
@@ -15,6 +15,6 @@ def test_resolution_and_bad_values():
     assert resolve_precision("bf16-mixed", cpu).autocast == torch.bfloat16
     assert resolve_precision("bf16", cpu) == Precision("bf16", torch.bfloat16, None)
     with pytest.raises(IgdrecError, match=r"--precision.*bf16mixed.*bf16-mixed"):
-        cfg.check(SFTConfig(precision="bf16mixed"))
-    assert cfg.key_params(SFTConfig(precision="bf16")) != cfg.key_params(SFTConfig())  # part of the cache key
-    assert cfg.key_params(SFTConfig(compile=True)) == cfg.key_params(SFTConfig())  # a run setting
+        options.check(SFTConfig(precision="bf16mixed"))
+    assert options.key_params(SFTConfig(precision="bf16")) != options.key_params(SFTConfig())  # part of the cache key
+    assert options.key_params(SFTConfig(compile=True)) == options.key_params(SFTConfig())  # a run setting

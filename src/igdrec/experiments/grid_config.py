@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from igdrec import config as cfg
+from igdrec import options
 from igdrec.errors import IgdrecError
 from igdrec.experiments.rows import ROWS
 
@@ -76,15 +77,15 @@ def _mapping(value: Any, where: str) -> dict:
 def _unknown_keys(keys, known, where: str) -> None:
     bad = sorted(str(k) for k in keys if k not in known)
     if bad:
-        hint = cfg.suggestion(bad[0], known) if len(bad) == 1 else ""
+        hint = options.suggestion(bad[0], known) if len(bad) == 1 else ""
         raise IgdrecError(f"{where}: unknown key(s) {', '.join(bad)}{hint}; known: {', '.join(sorted(known))}")
 
 
 def _value(cls: type, name: str, value: Any, where: str) -> Any:
     """A grid value parsed and bounded by the stage option it stands for (config.py declares each once)."""
-    opt = cfg.option_named(cls, name)
-    parsed = cfg.parse(opt, value, where)
-    cfg.check_value(opt, parsed, where)
+    opt = options.option_named(cls, name)
+    parsed = options.parse(opt, value, where)
+    options.check_value(opt, parsed, where)
     return parsed
 
 
@@ -93,7 +94,7 @@ def _stage_sections(value: Any, where: str) -> dict[str, dict]:
     for key, values in _mapping(value, where).items():
         stage = str(key).replace("_", "-")
         if stage not in _GRID_STAGES:
-            raise IgdrecError(f"{where}: unknown stage {key!r}{cfg.suggestion(stage, _GRID_STAGES)}; known: {', '.join(_GRID_STAGES)}")
+            raise IgdrecError(f"{where}: unknown stage {key!r}{options.suggestion(stage, _GRID_STAGES)}; known: {', '.join(_GRID_STAGES)}")
         sections[stage] = dict(_mapping(values, f"{where}.{key}"))
     return sections
 
@@ -149,7 +150,7 @@ def _cutoffs(grid_path: Path, dataset: Dataset, baselines: bool) -> tuple[list[i
 
     def setting(stage: str, cls: type, name: str) -> Any:
         values = dataset.stages.get(stage, {})
-        return _value(cls, name, values[name], f"{where}.{stage}.{name}") if name in values else cfg.option_named(cls, name).default
+        return _value(cls, name, values[name], f"{where}.{stage}.{name}") if name in values else options.option_named(cls, name).default
 
     ks = setting("metrics", cfg.MetricsConfig, "ks")
     bounds = {f"{stage} {name}": setting(stage, cls, name)
@@ -177,7 +178,7 @@ def _check_metrics(grid: GridConfig) -> None:
     known = sorted(names or (), key=lambda n: (n.split("@")[0], int(n.split("@")[1])))
     if grid.selection.metric not in known:
         raise IgdrecError(f"{grid.path}:selection.metric: {grid.selection.metric!r} is not a metric this grid computes"
-                          f"{cfg.suggestion(grid.selection.metric, known)}; known: {', '.join(known)}")
+                          f"{options.suggestion(grid.selection.metric, known)}; known: {', '.join(known)}")
 
 
 def load_grid(path: str | Path, run_root: str | Path | None = None, check_metrics: bool = True) -> GridConfig:
@@ -187,7 +188,7 @@ def load_grid(path: str | Path, run_root: str | Path | None = None, check_metric
     metric or report cut-off the metrics lack: an older grid's results render, missing columns shown empty.
     """
     path = Path(path)
-    raw = cfg._read_yaml(path) or {}  # a directory, a missing or non-UTF-8 file, broken YAML: one line each
+    raw = options.read_yaml(path) or {}  # a directory, a missing or non-UTF-8 file, broken YAML: one line each
     if not isinstance(raw, dict):
         raise IgdrecError(f"{path}: top level must be a mapping")
     _unknown_keys(raw, _TOP_KEYS, path)
@@ -199,7 +200,7 @@ def load_grid(path: str | Path, run_root: str | Path | None = None, check_metric
     shared_weightings = _weightings(raw.get("weightings"), f"{path}:weightings")
     datasets = []
     for name, spec in _mapping(raw.get("datasets"), f"{path}:datasets").items():
-        cfg.check_artifact_name(name, f"{path}:datasets")  # the name is the dataset's run directory
+        options.check_artifact_name(name, f"{path}:datasets")  # the name is the dataset's run directory
         where = f"{path}:datasets.{name}"
         spec = _mapping(spec, where)
         _unknown_keys(spec, _DATASET_KEYS, where)
@@ -212,7 +213,7 @@ def load_grid(path: str | Path, run_root: str | Path | None = None, check_metric
         preprocess = spec.get("preprocess")
         if preprocess is not None:
             preprocess = _mapping(preprocess, f"{where}.preprocess")
-            cfg.build(cfg.PreprocessConfig, preprocess, f"{where}.preprocess")  # check the keys now
+            options.build(cfg.PreprocessConfig, preprocess, f"{where}.preprocess")  # check the keys now
         paper = spec.get("paper")
         if paper is not None and paper not in ("Books", "Games", "Toys", "CDs"):
             raise IgdrecError(f"{where}.paper: {paper!r} is not one of the paper's datasets (Books, Games, Toys, CDs)")

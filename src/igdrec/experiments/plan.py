@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from igdrec import config as cfg
+from igdrec import options
 from igdrec.errors import IgdrecError
 from igdrec.experiments.grid_config import CONFIG_COPY, Dataset, GridConfig, load_grid
 from igdrec.experiments.rows import ROWS
@@ -66,7 +67,7 @@ def _fmt(value: float) -> str:
 
 
 def _build(stage: str, values: dict, where: str):
-    return cfg.build(cfg.STAGE_CONFIGS[stage], values, where)
+    return options.build(cfg.STAGE_CONFIGS[stage], values, where)
 
 
 class _Planner:

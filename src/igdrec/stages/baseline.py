@@ -25,9 +25,8 @@ from dataclasses import asdict
 import torch
 from rich.progress import TextColumn
 
-from igdrec import schema, seqrec
+from igdrec import options, schema, seqrec
 from igdrec.config import BaselineConfig
-from igdrec import config as cfg
 from igdrec.console import console, print_table, progress_bar
 from igdrec.errors import IgdrecError
 from igdrec.modeling import pick_device
@@ -45,7 +44,7 @@ def cache_params(config: BaselineConfig) -> dict:
     form = {"assistant_from": "model"}
     if config.model == "pop":  # nothing is trained: only the top-K matters
         return {"model": "pop", "top_k": config.top_k} | form
-    return cfg.key_params(config) | asdict(seqrec.ModelSettings.from_config(config)) | form
+    return options.key_params(config) | asdict(seqrec.ModelSettings.from_config(config)) | form
 
 
 def run(config: BaselineConfig, run_dir: RunDir, force: bool = False) -> dict:

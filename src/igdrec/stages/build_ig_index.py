@@ -12,8 +12,7 @@ import json
 import numpy as np
 import polars as pl
 
-from igdrec import config as cfg
-from igdrec import ig, schema
+from igdrec import ig, options, schema
 from igdrec.config import IGIndexConfig
 from igdrec.console import print_table, progress_bar
 from igdrec.errors import IgdrecError
@@ -38,7 +37,7 @@ def plan(config: IGIndexConfig, run_dir: RunDir) -> StagePlan:
     # The tokenizer's identity, not only the model's name: a changed tokenizer changes every item token.
     # `ig_rule` names the normalisation rule (docs/method.md §4.1): an index built under an older rule
     # would silently calibrate decoding differently, so a rule change must miss the cache.
-    params = cfg.key_params(config) | {"tokenizer": tokenizer_identity(tokenizer), "ig_rule": IG_RULE}
+    params = options.key_params(config) | {"tokenizer": tokenizer_identity(tokenizer), "ig_rule": IG_RULE}
     return StagePlan("build-ig-index", run_dir, STAGE_DIR, config, params, {"data": data["fingerprint"]},
                      context={"tokenizer": tokenizer})
 

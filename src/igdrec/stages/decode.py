@@ -17,8 +17,7 @@ import polars as pl
 import torch
 from rich.progress import TextColumn
 
-from igdrec import config as cfg
-from igdrec import decoding, schema
+from igdrec import decoding, options, schema
 from igdrec.beam import SearchStats
 from igdrec.config import DecodeConfig
 from igdrec.console import progress_bar
@@ -61,10 +60,10 @@ def compute(plan: StagePlan, out: StageWriter) -> None:
 
 
 def cache_params(config: DecodeConfig, source: decoding.ModelSource) -> dict:
-    """The decode's cache-key parameters: every config field marked as a key (config.option), with the
+    """The decode's cache-key parameters: every config field marked as a key (options.option), with the
     model named as the source resolves it (a fine-tune by name, its content by the inputs' fingerprint;
     never a path into the run directory, so a moved or differently spelled run dir stays cached)."""
-    return cfg.key_params(config) | {"source": source.label, "model": None, "sft": None} | source.key
+    return options.key_params(config) | {"source": source.label, "model": None, "sft": None} | source.key
 
 
 def default_name(label: str, config: DecodeConfig) -> str:

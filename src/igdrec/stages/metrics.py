@@ -17,9 +17,8 @@ from pathlib import Path
 import polars as pl
 from rich.table import Table
 
-from igdrec import config as cfg
 from igdrec import metrics as M
-from igdrec import schema
+from igdrec import options, schema
 from igdrec.config import MetricsConfig
 from igdrec.console import console, format_value
 from igdrec.errors import IgdrecError
@@ -42,7 +41,7 @@ def plan(config: MetricsConfig, run_dir: RunDir) -> StagePlan:
     name = config.name or source.name
     ks, note = cutoffs_within_lists(config.ks, source.list_bounds)
     config = dataclasses.replace(config, ks=ks)
-    params = cfg.key_params(config) | {source.kind: source.name}
+    params = options.key_params(config) | {source.kind: source.name}
     inputs = source.inputs | {"data": data["fingerprint"], "ig": ig["fingerprint"]}
     return StagePlan("metrics", run, f"metrics/{name}", config, params, inputs, notes=[note] if note else [],
                      context={"name": name, "source": source})
@@ -200,10 +199,10 @@ def compare(names: list[str], run_dir: RunDir, bootstrap: int | None = None, see
     if len(names) != 2:
         raise IgdrecError(f"--compare needs exactly two metrics names, got {len(names)}: {' '.join(names)}")
     resamples = MetricsConfig.bootstrap if bootstrap is None else bootstrap
-    cfg.check_value(cfg.option_named(MetricsConfig, "bootstrap"), resamples, "--bootstrap")
+    options.check_value(options.option_named(MetricsConfig, "bootstrap"), resamples, "--bootstrap")
     frames = []
     for n in names:
-        cfg.check_artifact_name(n, "--compare")
+        options.check_artifact_name(n, "--compare")
     for n in names:
         rerank_hint = f"--rerank {n}" if run.manifest(f"rerank/{n}") is not None else f"--rerank RERANK --name {n}"
         run.require(f"metrics/{n}", hint=f"igdrec metrics {rerank_hint}")

@@ -10,8 +10,7 @@ from datetime import datetime, timezone
 
 import polars as pl
 
-from igdrec import config as cfg
-from igdrec import schema, sources
+from igdrec import options, schema, sources
 from igdrec.config import PreprocessConfig
 from igdrec.console import console, print_table
 from igdrec.errors import IgdrecError
@@ -39,7 +38,7 @@ def plan(config: PreprocessConfig, run_dir: RunDir) -> StagePlan:
     source = sources.get(config.source)
     word = config.category_word or category_word(config.source, config.category)
     # Options of other sources are inert (config.py `only=`); input files enter by content, not by path.
-    params = cfg.key_params(config) | {"category_word": word}
+    params = options.key_params(config) | {"category_word": word}
     inputs = source.input_files(config)
     return StagePlan("preprocess", run_dir, STAGE_PATH, config, params, inputs, context={"source": source, "word": word})
 

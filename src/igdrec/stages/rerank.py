@@ -15,8 +15,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from igdrec import config as cfg
-from igdrec import reranking, schema
+from igdrec import options, reranking, schema
 from igdrec.config import RerankConfig
 from igdrec.console import progress_bar
 from igdrec.errors import IgdrecError
@@ -43,7 +42,7 @@ def plan(config: RerankConfig, run_dir: RunDir) -> StagePlan:
     decode = run.require(f"decode/{decode_name}", hint=f"igdrec decode --sft SFT --name {decode_name}")
     name = config.name or default_name(decode_name, config)
     inputs = {"decode": decode["fingerprint"]}
-    params = cfg.key_params(config) | {"decode": decode_name}
+    params = options.key_params(config) | {"decode": decode_name}
     context = {"decode_name": decode_name, "decode": decode}
     if config.grounding:
         grounding_model = config.grounding_model or base_model(run, decode)
@@ -140,7 +139,7 @@ def catalog_embeddings(run: RunDir, model_spec: str, model_and_tokenizer, batch_
     """
     data = run.require("data", hint="igdrec preprocess")
     ig = run.require("ig", hint="igdrec build-ig-index")
-    label = cfg.artifact_label(Path(model_spec.rstrip("/")).name)
+    label = options.artifact_label(Path(model_spec.rstrip("/")).name)
     stage_path = f"grounding/{label}-{fingerprint_obj(model_spec)[:8]}"
     inputs = {"data": data["fingerprint"], "ig": ig["fingerprint"]}
     with StageWriter(run, stage_path, stage="grounding-embeddings", params={"model": model_spec}, inputs=inputs, force=force) as out:

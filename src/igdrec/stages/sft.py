@@ -22,8 +22,7 @@ import polars as pl
 import torch
 from rich.progress import TextColumn
 
-from igdrec import checkpoints, distributed, flops, schema, training
-from igdrec import config as cfg
+from igdrec import checkpoints, distributed, flops, options, schema, training
 from igdrec.config import SFTConfig
 from igdrec.console import console, err_console, print_table, progress_bar
 from igdrec.dropout import use_gap_dropout
@@ -192,7 +191,7 @@ def plan(config: SFTConfig, run_dir: RunDir) -> StagePlan:
     if ig_manifest is not None:
         inputs["ig"] = ig_manifest["fingerprint"]
     context = {"name": name, "data_manifest": data_manifest, "tokenizer": tokenizer, "ig_manifest": ig_manifest}
-    return StagePlan("sft", run_dir, f"sft/{name}", config, cfg.key_params(config), inputs, resumable=True, context=context)
+    return StagePlan("sft", run_dir, f"sft/{name}", config, options.key_params(config), inputs, resumable=True, context=context)
 
 
 def prepare(plan: StagePlan, writer: StageWriter) -> distributed.World:
