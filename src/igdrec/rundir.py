@@ -157,6 +157,11 @@ class RunDir:
         """The stage's manifest if the stage finished, its manifest is unedited and its outputs are intact, else None."""
         return self._checked_manifest(stage_path)[0]
 
+    def cached_manifest(self, stage_path: str, key: str) -> dict | None:
+        """The stage's intact manifest if it was made with `key` (the stage's result is cached), else None."""
+        manifest = self.manifest(stage_path)
+        return manifest if manifest is not None and manifest.get("key") == key else None
+
     def require(self, stage_path: str, hint: str) -> dict:
         """The manifest of an upstream stage, or a one-line error telling the user what to run first."""
         manifest, problem = self._checked_manifest(stage_path)
@@ -259,11 +264,8 @@ class StageWriter:
         self.partial_dir = self.run.root / ".partial" / f"{safe}-{self.key[:16]}"
         self.lock_path = self.run.root / ".partial" / f"{safe}.lock"
         self._lock_fd: int | None = None
-        self.manifest: dict | None = None
-        existing = None if self.force else self.run.manifest(self.stage_path)
-        self.cached = existing is not None and existing.get("key") == self.key
-        if self.cached:
-            self.manifest = existing
+        self.manifest: dict | None = None if self.force else self.run.cached_manifest(self.stage_path, self.key)
+        self.cached = self.manifest is not None
 
     def report_cached(self) -> None:
         """The one message every stage prints when it finds its result cached."""

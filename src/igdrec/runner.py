@@ -90,8 +90,7 @@ def plan_stage(stage: str, config, run: RunDir) -> StagePlan:
 
 def is_cached(plan: StagePlan) -> bool:
     """Whether running the plan would find its result cached (StageWriter's own test)."""
-    manifest = plan.run.manifest(plan.path)
-    return manifest is not None and manifest.get("key") == plan.key
+    return plan.run.cached_manifest(plan.path, plan.key) is not None
 
 
 def run_stage(stage: str, config, run_dir: RunDir | str | Path | None, force: bool = False) -> dict:
