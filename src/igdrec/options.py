@@ -5,7 +5,9 @@ declarations follow:
 
 - the command line: `cli.py` builds a command's options from a config dataclass (`options(cls)`) and
   applies what the user typed (`apply_cli`);
-- the YAML loader: a config from one section, keys = field names (`build`);
+- the YAML loader: a config from one section, keys = field names (`build`); a field may itself be a
+  section (a dataclass declared the same way) or a mapping of names to values or sections, so a whole
+  YAML file with nested sections (the grid's) is read by the same functions;
 - the cache key: `key_params(config)` = the key=True fields that have an effect for this config;
 - validation: `parse` (types), `check` (choices, bounds, a config's own cross-field rules), with
   one-line errors that name the option (`--max-steps`) or the file and key (`x.yaml:sft.max_steps`).
@@ -71,6 +73,7 @@ def option(
     lt: float | None = None,
     pattern: tuple[str, str] | None = None,
     as_set: bool = False,
+    unique: bool = False,
     only: dict | Callable | None = None,
     input: bool = False,
     flags: str | None = None,
@@ -91,6 +94,9 @@ def option(
     (e.g. `cuda:N`).
     `as_set`: a list whose order and repeats mean nothing: parsed sorted without repeats, so that
     `--ks 5,1,1` and `--ks 1,5` are one value and one cache key.
+    `unique`: a list whose order means something and whose values must differ (a repeat is refused).
+    A mapping field (`dict[str, X]`): `choices` are the names it accepts and `artifact=True` makes each
+    name an artifact name; the bounds apply to its values.
     `only`: the field has an effect only when `{other_field: value or tuple of values}` holds (or when
     `only(config)` is true); otherwise it is inert and left out of the cache key. The CLI lists such
     options under their own heading.
@@ -106,12 +112,23 @@ def option(
     role = INPUT_FILE if input else KEY if key else RUN_SETTING
     metadata = {
         "help": help, "key": role == KEY, "role": role, "choices": tuple(choices) if choices else None,
-        "min": min, "max": max, "gt": gt, "lt": lt, "pattern": pattern, "as_set": as_set, "only": only, "flags": flags,
+        "min": min, "max": max, "gt": gt, "lt": lt, "pattern": pattern, "as_set": as_set, "unique": unique, "only": only, "flags": flags,
         "artifact": artifact, "key_name": key_name, "renamed_from": renamed_from,
     }
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def like(cls: type, name: str, **changes):
+    """An `option()` that accepts what `cls`'s field `name` accepts (its help, default, choices, bounds),
+    with `changes` on top: a field elsewhere that stands for that option keeps its rules written once."""
+    opt = option_named(cls, name)
+    declared = {"default": opt.default, "help": opt.help, "key": opt.role == KEY, "choices": opt.choices, "min": opt.min,
+                "max": opt.max, "gt": opt.gt, "lt": opt.lt, "pattern": opt.pattern, "artifact": opt.artifact}
+    if "factory" in changes:
+        del declared["default"]
+    return option(**(declared | changes))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -135,6 +152,7 @@ class Option:
     lt: float | None = None
     pattern: tuple[str, str] | None = None
     as_set: bool = False
+    unique: bool = False
     only: dict | Callable | None = None
     flags: str | None = None
     artifact: bool = False
@@ -151,11 +169,12 @@ class Option:
 
     @property
     def kind(self) -> type:
-        """bool, int, float, str or list (Optional stripped)."""
+        """bool, int, float, str, list, dict or a section's dataclass (Optional stripped)."""
         return _shape(self.annotation)[0]
 
     @property
     def element(self) -> type | None:
+        """The type of a list's elements, or of a mapping's values."""
         return _shape(self.annotation)[2]
 
     @property
@@ -188,7 +207,7 @@ def options(cls: type) -> tuple[Option, ...]:
             name=f.name, annotation=hints[f.name], default=default, help=meta.get("help", ""), role=role,
             declared="help" in meta and bool(meta.get("help")), choices=meta.get("choices"), min=meta.get("min"),
             max=meta.get("max"), gt=meta.get("gt"), lt=meta.get("lt"), pattern=meta.get("pattern"),
-            as_set=meta.get("as_set", False), only=meta.get("only"), flags=meta.get("flags"),
+            as_set=meta.get("as_set", False), unique=meta.get("unique", False), only=meta.get("only"), flags=meta.get("flags"),
             artifact=meta.get("artifact", False), key_name=meta.get("key_name"), renamed_from=meta.get("renamed_from"),
         ))
     return tuple(result)
@@ -241,7 +260,7 @@ def key_params(config) -> dict:
 
 
 def _shape(annotation: Any) -> tuple[type, bool, type | None]:
-    """(kind, optional, list element type) of a field's type hint."""
+    """(kind, optional, element type of a list or value type of a mapping) of a field's type hint."""
     optional = False
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -252,7 +271,15 @@ def _shape(annotation: Any) -> tuple[type, bool, type | None]:
     if origin is list or annotation is list:
         args = typing.get_args(annotation)
         return list, optional, args[0] if args else str
+    if origin is dict or annotation is dict:
+        args = typing.get_args(annotation)
+        return dict, optional, args[1] if args else Any
     return annotation, optional, None
+
+
+def _is_section(kind: Any) -> bool:
+    """Whether a field's kind is a section: a dataclass read from a mapping by `build`."""
+    return isinstance(kind, type) and dataclasses.is_dataclass(kind)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -271,15 +298,46 @@ def suggestion(value: Any, known) -> str:
 
 
 def parse(opt: Option, value: Any, where: str) -> Any:
-    """A YAML value or command-line string converted to the field's type (lists: comma-separated)."""
+    """A YAML value or command-line string converted to the field's type (lists: comma-separated; a
+    section or a mapping: from a YAML mapping, an empty one where the key has no value)."""
+    if value is None and not opt.optional and (opt.kind is dict or _is_section(opt.kind)):
+        value = {}  # `stages:` with nothing under it
     if value is None or (opt.optional and isinstance(value, str) and value.strip().lower() in _NONE):
         if opt.optional:
             return None
         raise IgdrecError(f"{where}: expected {_type_name(opt.kind, opt.element)}, got nothing")
     if opt.kind is list:
+        if isinstance(value, dict):
+            raise IgdrecError(f"{where}: expected {_type_name(list, opt.element)}, got {value!r}")
         items = value if isinstance(value, (list, tuple)) else [v.strip() for v in str(value).split(",") if v.strip()]
         return _as_set(opt, [_scalar(opt.element, v, where) for v in items])
-    return _scalar(opt.kind, value, where)
+    if opt.kind is dict:
+        if not isinstance(value, dict):
+            raise IgdrecError(f"{where}: expected {_type_name(dict, opt.element)}, got {value!r}")
+        items = {_choice_spelling(opt, str(k)): v for k, v in value.items()}
+        return {k: _element(opt.element, v, f"{where}.{k}") for k, v in items.items()}
+    return _element(opt.kind, value, where)
+
+
+def _element(kind: Any, value: Any, where: str) -> Any:
+    """One value of `kind`: a scalar, a section (built and checked) or a free mapping (a YAML mapping as it is)."""
+    if _is_section(kind):
+        return build(kind, {} if value is None else value, where)
+    if kind is dict or kind is Any:
+        if kind is dict and value is None:
+            return {}
+        if kind is dict and not isinstance(value, dict):
+            raise IgdrecError(f"{where}: expected {_type_name(dict)}, got {value!r}")
+        return dict(value) if kind is dict else value
+    return _scalar(kind, value, where)
+
+
+def _choice_spelling(opt: Option, name: str) -> str:
+    """A mapping's name as its `choices` spell it, where it differs only by '-' for '_' (`build_ig_index`),
+    as YAML keys and command-line flags are one option whichever of the two they use."""
+    if opt.choices and name not in opt.choices:
+        return next((c for c in opt.choices if str(c).replace("-", "_") == name.replace("-", "_")), name)
+    return name
 
 
 def _as_set(opt: Option, value: Any) -> Any:
@@ -324,16 +382,37 @@ def _as_int(value: Any) -> int:
 
 def _type_name(kind: type, element: type | None = None) -> str:
     if kind is list:
-        return f"a comma-separated list of {_type_name(element or str)}"
+        plural = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
+        return f"a comma-separated list of {plural.get(element or str, _type_name(element or str))}"
+    if kind is dict or _is_section(kind):
+        return "a mapping (`name: value` lines)"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, getattr(kind, "__name__", str(kind)))
 
 
 def check_value(opt: Option, value: Any, where: str) -> None:
-    """Choices, bounds and the artifact-name rule of one field's value (each element of a list)."""
+    """Choices, bounds and the artifact-name rule of one field's value (each element of a list; each name
+    and value of a mapping). A section was checked when it was built."""
     if opt.kind is list and value is not None and len(value) == 0:
         raise IgdrecError(f"{where}: expected at least one value")
+    if opt.unique and value is not None:
+        repeated = next((v for i, v in enumerate(value) if v in value[:i]), None)
+        if repeated is not None:
+            raise IgdrecError(f"{where}: {value} lists {repeated!r} twice")
+    if isinstance(value, dict):
+        for name in value:
+            if opt.artifact:
+                check_artifact_name(name, where)
+            if opt.choices and name not in opt.choices:
+                known = ", ".join(map(str, opt.choices))
+                raise IgdrecError(f"{where}: unknown key {name!r}{suggestion(name, opt.choices)}; known: {known}")
+        if _is_section(opt.element) or opt.element in (dict, Any):
+            return
+        bounded = dataclasses.replace(opt, choices=None, artifact=False, pattern=None)
+        for name, v in value.items():
+            check_value(bounded, v, f"{where}.{name}")
+        return
     for v in value if isinstance(value, list) else [value]:
-        if v is None:
+        if v is None or _is_section(type(v)):
             continue
         if opt.artifact:
             check_artifact_name(v, where)
@@ -406,16 +485,19 @@ def apply_cli(config, given: dict[str, Any], command: str):
 # YAML
 
 
-def build(cls: type, values: dict[str, Any], where: str):
-    """A stage config from one YAML section; `where` ("file:section") prefixes every error."""
+def build(cls: type, values: dict[str, Any], where: str, sep: str = "."):
+    """A config from one YAML mapping; `where` ("file:section") prefixes every error, `sep` joins it to a
+    key (":" where `where` is the file itself: `file:key`). A field that is a section is built the same way."""
+    if not isinstance(values, dict):
+        raise IgdrecError(f"{where}: expected {_type_name(dict)}, got {values!r}")
     known = {o.name: o for o in options(cls)}
     parsed = {}
-    for key, value in _new_names(cls, {str(key): value for key, value in values.items()}, lambda n: f"{where}.{n}").items():
+    for key, value in _new_names(cls, {str(key): value for key, value in values.items()}, lambda n: f"{where}{sep}{n}").items():
         name = key.replace("-", "_")
         if name not in known:
             raise IgdrecError(f"{where}: unknown key {key!r}{suggestion(name, known) or '; known: ' + ', '.join(known)}")
-        parsed[name] = parse(known[name], value, f"{where}.{name}")
-        check_value(known[name], parsed[name], f"{where}.{name}")
+        parsed[name] = parse(known[name], value, f"{where}{sep}{name}")
+        check_value(known[name], parsed[name], f"{where}{sep}{name}")
     config = cls(**parsed)
     try:
         check(config)

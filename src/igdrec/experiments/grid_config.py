@@ -1,12 +1,10 @@
-"""The grid YAML (configs/grid/): its schema, read and checked before anything runs; every mistake one line
-naming the file and key."""
+"""The grid YAML (configs/grid/): its schema, declared with `options.option()` like the stage configs and
+read by the same functions (`options.build`), so a wrong type, a bound or an unknown key reads as it does
+in a stage section: one line naming the file and key, before anything runs."""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import difflib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,17 +13,106 @@ from igdrec import config as cfg
 from igdrec import options
 from igdrec.errors import IgdrecError
 from igdrec.experiments.rows import ROWS
+from igdrec.options import like, option
 
 GRID_STATE = "grid.json"  # in the run root: wall time per phase, when the grid finished
 CONFIG_COPY = "grid-config.yaml"  # in the run root: the grid config it was run with
 WEIGHTINGS = cfg.WEIGHTINGS
+# The stages a grid's `stages:` sections configure (preprocess is set per dataset), in the order errors list them.
+_GRID_STAGES = ("build-ig-index", "sft", "decode", "rerank", "metrics", "baseline")
+# The cost keys that hold one number per baseline model, e.g. `baseline_best_epoch: {gru4rec: 40, sasrec: 30}`.
+PER_MODEL_COST_KEYS = ("baseline_epoch_s_per_1k_windows", "baseline_best_epoch")
+# The cut-offs the report's tables print (report.py); a grid whose metrics lack one is refused before it runs.
+REPORT_METRICS = ("NDCG@5", "NDCG@10", "HR@5", "HR@10")
+ALL_ROWS = "all"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The file's sections: what `options.build` reads (configs/grid/README.md shows them all).
+
+
+def _overhead(stage: str):
+    return option(None, f"Seconds every {stage} step adds (model loading, validation...).", min=0)
+
+
+@dataclass
+class CostSection:
+    """`cost:` the --dry-run estimate's rates and sizes (experiments/cost.py); a rate left out leaves its
+    steps without an estimate."""
+
+    train_tokens_per_s: float | None = option(None, "Computed prompt+target tokens per second of fine-tuning.", min=0)
+    tokens_per_sample: float | None = option(None, "Computed tokens per training sample (default 220).", min=0)
+    cft_factor: float | None = option(None, "A CFT fine-tune's cost over a plain one (its second pass; default 2).", min=0)
+    decode_s_per_sample: float | None = option(None, "Seconds to decode one sample.", min=0)
+    train_samples: float | None = option(None, "Training samples, for estimates before the data stage has run.", min=0)
+    valid_samples: float | None = option(None, "Validation samples, likewise.", min=0)
+    test_samples: float | None = option(None, "Test samples, likewise.", min=0)
+    preprocess_overhead_s: float | None = _overhead("preprocess")
+    build_ig_index_overhead_s: float | None = _overhead("build-ig-index")
+    sft_overhead_s: float | None = _overhead("sft")
+    decode_overhead_s: float | None = _overhead("decode")
+    rerank_overhead_s: float | None = _overhead("rerank")
+    metrics_overhead_s: float | None = _overhead("metrics")
+    baseline_overhead_s: float | None = _overhead("baseline")
+    baseline_epoch_s_per_1k_windows: dict[str, float] | None = option(
+        None, "Seconds per epoch per 1,000 training windows, per baseline model.", choices=cfg.BASELINE_MODELS, min=0)
+    baseline_best_epoch: dict[str, float] | None = option(
+        None, "The epoch early stopping keeps, per baseline model.", choices=cfg.BASELINE_MODELS, min=0)
+
+
+def _given(section: CostSection) -> dict:
+    """The rates a `cost:` section sets (a dataset's override only those)."""
+    return {o.name: getattr(section, o.name) for o in options.options(CostSection) if getattr(section, o.name) is not None}
 
 
 @dataclass
 class Selection:
-    alphas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4])
-    valid_limit: int | None = 100  # valid samples each candidate is decoded on (None: all)
-    metric: str = "NDCG@10"
+    """`selection:` how a row's candidates (decoding α, a weighting's listed values) are chosen on valid."""
+
+    alphas: list[float] = like(cfg.DecodeConfig, "alpha", factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4], unique=True,
+                               help="Decoding calibration α candidates of the +IGD rows.")
+    valid_limit: int | None = like(cfg.DecodeConfig, "limit", default=100,
+                                   help="Valid samples each candidate is decoded on (null: all).")
+    metric: str = option("NDCG@10", "The metric a candidate is chosen by: NDCG@K or HR@K, K among metrics.ks.")
+
+
+@dataclass
+class DatasetSection:
+    """`datasets.NAME:` one dataset; its run directory is `run_root/NAME`."""
+
+    preprocess: dict | None = option(None, "Its preprocess section; left out: the run directory's data stage is used.")
+    paper: str | None = option(None, "The paper's column to show beside ours.", choices=("Books", "Games", "Toys", "CDs"))
+    stages: dict[str, dict] = option(factory=dict, help="This dataset's stage settings over the shared ones.",
+                                     choices=_GRID_STAGES)
+    weightings: dict[str, dict] = option(factory=dict, help="This dataset's fine-tuning variants over the shared ones.",
+                                         choices=WEIGHTINGS)
+    cost: CostSection = option(factory=CostSection, help="This dataset's cost model over the grid's.")
+
+
+@dataclass
+class GridFile:
+    """A grid config file, as written."""
+
+    scale: str | None = option(None, "Names the reports (default: the file's name).")
+    description: str | None = option(None, "One line on what the grid is.")
+    run_root: str | None = option(None, "Where each dataset's run directory goes (default: runs/grid-SCALE).")
+    datasets: dict[str, DatasetSection] = option(factory=dict, help="The datasets, by run-directory name.", artifact=True)
+    stages: dict[str, dict] = option(factory=dict, help="Stage settings shared by every cell.", choices=_GRID_STAGES)
+    weightings: dict[str, dict] = option(factory=dict, choices=WEIGHTINGS,
+                                         help="The fine-tuning variants: sft settings, a list being candidates chosen on valid.")
+    selection: Selection = option(factory=Selection, help="How candidates are chosen on valid.")
+    rows: list[str] = option(factory=lambda: [ALL_ROWS], help="The rows to run (`all`: every row).",
+                             choices=(*ROWS, ALL_ROWS), unique=True)
+    tfa_guidance: float = like(cfg.DecodeConfig, "tfa_guidance", help="D3's guidance g for the d3+tfa row.")
+    cost: CostSection = option(factory=CostSection, help="The --dry-run estimate's rates and sizes.")
+
+    def check_fields(self) -> None:
+        if not self.datasets:
+            raise IgdrecError("`datasets` is empty; name at least one dataset")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The grid as planned: each dataset with the shared settings merged under its own.
 
 
 @dataclass
@@ -49,36 +136,6 @@ class GridConfig:
     rows: list[str]
     tfa_guidance: float
     cost: dict = field(default_factory=dict)  # cost model for --dry-run (see estimate_seconds())
-    raw: dict = field(default_factory=dict)
-
-
-_TOP_KEYS = {"scale", "description", "run_root", "datasets", "stages", "weightings", "selection", "rows", "tfa_guidance", "cost"}
-_DATASET_KEYS = {"preprocess", "stages", "weightings", "paper", "cost"}
-# The stages a grid's `stages:` sections configure (preprocess is set per dataset), in the order errors list them.
-_GRID_STAGES = ("build-ig-index", "sft", "decode", "rerank", "metrics", "baseline")
-# The rates and sizes estimate_seconds() reads (a misspelt one would silently leave its steps unestimated).
-_COST_KEYS = ("train_tokens_per_s", "tokens_per_sample", "cft_factor", "decode_s_per_sample",
-              "train_samples", "valid_samples", "test_samples",
-              *(f"{s.replace('-', '_')}_overhead_s" for s in ("preprocess", *_GRID_STAGES)))
-# The cost keys that hold one number per baseline model, e.g. `baseline_best_epoch: {gru4rec: 40, sasrec: 30}`.
-PER_MODEL_COST_KEYS = ("baseline_epoch_s_per_1k_windows", "baseline_best_epoch")
-# The cut-offs the report's tables print (report.py); a grid whose metrics lack one is refused before it runs.
-REPORT_METRICS = ("NDCG@5", "NDCG@10", "HR@5", "HR@10")
-
-
-def _mapping(value: Any, where: str) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise IgdrecError(f"{where}: expected a mapping, got {type(value).__name__}")
-    return value
-
-
-def _unknown_keys(keys, known, where: str) -> None:
-    bad = sorted(str(k) for k in keys if k not in known)
-    if bad:
-        hint = options.suggestion(bad[0], known) if len(bad) == 1 else ""
-        raise IgdrecError(f"{where}: unknown key(s) {', '.join(bad)}{hint}; known: {', '.join(sorted(known))}")
 
 
 def _value(cls: type, name: str, value: Any, where: str) -> Any:
@@ -87,57 +144,6 @@ def _value(cls: type, name: str, value: Any, where: str) -> Any:
     parsed = options.parse(opt, value, where)
     options.check_value(opt, parsed, where)
     return parsed
-
-
-def _stage_sections(value: Any, where: str) -> dict[str, dict]:
-    sections = {}
-    for key, values in _mapping(value, where).items():
-        stage = str(key).replace("_", "-")
-        if stage not in _GRID_STAGES:
-            raise IgdrecError(f"{where}: unknown stage {key!r}{options.suggestion(stage, _GRID_STAGES)}; known: {', '.join(_GRID_STAGES)}")
-        sections[stage] = dict(_mapping(values, f"{where}.{key}"))
-    return sections
-
-
-def _selection(value: Any, where: str) -> Selection:
-    sel = _mapping(value, where)
-    _unknown_keys(sel, {f.name for f in dataclasses.fields(Selection)}, where)
-    selection = Selection()
-    if "alphas" in sel:
-        alphas = sel["alphas"]
-        if not isinstance(alphas, list) or not alphas:
-            raise IgdrecError(f"{where}.alphas: expected a list of decoding α candidates, e.g. [0.0, 0.2], got {alphas!r}")
-        selection.alphas = [_value(cfg.DecodeConfig, "alpha", a, f"{where}.alphas") for a in alphas]
-        if len(set(selection.alphas)) < len(selection.alphas):
-            raise IgdrecError(f"{where}.alphas: {alphas} lists an α twice")
-    if "valid_limit" in sel:
-        selection.valid_limit = _value(cfg.DecodeConfig, "limit", sel["valid_limit"], f"{where}.valid_limit")
-    if "metric" in sel:
-        if not isinstance(sel["metric"], str):
-            raise IgdrecError(f"{where}.metric: expected a metric name such as NDCG@10, got {sel['metric']!r}")
-        selection.metric = sel["metric"]
-    return selection
-
-
-def _cost(value: Any, where: str) -> dict:
-    cost = dict(_mapping(value, where))
-    _unknown_keys(cost, (*_COST_KEYS, *PER_MODEL_COST_KEYS), where)
-    for key, rate in cost.items():
-        if key in PER_MODEL_COST_KEYS:
-            if not isinstance(rate, dict):
-                raise IgdrecError(f"{where}.{key}: expected a number ≥ 0 per baseline model, e.g. {{gru4rec: 6, sasrec: 9}}, got {rate!r}")
-            _unknown_keys(rate, cfg.BASELINE_MODELS, f"{where}.{key}")
-            for model, number in rate.items():
-                _cost_number(number, f"{where}.{key}.{model}")
-            cost[key] = dict(rate)
-        else:
-            _cost_number(rate, f"{where}.{key}")
-    return cost
-
-
-def _cost_number(value: Any, where: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise IgdrecError(f"{where}: expected a number ≥ 0, got {value!r}")
 
 
 def _cutoffs(grid_path: Path, dataset: Dataset, baselines: bool) -> tuple[list[int], str]:
@@ -188,65 +194,36 @@ def load_grid(path: str | Path, run_root: str | Path | None = None, check_metric
     metric or report cut-off the metrics lack: an older grid's results render, missing columns shown empty.
     """
     path = Path(path)
-    raw = options.read_yaml(path) or {}  # a directory, a missing or non-UTF-8 file, broken YAML: one line each
-    if not isinstance(raw, dict):
-        raise IgdrecError(f"{path}: top level must be a mapping")
-    _unknown_keys(raw, _TOP_KEYS, path)
-    for key in ("scale", "run_root", "description"):
-        if key in raw and not isinstance(raw[key], str):
-            raise IgdrecError(f"{path}:{key}: expected a string, got {raw[key]!r}")
-    root = Path(run_root or raw.get("run_root") or f"runs/grid-{raw.get('scale', path.stem)}")
-    shared = _stage_sections(raw.get("stages"), f"{path}:stages")
-    shared_weightings = _weightings(raw.get("weightings"), f"{path}:weightings")
+    raw = options.read_yaml(path)  # a directory, a missing or non-UTF-8 file, broken YAML: one line each
+    spec = options.build(GridFile, {} if raw is None else raw, str(path), sep=":")
+    scale = spec.scale if spec.scale is not None else path.stem
+    root = Path(run_root or spec.run_root or f"runs/grid-{scale}")
+    _check_candidates(spec.weightings, f"{path}:weightings")
     datasets = []
-    for name, spec in _mapping(raw.get("datasets"), f"{path}:datasets").items():
-        options.check_artifact_name(name, f"{path}:datasets")  # the name is the dataset's run directory
+    for name, own in spec.datasets.items():
         where = f"{path}:datasets.{name}"
-        spec = _mapping(spec, where)
-        _unknown_keys(spec, _DATASET_KEYS, where)
-        stages = copy.deepcopy(shared)
-        for stage, values in _stage_sections(spec.get("stages"), f"{where}.stages").items():
+        stages = copy.deepcopy(spec.stages)
+        for stage, values in own.stages.items():
             stages.setdefault(stage, {}).update(values)
-        weightings = copy.deepcopy(shared_weightings)
-        for w, values in _weightings(spec.get("weightings"), f"{where}.weightings").items():
+        _check_candidates(own.weightings, f"{where}.weightings")
+        weightings = copy.deepcopy(spec.weightings)
+        for w, values in own.weightings.items():
             weightings.setdefault(w, {}).update(values)
-        preprocess = spec.get("preprocess")
-        if preprocess is not None:
-            preprocess = _mapping(preprocess, f"{where}.preprocess")
-            options.build(cfg.PreprocessConfig, preprocess, f"{where}.preprocess")  # check the keys now
-        paper = spec.get("paper")
-        if paper is not None and paper not in ("Books", "Games", "Toys", "CDs"):
-            raise IgdrecError(f"{where}.paper: {paper!r} is not one of the paper's datasets (Books, Games, Toys, CDs)")
-        datasets.append(Dataset(name, root / name, preprocess, stages, weightings, paper, _cost(spec.get("cost"), f"{where}.cost")))
-    if not datasets:
-        raise IgdrecError(f"{path}: `datasets` is empty; name at least one dataset")
-    selection = _selection(raw.get("selection"), f"{path}:selection")
-    rows = raw.get("rows", "all")
-    if isinstance(rows, str) and rows != "all":  # `rows: bigrec, d3`
-        rows = [r.strip() for r in rows.split(",") if r.strip()]
-    if rows != "all" and (not isinstance(rows, list) or not rows):
-        raise IgdrecError(f"{path}:rows: expected `all` or a list of rows, got {rows!r}; known rows: {', '.join(ROWS)}")
-    rows = list(ROWS) if rows == "all" else list(rows)
-    for row in rows:
-        if row not in ROWS:
-            close = difflib.get_close_matches(str(row), list(ROWS), n=1, cutoff=0.5)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise IgdrecError(f"{path}:rows: unknown row {row!r}{hint}; known: {', '.join(ROWS)}")
-    tfa_guidance = _value(cfg.DecodeConfig, "tfa_guidance", raw.get("tfa_guidance", 0.5), f"{path}:tfa_guidance")
-    grid = GridConfig(path, str(raw.get("scale", path.stem)), root, datasets, selection, rows,
-                      tfa_guidance, _cost(raw.get("cost"), f"{path}:cost"), raw)
+        if own.preprocess is not None:
+            options.build(cfg.PreprocessConfig, own.preprocess, f"{where}.preprocess")  # check the keys now
+        datasets.append(Dataset(name, root / name, own.preprocess, stages, weightings, own.paper, _given(own.cost)))
+    if ALL_ROWS in spec.rows and len(spec.rows) > 1:
+        raise IgdrecError(f"{path}:rows: {spec.rows}: `{ALL_ROWS}` stands alone (it is every row)")
+    rows = list(ROWS) if spec.rows == [ALL_ROWS] else spec.rows
+    grid = GridConfig(path, scale, root, datasets, spec.selection, rows, spec.tfa_guidance, _given(spec.cost))
     if check_metrics:
         _check_metrics(grid)
     return grid
 
 
-def _weightings(value: Any, where: str) -> dict[str, dict]:
-    out = {}
-    for w, values in _mapping(value, where).items():
-        if w not in WEIGHTINGS:
-            raise IgdrecError(f"{where}: unknown weighting {w!r}; known: {', '.join(WEIGHTINGS)}")
-        out[w] = dict(_mapping(values, f"{where}.{w}"))
-        for key, value in out[w].items():
+def _check_candidates(weightings: dict[str, dict], where: str) -> None:
+    """A weighting's listed values are candidates (one fine-tune each): at least one, each once."""
+    for w, values in weightings.items():
+        for key, value in values.items():
             if isinstance(value, list) and key != "lora_target_modules" and len(set(map(repr, value))) < max(len(value), 1):
                 raise IgdrecError(f"{where}.{w}.{key}: a candidate list needs at least one value, each once; got {value!r}")
-    return out
