@@ -137,7 +137,7 @@ def like(cls: type, name: str, **changes):
 
 @dataclass(frozen=True)
 class Option:
-    """One stage-config field as declared with `option()`."""
+    """One config field as declared with `option()`."""
 
     name: str
     annotation: Any  # the resolved type hint
@@ -323,12 +323,10 @@ def _element(kind: Any, value: Any, where: str) -> Any:
     """One value of `kind`: a scalar, a section (built and checked) or a free mapping (a YAML mapping as it is)."""
     if _is_section(kind):
         return build(kind, {} if value is None else value, where)
-    if kind is dict or kind is Any:
-        if kind is dict and value is None:
-            return {}
-        if kind is dict and not isinstance(value, dict):
+    if kind is dict:
+        if value is not None and not isinstance(value, dict):
             raise IgdrecError(f"{where}: expected {_type_name(dict)}, got {value!r}")
-        return dict(value) if kind is dict else value
+        return dict(value or {})
     return _scalar(kind, value, where)
 
 
@@ -403,8 +401,7 @@ def check_value(opt: Option, value: Any, where: str) -> None:
             if opt.artifact:
                 check_artifact_name(name, where)
             if opt.choices and name not in opt.choices:
-                known = ", ".join(map(str, opt.choices))
-                raise IgdrecError(f"{where}: unknown key {name!r}{suggestion(name, opt.choices)}; known: {known}")
+                raise _unknown_key(where, name, opt.choices)
         if _is_section(opt.element) or opt.element in (dict, Any):
             return
         bounded = dataclasses.replace(opt, choices=None, artifact=False, pattern=None)
@@ -427,6 +424,12 @@ def check_value(opt: Option, value: Any, where: str) -> None:
             high_ok = (opt.max is None or v <= opt.max) and (opt.lt is None or v < opt.lt)
             if not (low_ok and high_ok):
                 raise IgdrecError(f"{where} {_num(v)}: must {_bounds(opt)}")
+
+
+def _unknown_key(where: str, key: str, known, looked_up: str | None = None) -> IgdrecError:
+    """'unknown key' with the likely intended one, else the known ones; `looked_up`: the spelling compared."""
+    hint = suggestion(looked_up or key, known) or "; known: " + ", ".join(map(str, known))
+    return IgdrecError(f"{where}: unknown key {key!r}{hint}")
 
 
 def _bounds(opt: Option) -> str:
@@ -495,7 +498,7 @@ def build(cls: type, values: dict[str, Any], where: str, sep: str = "."):
     for key, value in _new_names(cls, {str(key): value for key, value in values.items()}, lambda n: f"{where}{sep}{n}").items():
         name = key.replace("-", "_")
         if name not in known:
-            raise IgdrecError(f"{where}: unknown key {key!r}{suggestion(name, known) or '; known: ' + ', '.join(known)}")
+            raise _unknown_key(where, key, known, name)
         parsed[name] = parse(known[name], value, f"{where}{sep}{name}")
         check_value(known[name], parsed[name], f"{where}{sep}{name}")
     config = cls(**parsed)

@@ -108,7 +108,7 @@ def test_bad_grid_configs_name_the_key(tmp_path, tiny_model_dir):
     with pytest.raises(IgdrecError, match="unknown key.*selction"):
         grid_config.load_grid(path)
     path = grid_yaml(tmp_path, tiny_model_dir, weightings={"igdd": {"beta": 0.1}})
-    with pytest.raises(IgdrecError, match="unknown weighting 'igdd'"):
+    with pytest.raises(IgdrecError, match="weightings: unknown key 'igdd' \\(did you mean 'igd'\\?\\)"):
         grid_config.load_grid(path)
     path = grid_yaml(tmp_path, tiny_model_dir, stages={"sft": {"epoch": 1}})
     with pytest.raises(IgdrecError, match="unknown key.*epoch"):

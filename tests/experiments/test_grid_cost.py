@@ -10,6 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from igdrec import options
 from igdrec.cli import app
 from igdrec.experiments import cost as grid_cost, dryrun, grid_config, plan as planning
 from igdrec.rundir import MANIFEST
@@ -71,6 +72,12 @@ def test_every_shipped_grid_prices_its_baseline_steps(tmp_path):
         records = dryrun.dry_run(planning.plan_grid(grid_config.load_grid(path, run_root=tmp_path / path.stem)))
         baselines = [r for r in records if r["stage"] == "baseline"]
         assert baselines and all(r["estimate_s"] and r["estimate_s"] > 0 for r in baselines), (path.name, baselines)
+
+
+def test_every_stage_a_grid_runs_has_its_declared_overhead_rate():
+    declared = {o.name for o in options.options(grid_config.CostSection)}
+    assert {f"{s.replace('-', '_')}_overhead_s" for s in ("preprocess", *grid_config._GRID_STAGES)} <= declared
+    assert grid_config.PER_MODEL_COST_KEYS == ("baseline_epoch_s_per_1k_windows", "baseline_best_epoch")
 
 
 BAD = [  # (cost section, the key the message names, what it says)

@@ -58,7 +58,7 @@ def test_paper_numbers_appear_only_in_columns_labelled_paper(finished, tmp_path)
     assert any("paper N@10 (Games)" in line for line in header)
     assert "paper: Games" in (out / "table4.md").read_text() and "201,613" in (out / "table4.md").read_text()
     assert "1.035" in (out / "table3.md").read_text()
-    with pytest.raises(IgdrecError, match="not one of the paper's datasets"):
+    with pytest.raises(IgdrecError, match="datasets.toy.paper 'Movies': expected one of Books, Games, Toys, CDs"):
         spec["datasets"]["toy"]["paper"] = "Movies"
         labelled.write_text(yaml.safe_dump(spec))
         grid_config.load_grid(labelled)

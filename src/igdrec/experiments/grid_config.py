@@ -20,8 +20,6 @@ CONFIG_COPY = "grid-config.yaml"  # in the run root: the grid config it was run 
 WEIGHTINGS = cfg.WEIGHTINGS
 # The stages a grid's `stages:` sections configure (preprocess is set per dataset), in the order errors list them.
 _GRID_STAGES = ("build-ig-index", "sft", "decode", "rerank", "metrics", "baseline")
-# The cost keys that hold one number per baseline model, e.g. `baseline_best_epoch: {gru4rec: 40, sasrec: 30}`.
-PER_MODEL_COST_KEYS = ("baseline_epoch_s_per_1k_windows", "baseline_best_epoch")
 # The cut-offs the report's tables print (report.py); a grid whose metrics lack one is refused before it runs.
 REPORT_METRICS = ("NDCG@5", "NDCG@10", "HR@5", "HR@10")
 ALL_ROWS = "all"
@@ -41,8 +39,8 @@ class CostSection:
     steps without an estimate."""
 
     train_tokens_per_s: float | None = option(None, "Computed prompt+target tokens per second of fine-tuning.", min=0)
-    tokens_per_sample: float | None = option(None, "Computed tokens per training sample (default 220).", min=0)
-    cft_factor: float | None = option(None, "A CFT fine-tune's cost over a plain one (its second pass; default 2).", min=0)
+    tokens_per_sample: float | None = option(None, "Computed tokens per training sample (left out: cost.py's guess).", min=0)
+    cft_factor: float | None = option(None, "A CFT fine-tune's cost over a plain one (its second pass; left out: cost.py's).", min=0)
     decode_s_per_sample: float | None = option(None, "Seconds to decode one sample.", min=0)
     train_samples: float | None = option(None, "Training samples, for estimates before the data stage has run.", min=0)
     valid_samples: float | None = option(None, "Validation samples, likewise.", min=0)
@@ -58,6 +56,10 @@ class CostSection:
         None, "Seconds per epoch per 1,000 training windows, per baseline model.", choices=cfg.BASELINE_MODELS, min=0)
     baseline_best_epoch: dict[str, float] | None = option(
         None, "The epoch early stopping keeps, per baseline model.", choices=cfg.BASELINE_MODELS, min=0)
+
+
+# The cost keys that hold one number per baseline model, e.g. `baseline_best_epoch: {gru4rec: 40, sasrec: 30}`.
+PER_MODEL_COST_KEYS = tuple(o.name for o in options.options(CostSection) if o.kind is dict)
 
 
 def _given(section: CostSection) -> dict:
