@@ -63,7 +63,7 @@ def diversity(lists: Sequence[Sequence[int]], first_token: dict[int, int], catal
 def popularity_head(counts: Mapping[int, int], head_share: float) -> set[int]:
     """The head of the catalog: its ⌈head_share · n⌉ most frequent items (n = len(counts)), every item tied
     with the last of them included, never an item of frequency 0; the other items are the long tail."""
-    # the tolerance keeps a float product such as 0.3 * 10 = 3.0000000000000004 from gaining an item
+    # the tolerance keeps a float product such as 0.07 * 100 = 7.000000000000001 from gaining an item
     n_head = math.ceil(head_share * len(counts) - 1e-9)
     if n_head <= 0:
         return set()

@@ -242,16 +242,21 @@ def compare(names: list[str], run_dir: RunDir, bootstrap: int | None = None, see
     a, b = frames
     if a["sample_id"].to_list() != b["sample_id"].to_list():
         raise IgdrecError(f"{run.artifact(f'metrics/{names[1]}', PER_SAMPLE)}: evaluates other samples than {names[0]}; paired comparison needs the same ones")
-    columns = [c for c in a.columns if c.startswith(("NDCG@", "HR@")) and c in b.columns]
+    # the popularity columns exist for results computed since igdrec measured them, and only for samples with a list
+    columns = [c for c in a.columns if (c.startswith(("NDCG@", "HR@")) or c in M.POPULARITY) and c in b.columns]
     table = Table(title=f"{names[0]} (A) vs {names[1]} (B): {a.height:,} paired samples, {resamples} bootstrap resamples")
     for header in ("metric", "A", "B", "B − A", "95% CI"):
         table.add_column(header, justify="right" if header != "metric" else "left")
     result = {}
     for c in columns:
-        diff, lo, hi = M.paired_bootstrap(a[c].to_numpy(), b[c].to_numpy(), resamples, seed)
-        va, vb = float(a[c].mean()), float(b[c].mean())
-        result[c] = {"A": va, "B": vb, "diff": diff, "ci_low": lo, "ci_high": hi}
-        table.add_row(c, format_value(va), format_value(vb), f"{diff:+.4f}", f"[{lo:+.4f}, {hi:+.4f}]")
+        both = a[c].is_not_null() & b[c].is_not_null()
+        if not both.any():
+            continue
+        va, vb = a[c].filter(both).to_numpy(), b[c].filter(both).to_numpy()
+        diff, lo, hi = M.paired_bootstrap(va, vb, resamples, seed)
+        result[c] = {"A": float(va.mean()), "B": float(vb.mean()), "diff": diff, "ci_low": lo, "ci_high": hi, "samples": int(both.sum())}
+        label = c if both.all() else f"{c} ({int(both.sum()):,} samples with both lists)"
+        table.add_row(label, format_value(result[c]["A"]), format_value(result[c]["B"]), f"{diff:+.4f}", f"[{lo:+.4f}, {hi:+.4f}]")
     console.print(table)
     return result
 
