@@ -145,3 +145,30 @@ def test_a_baseline_and_a_rerank_with_the_same_lists_get_the_same_popularity(tmp
     assert frames[0].equals(frames[1])
     result = metrics_stage.compare(["llm", "same"], run, bootstrap=20)
     assert result["novelty"]["diff"] == 0.0 and result["long_tail_share"]["A"] == pytest.approx(0.75)
+
+
+def test_cli_prints_popularity_and_says_when_a_cached_result_predates_it(tmp_path, tiny_tokenizer):
+    from typer.testing import CliRunner
+
+    from igdrec.cli import app
+    from igdrec.rundir import fingerprint_file, manifest_digest
+
+    run = popularity_run(tmp_path, tiny_tokenizer)
+    publish_rerank(run, "mixed", {0: [4, 3], 1: [2]}, limit=None)
+    args = ["metrics", "--rerank", "mixed", "--ks", "1", "--run-dir", str(run.root)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    line = " ".join(result.output.split())  # rich wraps the long line
+    assert "popularity of the top-10 lists: mean training frequency 1.25, long-tail share 1.0000 (head: the 1 most frequent of 5 items)" in line
+
+    summary_path = run.artifact("metrics/mixed", "metrics.json")  # what a result computed before igdrec measured popularity holds
+    summary_path.write_text(json.dumps({k: v for k, v in json.loads(summary_path.read_text()).items() if k != "popularity"}))
+    manifest_path = summary_path.parent / "stage.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["outputs"]["metrics.json"] |= {"bytes": summary_path.stat().st_size, "fingerprint": fingerprint_file(summary_path)}
+    manifest["digest"] = manifest_digest(manifest)
+    manifest_path.write_text(json.dumps(manifest))
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    line = " ".join(result.output.split())
+    assert "cached" in line and "popularity: not in this result (computed before igdrec measured it; rerun with --force)" in line

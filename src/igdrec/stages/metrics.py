@@ -222,6 +222,8 @@ def _print_summary(name: str, summary: dict, ks) -> None:
             f"long-tail share {pop['long_tail_share']:.4f} (head: the {pop['head_items']:,} most frequent of {pop['items']:,} items), "
             f"novelty {pop['novelty']:.3f} bits, never-trained share {pop['unseen_share']:.4f}"
         )
+    else:
+        console.print("popularity: no evaluated sample has a list")
 
 
 def compare(names: list[str], run_dir: RunDir, bootstrap: int | None = None, seed: int = 0) -> dict:
