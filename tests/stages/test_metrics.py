@@ -146,6 +146,12 @@ def test_a_baseline_and_a_rerank_with_the_same_lists_get_the_same_popularity(tmp
     result = metrics_stage.compare(["llm", "same"], run, bootstrap=20)
     assert result["novelty"]["diff"] == 0.0 and result["long_tail_share"]["A"] == pytest.approx(0.75)
 
+    publish_rerank(run, "one-list", {0: [0]}, limit=None)  # sample 1 has no list: its popularity pairs with nothing
+    metrics_stage.run(MetricsConfig(rerank="one-list", ks=[1]), run)
+    result = metrics_stage.compare(["llm", "one-list"], run, bootstrap=20)
+    assert result["novelty"]["samples"] == 1 and result["HR@1"]["samples"] == 2
+    assert result["novelty"]["A"] == pytest.approx((-math.log2(3 / 8) - math.log2(1 / 8)) / 2) and result["novelty"]["B"] == pytest.approx(1.0)
+
 
 def test_cli_prints_popularity_and_says_when_a_cached_result_predates_it(tmp_path, tiny_tokenizer):
     from typer.testing import CliRunner
