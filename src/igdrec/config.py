@@ -35,6 +35,9 @@ BASELINE_MODELS = ("sasrec", "gru4rec", "pop")
 _AMAZON = {"source": "amazon2018"}
 _D3 = {"source": "d3-csv"}
 _INTERACTIONS = {"source": "interactions"}
+# metrics' long-tail cut: results cached before --head-share existed were keyed without it, so the key holds
+# it only when it differs from this default (and such a result shows the popularity numbers as missing)
+HEAD_SHARE = 0.2
 # Seeds reach numpy, Python's random and torch; numpy's legacy seeding, the narrowest, takes [0, 2**32 - 1].
 SEED_MAX = 2**32 - 1
 # Where a stage runs; whether the machine has it is checked when the device is opened (modeling.pick_device).
@@ -269,7 +272,7 @@ def parse_batch_size(value) -> int | None:
 
 @dataclass
 class MetricsConfig:
-    """NDCG@K, HR@K, diversity and per-step entropy of a rerank (<run>/metrics/NAME.json).
+    """NDCG@K, HR@K, diversity, popularity and per-step entropy of a rerank (<run>/metrics/NAME.json).
 
     `igdrec metrics --compare A B` compares two results with paired-bootstrap 95% intervals.
     """
@@ -279,7 +282,10 @@ class MetricsConfig:
     name: str | None = option(None, "Name of the metrics result (default: the rerank's or baseline's name).", key=False, artifact=True)
     ks: list[int] = option(factory=lambda: [1, 3, 5, 10, 20], help="Comma-separated cut-offs K (sorted, repeats dropped; "
                            "those beyond the list length are dropped too).", min=1, as_set=True)
-    diversity_k: int = option(10, "List length the diversity and entropy statistics look at.", min=1)
+    diversity_k: int = option(10, "List length the diversity, popularity and entropy statistics look at.", min=1)
+    head_share: float = option(HEAD_SHARE, "Share of the catalog's items, the most frequent as training "
+                               "targets, that form the head; the others are the long tail (docs/method.md §7.2).", min=0.0, max=1.0,
+                               only=lambda c: c.head_share != HEAD_SHARE)
     limit: int | None = option(None, "Score only the first N samples of the split in sample_id order (e.g. a baseline "
                                      "beside a --limit'ed decode, so both are scored on the same samples).", min=1)
     bootstrap: int = option(1000, "Paired bootstrap resamples of --compare.", min=1, key=False)

@@ -2,19 +2,22 @@
 
 Ranking: r = 0-based rank of the first predicted title equal to the target's title (both stripped; a
 title shared by several ids matches any of them); HR@K = 1[r < K], NDCG@K = 1/log2(r + 2) if r < K,
-averaged over all evaluated samples (no match counts 0). Beyond the paper: diversity of the lists and
-the mean trie entropy H(prefix) per decoding step of predicted vs ground-truth items (paper Figs. 1–3).
+averaged over all evaluated samples (no match counts 0). Beyond the paper: diversity of the lists, the
+mean trie entropy H(prefix) per decoding step of predicted vs ground-truth items (paper Figs. 1–3) and the
+popularity of the recommended items (average popularity, long-tail share, novelty; docs/method.md §7.2).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from igdrec.ig import CatalogTrie
 
 NO_MATCH = -1
+POPULARITY = ("average_popularity", "long_tail_share", "novelty", "unseen_share")  # per-list values of `popularity`
 
 
 def match_ranks(predicted_titles: Sequence[Sequence[str]], target_titles: Sequence[str]) -> np.ndarray:
@@ -55,6 +58,47 @@ def diversity(lists: Sequence[Sequence[int]], first_token: dict[int, int], catal
         "same_first_token_share": float(np.mean(same_first)) if same_first else 0.0,
         "recommended_item_entropy": float(-(p * np.log(p)).sum()) if counts.size else 0.0,
     }
+
+
+def popularity_head(counts: Mapping[int, int], head_share: float) -> set[int]:
+    """The head of the catalog: its ⌈head_share · n⌉ most frequent items (n = len(counts)), every item tied
+    with the last of them included, never an item of frequency 0; the other items are the long tail."""
+    # the tolerance keeps a float product such as 0.07 * 100 = 7.000000000000001 from gaining an item
+    n_head = math.ceil(head_share * len(counts) - 1e-9)
+    if n_head <= 0:
+        return set()
+    cut = sorted(counts.values(), reverse=True)[n_head - 1]
+    return {item for item, count in counts.items() if count >= max(cut, 1)}
+
+
+def popularity(lists: Sequence[Sequence[int]], counts: Mapping[int, int], head_share: float) -> tuple[dict, dict[str, list]]:
+    """Popularity of the recommended items by their training frequency `counts` (of every catalog item, 0 for
+    one never seen in training; a recommended item must be one of them).
+
+    Per list: the mean frequency (average recommendation popularity), the share of long-tail items (outside
+    `popularity_head`), the mean novelty −log2 p(i) with p(i) = max(count, 1) / Σ counts (an unseen item is
+    as novel as one seen once) and the share of unseen items. The summary averages them over the non-empty
+    lists; per sample, an empty list gets None.
+    """
+    total = sum(counts.values())
+    if total <= 0:
+        raise ValueError("popularity needs at least one training interaction")
+    head = popularity_head(counts, head_share)
+    per_list: dict[str, list] = {name: [] for name in POPULARITY}
+    for items in lists:
+        if not len(items):
+            for name in POPULARITY:
+                per_list[name].append(None)
+            continue
+        c = np.array([counts[i] for i in items], dtype=np.float64)
+        per_list["average_popularity"].append(float(c.mean()))
+        per_list["long_tail_share"].append(float(np.mean([i not in head for i in items])))
+        per_list["novelty"].append(float(-np.log2(np.maximum(c, 1.0) / total).mean()))
+        per_list["unseen_share"].append(float(np.mean(c == 0)))
+    n_lists = sum(1 for items in lists if len(items))
+    summary = {name: float(np.mean([v for v in values if v is not None])) if n_lists else None for name, values in per_list.items()}
+    summary |= {"head_share": head_share, "head_items": len(head), "items": len(counts), "lists": n_lists}
+    return summary, per_list
 
 
 def entropy_per_step(trie: CatalogTrie, predicted: Sequence[Sequence[int]], targets: Sequence[int]) -> dict[str, list]:

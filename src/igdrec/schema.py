@@ -76,7 +76,8 @@ TRAIN_LOG = {
 # rerank --grounding: every distinct catalog title (carried by its smallest item id) and its embedding by
 # the grounding model (last-layer hidden state of the last token), cached per model under <run>/grounding/
 GROUNDING_EMBEDDINGS = {"item_id": pl.Int64, "title": pl.String, "embedding": pl.List(pl.Float32)}
-# metrics: per evaluated sample, the rank of the first title match (null: none), then NDCG@K / HR@K columns
+# metrics: per evaluated sample, the rank of the first title match (null: none), then NDCG@K / HR@K columns and
+# the list's metrics.POPULARITY values (Float64, null for an empty list; absent from results made before them)
 PER_SAMPLE_METRICS = {"sample_id": pl.Int64, "match_rank": pl.Int32}
 
 SCHEMAS = {

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from igdrec.cli import app
 from igdrec.errors import IgdrecError
 from igdrec.experiments import grid_config, plan as planning, report
+from igdrec.metrics import POPULARITY
 
 
 def test_tables_2_to_4_and_figures(finished):
@@ -72,9 +73,26 @@ def test_improvement_note_says_what_its_interval_covers(finished):
     assert "one fine-tuning seed only" in (tmp / "grid" / "reports" / "README.md").read_text()
 
 
+def test_beyond_accuracy_table_reads_every_table1_row_from_its_metrics(finished):
+    tmp, _, _, _ = finished
+    out = tmp / "grid" / "reports"
+    rows = {r["row"]: r for r in _csv(out / "beyond_accuracy.csv")}
+    assert list(rows) == [r["row"] for r in _csv(out / "table1.csv") if r["kind"] == "score"]
+    assert {"sasrec", "gru4rec", "d3", "d3+igd"} <= set(rows)  # baseline and LLM rows alike
+    for r in rows.values():
+        summary = json.loads((tmp / "grid" / "toy" / "metrics" / f"{r['metrics']}.json").read_text())
+        assert all(float(r[m]) == summary["popularity"][m] for m in POPULARITY), r
+        assert float(r["item_coverage"]) == summary["diversity"]["item_coverage"] and int(r["k"]) == summary["diversity_k"]
+        assert float(r["head_share"]) == 0.2 and 0 <= float(r["long_tail_share"]) <= 1
+    md = (out / "beyond_accuracy.md").read_text()
+    sasrec = next(line for line in md.splitlines() if line.startswith("| SASRec |")).split(" | ")
+    assert sasrec[3] == f"{float(rows['sasrec']['average_popularity']):.2f}" and "long-tail share" in md
+    assert "beyond_accuracy.md" in (out / "README.md").read_text()
+
+
 def test_report_renders_an_older_grid_whose_metrics_lack_a_printed_cut_off(finished, tmp_path):
-    """A run root made before the cut-off check (ks without 5) renders, the missing columns as —;
-    `igdrec grid` refuses the same config before running anything."""
+    """A run root made before the cut-off check (ks without 5) and the popularity metrics renders, the missing
+    columns as —; `igdrec grid` refuses the same config before running anything."""
     import shutil
 
     tmp, _, _, _ = finished
@@ -85,7 +103,7 @@ def test_report_renders_an_older_grid_whose_metrics_lack_a_printed_cut_off(finis
     (old / grid_config.CONFIG_COPY).write_text(yaml.safe_dump(spec))
     for summary_path in (old / "toy" / "metrics").glob("*/metrics.json"):  # what such a grid's metrics held
         summary = json.loads(summary_path.read_text())
-        summary = {k: v for k, v in summary.items() if not k.endswith("@5")}
+        summary = {k: v for k, v in summary.items() if not k.endswith("@5") and k != "popularity"}
         summary_path.write_text(json.dumps(summary))
         manifest_path = summary_path.parent / "stage.json"  # keep the artifact intact in its manifest's eyes
         manifest = json.loads(manifest_path.read_text())
@@ -106,3 +124,5 @@ def test_report_renders_an_older_grid_whose_metrics_lack_a_printed_cut_off(finis
     assert improvement["diff_NDCG@5"] == "" and improvement["diff_NDCG@10"] == before["improvement:d3+igd"]["diff_NDCG@10"]
     d3_line = next(line for line in (old / "reports" / "table1.md").read_text().splitlines() if line.startswith("| D3 |"))
     assert d3_line.split(" | ")[1] == "—" and d3_line.split(" | ")[2] == f"{float(before['d3']['NDCG@10']):.4f}"
+    beyond = {r["row"]: r for r in _csv(old / "reports" / "beyond_accuracy.csv")}
+    assert beyond["d3"]["novelty"] == "" and beyond["d3"]["item_coverage"] != ""

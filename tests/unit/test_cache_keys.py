@@ -55,3 +55,10 @@ def test_a_changed_key_changes_the_fingerprint():
     config, expected = CASES["sft"]
     assert fingerprint_obj(options.key_params(cfg.SFTConfig(beta=0.2))) != expected
     assert fingerprint_obj(options.key_params(cfg.SFTConfig(log_every=7))) == expected  # a run setting: not in the key
+
+
+def test_head_share_enters_the_metrics_key_only_off_its_default():
+    config, expected = CASES["metrics"]
+    assert config.head_share == cfg.HEAD_SHARE and "head_share" not in options.key_params(config)
+    changed = options.key_params(cfg.MetricsConfig(rerank="r", head_share=0.1))
+    assert changed["head_share"] == 0.1 and fingerprint_obj(changed) != expected

@@ -57,3 +57,52 @@ def test_paired_bootstrap():
     se = float((b - a).std() / np.sqrt(200))
     assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.25)
     assert M.paired_bootstrap(a, b, 500, seed=0) == M.paired_bootstrap(a, b, 500, seed=0)
+
+
+def test_popularity_by_hand():
+    # training frequencies of five items: 10 training targets; the head (20% of 5 items) is item 0 alone
+    counts = {0: 6, 1: 3, 2: 1, 3: 0, 4: 0}
+    summary, per_list = M.popularity([[0], [0, 0]], counts, head_share=0.2)  # only the most popular item
+    assert summary["average_popularity"] == 6.0 and summary["long_tail_share"] == 0.0 and summary["unseen_share"] == 0.0
+    assert summary["novelty"] == pytest.approx(-math.log2(0.6))
+    assert (summary["head_items"], summary["items"], summary["lists"]) == (1, 5, 2)
+
+    summary, per_list = M.popularity([[0, 3], [2, 1], []], counts, head_share=0.2)  # item 3: never a training target
+    assert per_list["average_popularity"] == [3.0, 2.0, None]
+    assert per_list["long_tail_share"] == [0.5, 1.0, None]
+    assert per_list["unseen_share"] == [0.5, 0.0, None]
+    # an unseen item counts as seen once: p = 1/10, as novel as item 2
+    novelty = [(-math.log2(0.6) - math.log2(0.1)) / 2, (-math.log2(0.1) - math.log2(0.3)) / 2]
+    np.testing.assert_allclose(per_list["novelty"][:2], novelty)
+    assert summary["novelty"] == pytest.approx(sum(novelty) / 2)  # the empty list counts in no mean
+    assert summary["average_popularity"] == 2.5 and summary["long_tail_share"] == 0.75 and summary["lists"] == 2
+
+    assert M.popularity([[2, 1]], counts, head_share=1.0)[0]["long_tail_share"] == 0.0  # every seen item is head
+    assert M.popularity([[], []], counts, head_share=0.2)[0]["novelty"] is None
+    with pytest.raises(KeyError):
+        M.popularity([[7]], counts, head_share=0.2)
+
+
+def test_popularity_head_keeps_ties_and_never_takes_unseen_items():
+    counts = {0: 5, 1: 5, 2: 1, 3: 1, 4: 0, 5: 0, 6: 0, 7: 0, 8: 0, 9: 0}
+    assert M.popularity_head(counts, 0.1) == {0, 1}  # one item asked for; its tie joins it
+    assert M.popularity_head(counts, 0.3) == {0, 1, 2, 3}
+    assert M.popularity_head(counts, 0.6) == {0, 1, 2, 3}  # the cut falls among the unseen items
+    assert M.popularity_head(counts, 0.0) == set()
+    distinct = {i: 10 - i for i in range(10)}
+    assert M.popularity_head(distinct, 0.3) == {0, 1, 2}
+    hundred = {i: 100 - i for i in range(100)}
+    assert M.popularity_head(hundred, 0.07) == set(range(7))  # 0.07 * 100 is 7.000000000000001 in floats
+    assert M.popularity_head(distinct, 0.25) == {0, 1, 2}  # ⌈2.5⌉
+
+
+def test_popularity_head_against_its_definition_by_rank():
+    """An item is head iff it was seen and fewer than ⌈h·n⌉ items are strictly more frequent."""
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        n = int(rng.integers(1, 30))
+        counts = {i: int(c) for i, c in enumerate(rng.integers(0, 6, size=n))}
+        h = float(rng.choice([0.0, 0.1, 0.2, 0.5, 0.7, 1.0]))
+        n_head = math.ceil(round(h * n, 9))
+        expected = {i for i, c in counts.items() if c > 0 and sum(d > c for d in counts.values()) < n_head}
+        assert M.popularity_head(counts, h) == expected, (counts, h)

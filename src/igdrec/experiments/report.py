@@ -22,7 +22,7 @@ from igdrec.experiments.rows import IMPROVEMENTS, ROWS, TABLE1_ROWS, TABLE2_ROWS
 from igdrec.experiments.select import choose, resolve_test_cell
 from igdrec.console import console, err_console
 from igdrec.errors import IgdrecError
-from igdrec.metrics import paired_bootstrap
+from igdrec.metrics import POPULARITY, paired_bootstrap
 from igdrec.rundir import RunDir
 
 METRICS = REPORT_METRICS  # a result without one of them (an older grid's cut-offs) shows "—" there
@@ -216,6 +216,37 @@ def table1(c: _Collected, out: Path) -> list[dict]:
     return records
 
 
+def beyond_accuracy(c: _Collected, out: Path) -> list[dict]:
+    """Coverage and popularity of Table 1's rows' top-K lists (docs/method.md §7.2), beside Table 1."""
+    records = []
+    md = ["# Beyond accuracy: coverage and popularity of the recommended items (test split)", ""]
+    for ds in c.plan.grid.datasets:
+        rows = []
+        for row in TABLE1_ROWS:
+            if (ds.name, row) not in c.by_key:
+                continue
+            values = c.values(ds.name, row) or {}
+            pop = values.get("popularity") or {}  # absent from a result computed before igdrec measured it
+            record = {"dataset": ds.name, "row": row, "method": ROWS[row]["label"], "metrics": c.cell(ds.name, row).metrics if values else None,
+                      "k": values.get("diversity_k"), "item_coverage": values.get("diversity", {}).get("item_coverage")}
+            record |= {m: pop.get(m) for m in POPULARITY} | {"head_share": pop.get("head_share"), "head_items": pop.get("head_items")}
+            records.append(record)
+            rows.append([record["method"], str(record["k"] or "—"), _f(record["item_coverage"]), _f(record["average_popularity"], 2),
+                         _f(record["long_tail_share"]), _f(record["novelty"], 3), _f(record["unseen_share"]),
+                         "—" if record["head_items"] is None else f"{record['head_share']:g} ({record['head_items']:,} items)"])
+        md += [f"## {ds.name}", "", _md_table(["Method", "K", "coverage", "popularity", "long-tail share", "novelty (bits)",
+                                                "never-trained share", "head share"], rows), ""]
+    md += ["Over each row's top-K lists (K = the metrics `diversity_k`): coverage = distinct recommended items / catalog items; "
+           "popularity = mean training-target frequency of the recommended items; long-tail share = share of recommended items "
+           "outside the head (the most frequent `head_share` of the catalog's items by training-target frequency); novelty = mean "
+           "−log2 p(i), p(i) = frequency / training samples, an item never a training target counted as seen once; "
+           "never-trained share = share of recommended items never a training target. Each is averaged over the samples' lists; "
+           "items sharing a title count as one. — : not in the row's metrics result (computed before igdrec measured it)."]
+    (out / "beyond_accuracy.md").write_text("\n".join(md) + "\n")
+    _write_csv(out / "beyond_accuracy.csv", records)
+    return records
+
+
 def _improvement_record(c: _Collected, ds, base: str, better: str, paper) -> dict | None:
     a, b = c.cell(ds.name, base), c.cell(ds.name, better)
     va, vb = c.values(ds.name, base), c.values(ds.name, better)
@@ -401,6 +432,8 @@ def readme(c: _Collected, out: Path, made: list[tuple[str, str]], figure_error: 
              "## Tables", "",
              "- [table1.md](table1.md) / table1.csv: performance (N@K = NDCG@K, H@K = HR@K) with the Improvement rows' "
              "paired-bootstrap 95% intervals (test-sample noise of one fine-tuning seed only, not seed-to-seed variation)",
+             "- [beyond_accuracy.md](beyond_accuracy.md) / beyond_accuracy.csv: coverage, popularity, long-tail share and "
+             "novelty of Table 1's rows' lists",
              "- [table2.md](table2.md) / table2.csv: ablation on the D3 base",
              "- [table3.md](table3.md) / table3.csv: training time relative to plain fine-tuning",
              "- [table4.md](table4.md) / table4.csv: dataset and IG statistics", "",
@@ -442,6 +475,7 @@ def write_reports(plan: Plan) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     collected = _Collected(plan)
     table1(collected, out)
+    beyond_accuracy(collected, out)
     table2(collected, out)
     table3(collected, out)
     table4(collected, out)
@@ -449,5 +483,5 @@ def write_reports(plan: Plan) -> Path:
     if figure_error:
         err_console.print(f"[yellow]note:[/] {figure_error}")
     readme(collected, out, made, figure_error)
-    console.print(f"reports written to {out} (table1–4 .md/.csv, {len(made)} figures, README.md)")
+    console.print(f"reports written to {out} (table1–4 and beyond_accuracy .md/.csv, {len(made)} figures, README.md)")
     return out

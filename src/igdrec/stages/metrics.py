@@ -1,4 +1,4 @@
-"""Stage `metrics`: NDCG@K / HR@K, diversity and per-step entropy of a rerank (docs/method.md §7).
+"""Stage `metrics`: NDCG@K / HR@K, diversity, popularity and per-step entropy of a rerank (docs/method.md §7).
 
 `--baseline NAME` scores a traditional baseline's `<run>/baseline/NAME/topk.parquet` with the same code.
 
@@ -154,6 +154,7 @@ def evaluate(run: RunDir, source: RankedSource, config: MetricsConfig) -> tuple[
     trie = CatalogTrie.load(run.artifact("ig", "trie_nodes.parquet"), run.artifact("ig", "item_paths.parquet"))
     first_token = dict(zip(trie.item_ids.tolist(), trie.token[trie.item_path_nodes[trie.item_path_ptr[:-1]]].tolist()))
     head = [p[: config.diversity_k] for p in predicted]
+    popularity, per_sample_popularity = _popularity(run, items, topk, source, head, config.head_share)
     summary: dict = {k: float(v.mean()) if len(v) else 0.0 for k, v in per_sample_values.items()}
     summary |= {
         **source.labels,
@@ -163,14 +164,36 @@ def evaluate(run: RunDir, source: RankedSource, config: MetricsConfig) -> tuple[
         "limited": len(sample_ids) < n_split,
         "diversity_k": config.diversity_k,
         "diversity": M.diversity(head, first_token, catalog_size=items.height),
+        "popularity": popularity,
         "entropy_per_step": M.entropy_per_step(trie, head, targets),
     }
     per_sample = pl.DataFrame(
         {"sample_id": sample_ids, "match_rank": [int(r) if r >= 0 else None for r in ranks]}
-        | {k: v for k, v in per_sample_values.items()},
-        schema_overrides={"match_rank": pl.Int32},
+        | {k: v for k, v in per_sample_values.items()} | per_sample_popularity,
+        schema_overrides={"match_rank": pl.Int32} | {name: pl.Float64 for name in per_sample_popularity},
     )
     return summary, per_sample
+
+
+def _popularity(run: RunDir, items: pl.DataFrame, topk: pl.DataFrame, source: RankedSource, lists: list[list[int]],
+                head_share: float) -> tuple[dict, dict[str, list]]:
+    """`metrics.popularity` of the lists by training-target frequency (docs/method.md §7.2). A title is one
+    item, as for the ranking metrics: the ids sharing a title pool their counts under the title's smallest id."""
+    stripped = items.with_columns(pl.col("title").str.strip_chars())
+    smallest = stripped.group_by("title").agg(pl.col("item_id").min().alias("title_id"))
+    title_id = dict(stripped.join(smallest, on="title").select("item_id", "title_id").iter_rows())
+    train_path = run.artifact("data", "train.parquet")
+    targets = schema.read(train_path, "samples", columns=["item_id"])["item_id"]
+    if targets.is_empty():
+        raise IgdrecError(f"{train_path}: no training samples, so no item has a training frequency")
+    for path, ids in ((train_path, targets), (source.topk_path, topk["item_id"])):
+        unknown = ids.filter(~ids.is_in(items["item_id"].implode()))
+        if unknown.len():
+            raise IgdrecError(f"{path}: item {unknown[0]} is not in the catalog (data/items.parquet)")
+    counts = dict.fromkeys(title_id.values(), 0)
+    for item, n in targets.value_counts().iter_rows():
+        counts[title_id[item]] += n
+    return M.popularity([[title_id[i] for i in items_of_list] for items_of_list in lists], counts, head_share)
 
 
 def _print_summary(name: str, summary: dict, ks) -> None:
@@ -190,6 +213,17 @@ def _print_summary(name: str, summary: dict, ks) -> None:
         f"diversity of the top-{summary['diversity_k']} lists: coverage {div['item_coverage']:.4f}, "
         f"same-first-token lists {div['same_first_token_share']:.4f}, item entropy {div['recommended_item_entropy']:.4f}"
     )
+    pop = summary.get("popularity")
+    if pop is None:
+        console.print("popularity: not in this result (computed before igdrec measured it; rerun with --force)")
+    elif pop["lists"]:
+        console.print(
+            f"popularity of the top-{summary['diversity_k']} lists: mean training frequency {pop['average_popularity']:.2f}, "
+            f"long-tail share {pop['long_tail_share']:.4f} (head: the {pop['head_items']:,} most frequent of {pop['items']:,} items), "
+            f"novelty {pop['novelty']:.3f} bits, never-trained share {pop['unseen_share']:.4f}"
+        )
+    else:
+        console.print("popularity: no evaluated sample has a list")
 
 
 def compare(names: list[str], run_dir: RunDir, bootstrap: int | None = None, seed: int = 0) -> dict:
@@ -210,16 +244,21 @@ def compare(names: list[str], run_dir: RunDir, bootstrap: int | None = None, see
     a, b = frames
     if a["sample_id"].to_list() != b["sample_id"].to_list():
         raise IgdrecError(f"{run.artifact(f'metrics/{names[1]}', PER_SAMPLE)}: evaluates other samples than {names[0]}; paired comparison needs the same ones")
-    columns = [c for c in a.columns if c.startswith(("NDCG@", "HR@")) and c in b.columns]
+    # the popularity columns exist for results computed since igdrec measured them, and only for samples with a list
+    columns = [c for c in a.columns if (c.startswith(("NDCG@", "HR@")) or c in M.POPULARITY) and c in b.columns]
     table = Table(title=f"{names[0]} (A) vs {names[1]} (B): {a.height:,} paired samples, {resamples} bootstrap resamples")
     for header in ("metric", "A", "B", "B − A", "95% CI"):
         table.add_column(header, justify="right" if header != "metric" else "left")
     result = {}
     for c in columns:
-        diff, lo, hi = M.paired_bootstrap(a[c].to_numpy(), b[c].to_numpy(), resamples, seed)
-        va, vb = float(a[c].mean()), float(b[c].mean())
-        result[c] = {"A": va, "B": vb, "diff": diff, "ci_low": lo, "ci_high": hi}
-        table.add_row(c, format_value(va), format_value(vb), f"{diff:+.4f}", f"[{lo:+.4f}, {hi:+.4f}]")
+        both = a[c].is_not_null() & b[c].is_not_null()
+        if not both.any():
+            continue
+        va, vb = a[c].filter(both).to_numpy(), b[c].filter(both).to_numpy()
+        diff, lo, hi = M.paired_bootstrap(va, vb, resamples, seed)
+        result[c] = {"A": float(va.mean()), "B": float(vb.mean()), "diff": diff, "ci_low": lo, "ci_high": hi, "samples": int(both.sum())}
+        label = c if both.all() else f"{c} ({int(both.sum()):,} samples with both lists)"
+        table.add_row(label, format_value(result[c]["A"]), format_value(result[c]["B"]), f"{diff:+.4f}", f"[{lo:+.4f}, {hi:+.4f}]")
     console.print(table)
     return result
 
