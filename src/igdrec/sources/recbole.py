@@ -102,7 +102,7 @@ def _directory(config) -> Path:
 def read_dataset(inter_path: Path, item_path: Path, fields: Fields, drop_unknown: bool, drop_missing: bool) -> Dataset:
     """Interactions and titled items from a RecBole pair of atomic files, assembled by the shared rules."""
     inter, inter_rows = read_atomic(inter_path, {role: getattr(fields, role) for role in ("user", "item", "time")})
-    inter, inter_rows, missing_interactions = _drop_missing(inter, [fields.user, fields.item], inter_path, inter_rows, drop_missing)
+    inter, inter_rows, missing_interactions = drop_missing_ids(inter, [fields.user, fields.item], inter_path, drop_missing, inter_rows)
     require_values(inter, fields.time, inter_path, "timestamp", inter_rows)
     interactions = pl.DataFrame({
         "user_id": inter[fields.user],
@@ -112,7 +112,7 @@ def read_dataset(inter_path: Path, item_path: Path, fields: Fields, drop_unknown
 
     wanted = {"item": fields.item, "title": fields.title} | ({"year": fields.year} if fields.year else {})
     items, item_rows = read_atomic(item_path, wanted)
-    items, item_rows, missing_items = _drop_missing(items, [fields.item], item_path, item_rows, drop_missing)
+    items, item_rows, missing_items = drop_missing_ids(items, [fields.item], item_path, drop_missing, item_rows)
     title = pl.col(fields.title)
     stats = {}
     if fields.year:
@@ -134,12 +134,6 @@ def read_dataset(inter_path: Path, item_path: Path, fields: Fields, drop_unknown
     if drop_unknown:
         dataset.stats["dropped_untitled_items"] = untitled
     return dataset
-
-
-def _drop_missing(table: pl.DataFrame, columns: list[str], path: Path, rows: pl.Series, drop: bool) -> tuple[pl.DataFrame, pl.Series, int]:
-    """`drop_missing_ids` on a table whose rows are the file rows `rows` (blank lines skipped)."""
-    kept, kept_index, n_missing = drop_missing_ids(table, columns, path, drop)
-    return kept, rows.gather(kept_index), n_missing
 
 
 def read_atomic(path: Path, wanted: dict[str, str]) -> tuple[pl.DataFrame, pl.Series]:
