@@ -172,8 +172,8 @@ def _structure(path: Path, data: bytes) -> tuple[str, int, pl.Series]:
     if buf[-1] != ord("\n"):
         ends = np.append(ends, len(buf))
     starts = np.concatenate([[0], ends[:-1] + 1])
-    tabs = np.concatenate([[0], np.cumsum(buf == ord("\t"))])
-    counts = tabs[ends] - tabs[starts] + 1
+    tabs = np.flatnonzero(buf == ord("\t"))
+    counts = np.searchsorted(tabs, ends) - np.searchsorted(tabs, starts) + 1
     lengths = ends - starts
     last = buf[np.maximum(ends - 1, 0)]
     blank = (lengths == 0) | ((lengths == 1) & (last == ord("\r")))
