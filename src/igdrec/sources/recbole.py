@@ -36,7 +36,7 @@ YEAR = r"^\d{4}$"
 
 @dataclass(frozen=True)
 class Fields:
-    """The fields read, each with the option that names it (for the errors) and the types it may have."""
+    """The field names read from a pair of atomic files (`ROLES`: the option naming each, its allowed types)."""
 
     user: str
     item: str
