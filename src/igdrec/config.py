@@ -27,17 +27,19 @@ EMBEDDED_MODEL = "smollm2-135m"
 
 # The word lists of the options, written here only: the libraries import them from this module (which
 # stays free of torch and polars, so `igdrec --help` loads neither); tests/repo/test_written_once.py.
-SOURCES = ("ml-100k", "amazon2018", "d3-csv", "interactions")  # module igdrec.sources.<name without '-'>
+SOURCES = ("ml-100k", "recbole", "amazon2018", "amazon2023", "d3-csv", "interactions")  # module igdrec.sources.<name without '-'>
 WEIGHTINGS = ("plain", "pos", "cft", "igd")
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
 LR_SCHEDULES = ("cosine", "linear")
 BASELINE_MODELS = ("sasrec", "gru4rec", "pop")
-_AMAZON = {"source": "amazon2018"}
+_AMAZON = {"source": ("amazon2018", "amazon2023")}
+_RECBOLE = {"source": "recbole"}
 _D3 = {"source": "d3-csv"}
 _INTERACTIONS = {"source": "interactions"}
 # metrics' long-tail cut: results cached before --head-share existed were keyed without it, so the key holds
 # it only when it differs from this default (and such a result shows the popularity numbers as missing)
 HEAD_SHARE = 0.2
+_OWN_IDS = {"source": ("interactions", "recbole")}  # sources that read the user's own id and title files
 # Seeds reach numpy, Python's random and torch; numpy's legacy seeding, the narrowest, takes [0, 2**32 - 1].
 SEED_MAX = 2**32 - 1
 # Where a stage runs; whether the machine has it is checked when the device is opened (modeling.pick_device).
@@ -60,9 +62,20 @@ class PreprocessConfig:
         500, "Refuse item titles longer than this many characters (a title is both a prompt part and a decoding target).",
         key=False, min=1,
     )
-    # amazon2018
-    reviews: str | None = option(None, "Reviews JSON lines ({Category}.json[.gz]).", input=True, only=_AMAZON)
-    meta: str | None = option(None, "Metadata JSON lines (meta_{Category}.json[.gz]).", input=True, only=_AMAZON)
+    # recbole: RecBole's own field names (USER_ID_FIELD, ITEM_ID_FIELD, TIME_FIELD defaults) and those of its
+    # MovieLens files (ml-100k, ml-1m, ml-10m, ml-20m), so that its most used data sets need no field option
+    dataset_dir: str | None = option(None, "RecBole dataset folder with the atomic files NAME.inter and NAME.item.", input=True, only=_RECBOLE)
+    dataset_name: str | None = option(None, "RecBole dataset name NAME (default: the folder's name).", input=True, only=_RECBOLE)
+    user_field: str = option("user_id", "User id field of the .inter file.", only=_RECBOLE)
+    item_field: str = option("item_id", "Item id field of the .inter and .item files.", only=_RECBOLE)
+    time_field: str = option("timestamp", "Timestamp field of the .inter file.", only=_RECBOLE)
+    title_field: str = option("movie_title", "Title field of the .item file (e.g. title for RecBole's Amazon sets).", only=_RECBOLE)
+    year_field: str | None = option(
+        "release_year", "Field of the .item file whose 4-digit year is appended as 'Title (1995)'; none: no year.", only=_RECBOLE,
+    )
+    # amazon2018, amazon2023
+    reviews: str | None = option(None, "Reviews JSON lines ({Category}.json[.gz]; 2023: {Category}.jsonl[.gz]).", input=True, only=_AMAZON)
+    meta: str | None = option(None, "Metadata JSON lines (meta_{Category}.json[.gz]; 2023: .jsonl[.gz]).", input=True, only=_AMAZON)
     category: str | None = option(None, "Category name, e.g. Video_Games.", only=_AMAZON)
     start: str = option("2017-10-01", "Window start date (UTC, inclusive).", only=_AMAZON)
     end: str = option("2018-11-01", "Window end date (UTC, inclusive).", only=_AMAZON)
@@ -82,10 +95,10 @@ class PreprocessConfig:
     item_col: str = option("item_id", "Item column.", only=_INTERACTIONS)
     time_col: str = option("timestamp", "Timestamp column.", only=_INTERACTIONS)
     title_col: str = option("title", "Title column.", only=_INTERACTIONS)
-    drop_unknown: bool = option(False, "Drop interactions whose item has no title (default: error).", only=_INTERACTIONS)
+    drop_unknown: bool = option(False, "Drop interactions whose item has no title (default: error).", only=_OWN_IDS)
     drop_missing: bool = option(
         False, "Drop interactions and items whose user or item id is missing: empty, null or NaN (default: error); "
-        "the statistics count them.", only=_INTERACTIONS,
+        "the statistics count them.", only=_OWN_IDS,
     )
 
 

@@ -28,6 +28,9 @@ TEMPLATE = (
 # Category word per dataset, as in the reference code ("musics" for CDs is theirs).
 CATEGORY_WORDS = {
     "ml-100k": "movies",
+    "ml-1m": "movies",  # RecBole's other MovieLens sets (--source recbole names its data by the set)
+    "ml-10m": "movies",
+    "ml-20m": "movies",
     "Books": "books",
     "Video_Games": "video games",
     "Toys_and_Games": "toys and games",

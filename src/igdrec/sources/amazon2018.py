@@ -10,11 +10,15 @@
    (the reference pipeline's numbering, so its info files line up with ours).
 6. windows and split happen in the stage, as for every source.
 Files are streamed (gzip or plain JSON lines), so multi-gigabyte dumps fit in memory.
+
+The filter is written once, for a `Layout` (the dump's field names and clock): `amazon2023` runs it on
+the Amazon Reviews 2023 layout.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
 
@@ -26,8 +30,28 @@ from igdrec.sources import Dataset
 from igdrec.sources.tables import clean_titles, file_fingerprint, iter_json_lines, require_file
 
 MAX_TITLE_WORDS = 20
-REVIEW_FIELDS = {"reviewerID": pl.String, "asin": pl.String, "unixReviewTime": pl.Int64}
-META_FIELDS = {"asin": pl.String, "title": pl.String}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a dump keeps what the filter reads."""
+
+    user: str  # reviewer id field of a review
+    item: str  # item id field of a review and of a metadata record
+    time: str  # review time field: an integer count of `ticks_per_second` since 1970 (UTC)
+    ticks_per_second: int
+
+    @property
+    def review_fields(self) -> dict[str, pl.DataType]:
+        return {self.user: pl.String, self.item: pl.String, self.time: pl.Int64}
+
+    @property
+    def meta_fields(self) -> dict[str, pl.DataType]:
+        return {self.item: pl.String, "title": pl.String}
+
+
+LAYOUT = Layout(user="reviewerID", item="asin", time="unixReviewTime", ticks_per_second=1)
+REVIEW_FIELDS = LAYOUT.review_fields
 
 
 def input_files(config) -> dict[str, str]:
@@ -38,31 +62,37 @@ def input_files(config) -> dict[str, str]:
     }
 
 
-def load(config) -> Dataset:
+def load(config, layout: Layout = LAYOUT) -> Dataset:
     start, end = _check_options(config)
     meta_path = require_file(config.meta, "--meta")
     reviews_path = require_file(config.reviews, "--reviews")
-    titles, meta_stats = read_titles(meta_path)
+    titles, meta_stats = read_titles(meta_path, layout)
+    tick = layout.ticks_per_second
     earliest = _epoch(date(config.earliest_year, start.month, start.day))
-    reviews, reviews_read = read_reviews(reviews_path, titles, since=min(earliest, _epoch(start)), until=_epoch(end))
+    # [since, until] in the dump's ticks; the second `end` names is kept whole (to its last millisecond in 2023)
+    since, until = min(earliest, _epoch(start)) * tick, _epoch(end) * tick + tick - 1
+    reviews, reviews_read = read_reviews(reviews_path, titles, since, until, layout)
     if reviews.height == 0:
         raise IgdrecError(f"{reviews_path}: no reviews of titled items between {config.earliest_year} and {config.end}")
 
     for year in range(start.year, min(start.year, config.earliest_year) - 1, -1):
         window_start = date(year, start.month, start.day)
         may_widen = year > config.earliest_year
-        in_window = reviews.filter(pl.col("time") >= _epoch(window_start))
+        in_window = reviews.filter(pl.col("time") >= _epoch(window_start) * tick)
         kept, iterations = k_core(in_window, config.k_core, stop_below=config.min_items if may_widen else 0)
         if kept["asin"].n_unique() >= config.min_items or not may_widen:
             break
     if kept.height == 0:
         raise IgdrecError(f"{reviews_path}: nothing survives the {config.k_core}-core filter from {window_start} to {config.end}")
 
+    if tick > 1:
+        # Order by the finer clock before rounding it to seconds, so reviews within one second keep their order.
+        kept = kept.sort("time", maintain_order=True)
     catalog = shuffled_catalog(kept, titles, config.seed)
     interactions = kept.select(
         pl.col("user").cast(pl.String).alias("user_id"),
         pl.col("asin").cast(pl.String).replace_strict(catalog["asin"], catalog["item_id"], return_dtype=pl.Int64).alias("item_id"),
-        pl.col("time").alias("timestamp"),
+        (pl.col("time") // tick).alias("timestamp"),
     )
     stats = meta_stats | {
         "category": config.category,
@@ -75,15 +105,15 @@ def load(config) -> Dataset:
     return Dataset(items=catalog.select("item_id", "title"), interactions=interactions, stats=stats)
 
 
-def read_titles(path: Path) -> tuple[pl.DataFrame, dict]:
+def read_titles(path: Path, layout: Layout = LAYOUT) -> tuple[pl.DataFrame, dict]:
     """asin -> cleaned title for the items whose every metadata record passes the title filter."""
     parts = []
     with progress_bar() as progress:
         task = progress.add_task(f"reading {path.name}", total=path.stat().st_size)
-        for chunk, done in iter_json_lines(path, META_FIELDS, required=("asin",)):
-            parts.append(chunk)
+        for chunk, done in iter_json_lines(path, layout.meta_fields, required=(layout.item,)):
+            parts.append(chunk.rename({layout.item: "asin"}))
             progress.update(task, completed=done)
-    meta = pl.concat(parts) if parts else pl.DataFrame(schema=META_FIELDS)
+    meta = pl.concat(parts) if parts else pl.DataFrame(schema={"asin": pl.String, "title": pl.String})
     title = (
         pl.col("title").str.replace_all("&quot;", '"', literal=True).str.replace_all("&amp;", "&", literal=True)
         .str.strip_chars(" ").str.strip_chars('"')
@@ -106,8 +136,8 @@ def read_titles(path: Path) -> tuple[pl.DataFrame, dict]:
     return titles, {"meta_records": meta.height, "items_with_title": titles.height}
 
 
-def read_reviews(path: Path, titles: pl.DataFrame, since: int, until: int) -> tuple[pl.DataFrame, int]:
-    """(user, asin, time of the reviews of titled items in [since, until] in file order, reviews read).
+def read_reviews(path: Path, titles: pl.DataFrame, since: int, until: int, layout: Layout = LAYOUT) -> tuple[pl.DataFrame, int]:
+    """(user, asin, time of the reviews of titled items in [since, until] ticks in file order, reviews read).
 
     Ids are categorical: tens of millions of reviews then cost a few bytes each instead of two strings.
     """
@@ -115,13 +145,13 @@ def read_reviews(path: Path, titles: pl.DataFrame, since: int, until: int) -> tu
     titled = titles["asin"].implode()
     with progress_bar() as progress:
         task = progress.add_task(f"reading {path.name}", total=path.stat().st_size)
-        for chunk, done in iter_json_lines(path, REVIEW_FIELDS, required=tuple(REVIEW_FIELDS)):
+        for chunk, done in iter_json_lines(path, layout.review_fields, required=tuple(layout.review_fields)):
             total += chunk.height
             parts.append(
-                chunk.filter(pl.col("unixReviewTime").is_between(since, until) & pl.col("asin").is_in(titled)).select(
-                    pl.col("reviewerID").cast(pl.Categorical).alias("user"),
-                    pl.col("asin").cast(pl.Categorical),
-                    pl.col("unixReviewTime").alias("time"),
+                chunk.filter(pl.col(layout.time).is_between(since, until) & pl.col(layout.item).is_in(titled)).select(
+                    pl.col(layout.user).cast(pl.Categorical).alias("user"),
+                    pl.col(layout.item).cast(pl.Categorical).alias("asin"),
+                    pl.col(layout.time).alias("time"),
                 )
             )
             progress.update(task, completed=done)
@@ -156,7 +186,7 @@ def shuffled_catalog(reviews: pl.DataFrame, titles: pl.DataFrame, seed: int) -> 
 
 def _check_options(config) -> tuple[date, date]:
     if not config.category:
-        raise IgdrecError("--category is required for --source amazon2018 (e.g. Video_Games)")
+        raise IgdrecError(f"--category is required for --source {config.source} (e.g. Video_Games)")
     try:
         start, end = date.fromisoformat(config.start), date.fromisoformat(config.end)
     except ValueError as exc:

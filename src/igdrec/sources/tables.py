@@ -227,9 +227,12 @@ def require_title_lengths(items: pl.DataFrame, max_chars: int, origin: str) -> N
         )
 
 
-def drop_missing_ids(table: pl.DataFrame, columns: list[str], path: Path, drop: bool) -> tuple[pl.DataFrame, pl.Series, int]:
+def drop_missing_ids(
+    table: pl.DataFrame, columns: list[str], path: Path, drop: bool, rows: pl.Series | None = None
+) -> tuple[pl.DataFrame, pl.Series, int]:
     """`table` less the rows whose id in one of `columns` (text) is missing (`missing_ids`), the file row of
-    each row kept (for `record_label`), and the number dropped. Unless `drop`, the first such row is refused."""
+    each row kept (for `record_label`), and the number dropped. Unless `drop`, the first such row is refused.
+    `rows`: the file row of each row of `table`, where it has lost rows since reading (see `record_label`)."""
     masks = [missing_ids(table[column]) for column in columns]
     missing = functools.reduce(operator.or_, masks)
     n_missing = int(missing.sum())
@@ -238,10 +241,11 @@ def drop_missing_ids(table: pl.DataFrame, columns: list[str], path: Path, drop: 
         column = next(column for column, mask in zip(columns, masks) if mask[first])
         rows_lack = f"{n_missing:,} rows of this file lack" if n_missing > 1 else "1 row of this file lacks"
         raise IgdrecError(
-            f"{record_label(path, first)}: missing {column} ({table[column][first]!r}); {rows_lack} {' or '.join(columns)} "
+            f"{record_label(path, first, rows)}: missing {column} ({table[column][first]!r}); {rows_lack} {' or '.join(columns)} "
             "(empty, null or NaN); --drop-missing drops them"
         )
-    return table.filter(~missing), (~missing).arg_true(), n_missing
+    kept = (~missing).arg_true()
+    return table.filter(~missing), kept if rows is None else rows.gather(kept), n_missing
 
 
 def parse_timestamps(series: pl.Series, path: Path, rows: pl.Series | None = None) -> pl.Series:

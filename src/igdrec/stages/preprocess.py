@@ -1,6 +1,6 @@
 """Stage `preprocess`: a dataset -> <run>/data/items.parquet and {train,valid,test}.parquet (docs/method.md §2).
 
-The source (ml-100k, amazon2018, d3-csv, interactions) yields items with dense ids and either raw
+The source (ml-100k, recbole, amazon2018, amazon2023, d3-csv, interactions) yields items with dense ids and either raw
 interactions, which are windowed and split temporally here, or ready-made splits (d3-csv).
 """
 
@@ -36,7 +36,7 @@ def run(config: PreprocessConfig, run_dir: RunDir, force: bool = False) -> dict:
 
 def plan(config: PreprocessConfig, run_dir: RunDir) -> StagePlan:
     source = sources.get(config.source)
-    word = config.category_word or category_word(config.source, config.category)
+    word = config.category_word or category_word(config.source, sources.category(config))
     # Options of other sources are inert (config.py `only=`); input files enter by content, not by path.
     params = options.key_params(config) | {"category_word": word}
     inputs = source.input_files(config)
