@@ -59,6 +59,13 @@ def list_runs(root: str | Path) -> list[Artifact]:
     root = Path(root)
     if not root.is_dir():
         raise IgdrecError(f"{root}: no such run directory" if not root.exists() else f"{root}: not a directory")
+    try:
+        return _list_runs(root)
+    except OSError as exc:  # a folder of the run that this user may not read
+        raise IgdrecError(f"{exc.filename or root}: cannot be read ({exc.strerror or exc})") from exc
+
+
+def _list_runs(root: Path) -> list[Artifact]:
     if is_run(root):
         return list_run(RunDir(root))
     rows = []
@@ -208,8 +215,11 @@ def _read(run: RunDir, path: str) -> tuple[dict | None, str]:
         return None, f"{MANIFEST} is a symbolic link; not followed"
     if not manifest_path.is_file():
         return None, f"no {MANIFEST}" if manifest_path.exists() or not where.is_dir() else f"no {MANIFEST}: not a finished artifact"
-    if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
-        return None, f"{MANIFEST} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest"
+    try:
+        if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+            return None, f"{MANIFEST} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest"
+    except OSError as exc:
+        return None, f"{MANIFEST} cannot be read ({exc.strerror or exc})"
     manifest, problem = run.checked_manifest(path)
     if manifest is None:
         return None, problem.replace(f"{run.root}/", "")
