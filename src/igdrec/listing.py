@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from rich.table import Table
@@ -71,7 +71,7 @@ def _list_runs(root: Path) -> list[Artifact]:
     rows = []
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False) and is_run(Path(entry.path)):
-            rows += [_with_dataset(row, entry.name) for row in list_run(RunDir(entry.path))]
+            rows += [replace(row, dataset=entry.name) for row in list_run(RunDir(entry.path))]
     return rows
 
 
@@ -90,16 +90,17 @@ def list_run(run: RunDir) -> list[Artifact]:
     rows: dict[str, Artifact] = {}
     stale: dict[str, str | None] = {}  # path -> why it is stale (None: current), filled as it is asked
 
-    def why_stale(path: str, seen: tuple[str, ...]) -> str | None:
+    # Upstream first, and no loop: a fingerprint covers the inputs it records (checked in `_malformed`).
+    def why_stale(path: str) -> str | None:
         if path not in stale:
-            stale[path] = _why_stale(manifests[path], by_fingerprint, lambda up: up in seen or why_stale(up, (*seen, up)))
+            stale[path] = _why_stale(manifests[path], by_fingerprint, why_stale)
         return stale[path]
 
     for path, (manifest, problem) in found.items():
         if manifest is None:
             rows[path] = _row(path, stage_of_folder, BROKEN, problem)
             continue
-        reason = why_stale(path, (path,))
+        reason = why_stale(path)
         rows[path] = Artifact(
             path=path, stage=manifest["stage"], name=_name(path), status=STALE if reason else DONE, note=reason or "",
             params=changed_params(manifest["stage"], manifest["params"]), wall_time_s=_seconds(manifest.get("wall_time_s")),
@@ -206,15 +207,16 @@ def _stage_paths(root: Path) -> list[str]:
 
 def _read(run: RunDir, path: str) -> tuple[dict | None, str]:
     """(manifest, "") for an artifact the runner would use, else (None, why not) on one line."""
-    where = run.root / path
-    link = next((p for p in (where.parent, where) if p != run.root and p.is_symlink()), None)
-    if link is not None:
-        return None, f"{link.relative_to(run.root)} is a symbolic link (to {os.readlink(link)}); not followed"
+    where = run.root / path  # its folder is no link: `_stage_paths` lists a linked folder as the path
+    if where.is_symlink():
+        return None, f"{path} is a symbolic link (to {os.readlink(where)}); not followed"
+    if not where.is_dir():
+        return None, f"{path} is not a directory"
     manifest_path = where / MANIFEST
     if manifest_path.is_symlink():
         return None, f"{MANIFEST} is a symbolic link; not followed"
     if not manifest_path.is_file():
-        return None, f"no {MANIFEST}" if manifest_path.exists() or not where.is_dir() else f"no {MANIFEST}: not a finished artifact"
+        return None, f"{MANIFEST} is not a regular file" if manifest_path.exists() else f"no {MANIFEST}: not a finished artifact"
     try:
         if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
             return None, f"{MANIFEST} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest"
@@ -265,7 +267,7 @@ def _unfinished_note(left: dict) -> str:
     holder = left["lock"]
     if holder is not None:
         pid = holder.removeprefix("igdrec pid ")
-        if pid.isdigit() and _alive(int(pid)):
+        if pid.isdigit() and 0 < int(pid) < 2**31 and _alive(int(pid)):
             return f"being written now by {holder}"
         return f"interrupted (lock of {holder or 'an unnamed process'}, not running)"
     return f"interrupted (work directory {PARTIAL}/{left['work'][-1]})"
@@ -281,11 +283,6 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return True
-
-
-def _with_dataset(row: Artifact, dataset: str) -> Artifact:
-    row.dataset = dataset
-    return row
 
 
 def _name(path: str) -> str:

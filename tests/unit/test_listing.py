@@ -158,10 +158,17 @@ def test_an_interrupted_stage_is_partial(run):
             raise RuntimeError("killed")
     lock = run.root / ".partial" / "rerank__running.lock"
     lock.write_text(f"igdrec pid {os.getpid()}")  # a live writer's lock (this process)
+    (run.root / ".partial" / "rerank__killed.lock").write_text("igdrec pid 99999999999999999999")
+    (run.root / ".partial" / "rerank__blank.lock").write_text("")
+    (run.root / ".partial" / "notes.txt").write_text("not igdrec's")
+    (run.root / ".partial" / "..__up-0123456789abcdef").mkdir()  # names no stage path
     rows = by_path(listing.list_runs(run.root))
     assert rows["decode/half"].status == PARTIAL_STATUS and rows["decode/half"].stage == "decode"
     assert rows["decode/half"].note.startswith("interrupted (work directory .partial/decode__half-")
     assert rows["rerank/running"].note == f"being written now by igdrec pid {os.getpid()}"
+    assert rows["rerank/killed"].note == "interrupted (lock of igdrec pid 99999999999999999999, not running)"
+    assert rows["rerank/blank"].note == "interrupted (lock of an unnamed process, not running)"
+    assert set(rows) == set(steps) | {"decode/half", "rerank/running", "rerank/killed", "rerank/blank"}
     assert rows["sft/s"].status == DONE and rows["sft/s"].note.startswith("an unfinished rerun: interrupted")
     result = ls(run.root)
     assert result.exit_code == 0 and "partial" in result.output and "half" in result.output
@@ -191,6 +198,13 @@ def test_broken_artifacts_are_rows_with_one_line_reasons_never_a_crash(run, tmp_
     rewrite(root / "sft/odd" / MANIFEST, lambda m: m.update(params=["not", "a", "dict"]))
     (root / "sft/link").symlink_to(outside, target_is_directory=True)
     (root / "decode/empty").mkdir()
+    (root / "decode/fifo").mkdir()
+    os.mkfifo(root / "decode/fifo" / MANIFEST)  # reading it would wait for a writer forever
+    (root / "decode/linked").mkdir()
+    (root / "decode/linked" / MANIFEST).symlink_to(root / "decode/d" / MANIFEST)
+    shutil.copytree(root / "sft/s", root / "sft/copy")  # the same bytes, one of them through a link out of the run
+    shutil.move(root / "sft/copy/train_log.parquet", outside / "train_log.parquet")
+    (root / "sft/copy/train_log.parquet").symlink_to(outside / "train_log.parquet")
     opened = []
     real_open = open
     monkeypatch.setattr("builtins.open", lambda file, *a, **k: opened.append(str(file)) or real_open(file, *a, **k))
@@ -205,6 +219,9 @@ def test_broken_artifacts_are_rows_with_one_line_reasons_never_a_crash(run, tmp_
         "sft/odd": "stage.json: params is missing or not a dict",
         "sft/link": f"sft/link is a symbolic link (to {outside}); not followed",
         "decode/empty": "no stage.json: not a finished artifact",
+        "decode/fifo": "stage.json is not a regular file",
+        "decode/linked": "stage.json is a symbolic link; not followed",
+        "sft/copy": "sft/copy has no finished, intact artifacts (an output changed after the stage wrote it)",
     }
     assert {path: (rows[path].status, rows[path].note) for path in expected} == {p: (BROKEN, n) for p, n in expected.items()}
     assert rows["metrics/d"].stage == "metrics" and rows["sft/link"].stage == "sft"
