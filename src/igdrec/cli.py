@@ -386,7 +386,7 @@ def report_command(
 def ls_command(
     run_dir: Annotated[Optional[Path], typer.Argument(
         help="A run directory, or a grid's run root (lists each dataset's run); default: $IGDREC_RUN_DIR or runs/default.",
-        show_default=False)] = None,
+        metavar="RUN_DIR", show_default=False)] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the rows as JSON instead of a table.")] = False,
 ):
     """List every artifact of a run: stage, name, parameters that differ from the defaults, status (done, stale,

@@ -198,6 +198,7 @@ def test_broken_artifacts_are_rows_with_one_line_reasons_never_a_crash(run, tmp_
     rewrite(root / "sft/odd" / MANIFEST, lambda m: m.update(params=["not", "a", "dict"]))
     (root / "sft/link").symlink_to(outside, target_is_directory=True)
     (root / "decode/empty").mkdir()
+    (root / "decode" / "evil\x1b[2J").mkdir()  # a name that would clear the screen
     (root / "decode/fifo").mkdir()
     os.mkfifo(root / "decode/fifo" / MANIFEST)  # reading it would wait for a writer forever
     (root / "decode/linked").mkdir()
@@ -219,6 +220,7 @@ def test_broken_artifacts_are_rows_with_one_line_reasons_never_a_crash(run, tmp_
         "sft/odd": "stage.json: params is missing or not a dict",
         "sft/link": f"sft/link is a symbolic link (to {outside}); not followed",
         "decode/empty": "no stage.json: not a finished artifact",
+        "decode/evil\x1b[2J": "no stage.json: not a finished artifact",
         "decode/fifo": "stage.json is not a regular file",
         "decode/linked": "stage.json is a symbolic link; not followed",
         "sft/copy": "sft/copy has no finished, intact artifacts (an output changed after the stage wrote it)",
@@ -226,8 +228,9 @@ def test_broken_artifacts_are_rows_with_one_line_reasons_never_a_crash(run, tmp_
     assert {path: (rows[path].status, rows[path].note) for path in expected} == {p: (BROKEN, n) for p, n in expected.items()}
     assert rows["metrics/d"].stage == "metrics" and rows["sft/link"].stage == "sft"
     assert rows["decode/d"].status == DONE  # its inputs are intact
-    result = ls(root)
+    result = CliRunner().invoke(app, ["ls", str(root)], env={"COLUMNS": "300"})
     assert result.exit_code == 0 and result.output.count("│ broken ") == len(expected)
+    assert "\x1b" not in result.output and "evil\\x1b[2J" in result.output  # shown escaped
 
 
 # --------------------------------------------------------------------------------------------------
