@@ -277,11 +277,11 @@ def outputs_intact(directory: Path, manifest: dict) -> bool:
             return False
         try:
             status = path.lstat()
-        except OSError:
-            return False
-        if not stat.S_ISREG(status.st_mode) or status.st_size != info.get("bytes"):
-            return False
-        if fingerprint_file(path) != info.get("fingerprint"):
+            if not stat.S_ISREG(status.st_mode) or status.st_size != info.get("bytes"):
+                return False
+            if fingerprint_file(path) != info.get("fingerprint"):
+                return False
+        except (OSError, ValueError):  # gone, unreadable, or a NUL in the name
             return False
     return True
 

@@ -196,6 +196,8 @@ def test_broken_artifacts_are_rows_with_one_line_reasons_never_a_crash(run, tmp_
     rewrite(root / "baseline/pop" / MANIFEST, lambda m: m["outputs"].update({"../../../outside/secret": {"bytes": 1, "fingerprint": "0"}}))
     shutil.copytree(root / "sft/s", root / "sft/odd")
     rewrite(root / "sft/odd" / MANIFEST, lambda m: m.update(params=["not", "a", "dict"]))
+    shutil.copytree(root / "sft/s", root / "sft/nul")
+    rewrite(root / "sft/nul" / MANIFEST, lambda m: m.update(outputs={"a\x00b": {"bytes": 1, "fingerprint": "0"}}))
     (root / "sft/link").symlink_to(outside, target_is_directory=True)
     (root / "decode/empty").mkdir()
     (root / "decode" / "evil\x1b[2J").mkdir()  # a name that would clear the screen
@@ -218,6 +220,7 @@ def test_broken_artifacts_are_rows_with_one_line_reasons_never_a_crash(run, tmp_
         "rerank/d": "rerank/d has no finished, intact artifacts (an output changed after the stage wrote it)",
         "baseline/pop": "baseline/pop has no finished, intact artifacts (an output changed after the stage wrote it)",
         "sft/odd": "stage.json: params is missing or not a dict",
+        "sft/nul": "sft/nul has no finished, intact artifacts (an output changed after the stage wrote it)",
         "sft/link": f"sft/link is a symbolic link (to {outside}); not followed",
         "decode/empty": "no stage.json: not a finished artifact",
         "decode/evil\x1b[2J": "no stage.json: not a finished artifact",
