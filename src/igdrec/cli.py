@@ -382,6 +382,29 @@ def report_command(
         _fail(exc)
 
 
+@app.command("ls")
+def ls_command(
+    run_dir: Annotated[Optional[Path], typer.Argument(
+        help="A run directory, or a grid's run root (lists each dataset's run); default: $IGDREC_RUN_DIR or runs/default.",
+        metavar="RUN_DIR", show_default=False)] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the rows as JSON instead of a table.")] = False,
+):
+    """List every artifact of a run: stage, name, parameters that differ from the defaults, status (done, stale,
+    partial, broken), wall time and the headline metrics."""
+    from igdrec import listing
+    from igdrec.rundir import resolve_run_dir
+
+    root = resolve_run_dir(run_dir)
+    try:
+        rows = listing.list_runs(root)
+    except IgdrecError as exc:
+        _fail(exc)
+    if json_output:
+        sys.stdout.write(listing.to_json(root, rows) + "\n")
+    else:
+        listing.print_listing(root, rows)
+
+
 def main() -> None:  # pragma: no cover - console entry
     app(prog_name="igdrec")
 

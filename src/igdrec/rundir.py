@@ -26,12 +26,14 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
+import stat
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 from igdrec import options
@@ -44,6 +46,9 @@ MANIFEST = "stage.json"
 _RUN_RECORD_FIELDS = ("fingerprint", "digest", "versions", "wall_time_s", "created_at")
 DEFAULT_RUN_DIR = "runs/default"
 SINGLE_STAGE_PATHS = ("data", "ig")  # the stages with one artifact per run; any other is <stage folder>/NAME
+PARTIAL = ".partial"  # in the run: the work directories of unfinished stages and the artifacts' locks
+# `.partial/<stage path, '/' as '__'>-<first 16 hex of the key>` and `.partial/<stage path, '/' as '__'>.lock`
+_PARTIAL_ENTRY = re.compile(r"(?P<flat>.+?)(?:-(?P<key>[0-9a-f]{16})|(?P<lock>\.lock))")
 _TRACKED_PACKAGES = ("igdrec", "torch", "transformers", "peft", "polars", "numpy", "typer", "rich", "gguf")
 
 
@@ -155,7 +160,7 @@ class RunDir:
 
     def manifest(self, stage_path: str) -> dict | None:
         """The stage's manifest if the stage finished, its manifest is unedited and its outputs are intact, else None."""
-        return self._checked_manifest(stage_path)[0]
+        return self.checked_manifest(stage_path)[0]
 
     def cached_manifest(self, stage_path: str, key: str) -> dict | None:
         """The stage's intact manifest if it was made with `key` (the stage's result is cached), else None."""
@@ -164,12 +169,12 @@ class RunDir:
 
     def require(self, stage_path: str, hint: str) -> dict:
         """The manifest of an upstream stage, or a one-line error telling the user what to run first."""
-        manifest, problem = self._checked_manifest(stage_path)
+        manifest, problem = self.checked_manifest(stage_path)
         if manifest is None:
             raise IgdrecError(f"{problem}; run `{hint}` first")
         return manifest
 
-    def _checked_manifest(self, stage_path: str) -> tuple[dict | None, str | None]:
+    def checked_manifest(self, stage_path: str) -> tuple[dict | None, str | None]:
         """(manifest, None) when the stage's artifacts can be used, else (None, why not)."""
         where = self.stage_dir(stage_path)
         path = where / MANIFEST
@@ -186,6 +191,29 @@ class RunDir:
         if not outputs_intact(where, manifest):
             return None, f"{where} has no finished, intact artifacts (an output changed after the stage wrote it)"
         return manifest, None
+
+    def unfinished(self) -> dict[str, dict]:
+        """What stages left in `.partial` (interrupted, or being written now): stage path -> {"work": the
+        work directories' names, "lock": the lock's holder text ("igdrec pid N"), or None without a lock}.
+        Entries that name no valid stage path are not igdrec's and are left out; nothing is followed."""
+        partial = self.root / PARTIAL
+        if partial.is_symlink() or not partial.is_dir():
+            return {}
+        found: dict[str, dict] = {}
+        for entry in sorted(os.scandir(partial), key=lambda e: e.name):
+            match = _PARTIAL_ENTRY.fullmatch(entry.name)
+            if match is None:
+                continue
+            stage_path = match["flat"].replace("__", "/", 1)
+            parts = stage_path.split("/")
+            if len(parts) != 2 and stage_path not in SINGLE_STAGE_PATHS or not all(map(options.ARTIFACT_NAME.fullmatch, parts)):
+                continue
+            record = found.setdefault(stage_path, {"work": [], "lock": None})
+            if match["lock"] and entry.is_file(follow_symlinks=False):
+                record["lock"] = _lock_holder(Path(entry.path))
+            elif match["key"] and entry.is_dir(follow_symlinks=False):
+                record["work"].append(entry.name)
+        return {path: record for path, record in found.items() if record["work"] or record["lock"] is not None}
 
     def artifact(self, stage_path: str, name: str) -> Path:
         return self.stage_dir(stage_path) / name
@@ -208,6 +236,23 @@ class RunDir:
         return names[0]
 
 
+def _flat(stage_path: str) -> str:
+    """A stage path as one file name in `.partial` (folders hold no '__', so the first one is the '/')."""
+    return stage_path.replace("/", "__")
+
+
+def _lock_holder(path: Path) -> str:
+    """What a lock file says about its writer ("igdrec pid N"), read without following a link or blocking."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return ""
+    try:
+        return os.read(fd, 64).decode(errors="replace").strip() if stat.S_ISREG(os.fstat(fd).st_mode) else ""
+    finally:
+        os.close(fd)
+
+
 def manifest_digest(manifest: dict) -> str:
     """Digest of a manifest's content, excluding the digest itself (recorded in it as `digest`)."""
     return fingerprint_obj({k: v for k, v in manifest.items() if k != "digest"})
@@ -219,16 +264,36 @@ def manifest_fingerprint(manifest: dict) -> str:
 
 
 def outputs_intact(directory: Path, manifest: dict) -> bool:
-    for rel, info in manifest.get("outputs", {}).items():
-        path = directory / rel
-        try:
-            if path.stat().st_size != info["bytes"]:
-                return False
-        except OSError:
+    """Whether every output the manifest lists is still the regular file it recorded (size, then content).
+
+    A manifest is read from the run directory, so its output names are checked before they are opened: a
+    name that climbs out of the artifact, or passes through a symbolic link, is not an intact output."""
+    outputs = manifest.get("outputs", {})
+    if not isinstance(outputs, dict):
+        return False
+    for rel, info in outputs.items():
+        path = _output_path(directory, rel)
+        if path is None or not isinstance(info, dict):
             return False
-        if fingerprint_file(path) != info["fingerprint"]:
+        try:
+            status = path.lstat()
+            if not stat.S_ISREG(status.st_mode) or status.st_size != info.get("bytes"):
+                return False
+            if fingerprint_file(path) != info.get("fingerprint"):
+                return False
+        except (OSError, ValueError):  # gone, unreadable, or a NUL in the name
             return False
     return True
+
+
+def _output_path(directory: Path, rel: str) -> Path | None:
+    """`directory / rel` for a relative name that stays inside `directory` through no symbolic link, else None."""
+    parts = PurePosixPath(rel).parts if isinstance(rel, str) else ()
+    if not parts or PurePosixPath(rel).is_absolute() or any(part in ("..", ".") for part in parts):
+        return None
+    if any(directory.joinpath(*parts[:i]).is_symlink() for i in range(1, len(parts))):
+        return None
+    return directory.joinpath(*parts)
 
 
 @dataclass
@@ -260,9 +325,8 @@ class StageWriter:
             options.check_artifact_name(part, f"{self.stage} name")  # also what a default name is made of
         self.key = cache_key(self.stage, self.params, self.inputs)
         self.final_dir = self.run.stage_dir(self.stage_path)
-        safe = self.stage_path.replace("/", "__")
-        self.partial_dir = self.run.root / ".partial" / f"{safe}-{self.key[:16]}"
-        self.lock_path = self.run.root / ".partial" / f"{safe}.lock"
+        self.partial_dir = self.run.root / PARTIAL / f"{_flat(self.stage_path)}-{self.key[:16]}"
+        self.lock_path = self.run.root / PARTIAL / f"{_flat(self.stage_path)}.lock"
         self._lock_fd: int | None = None
         self.manifest: dict | None = None if self.force else self.run.cached_manifest(self.stage_path, self.key)
         self.cached = self.manifest is not None
@@ -326,7 +390,7 @@ class StageWriter:
         replacing it would remove or overwrite what the link points to."""
         root = self.run.root
         parts = self.stage_path.split("/")
-        for path in (root / ".partial", *(root.joinpath(*parts[:i]) for i in range(1, len(parts) + 1))):
+        for path in (root / PARTIAL, *(root.joinpath(*parts[:i]) for i in range(1, len(parts) + 1))):
             if path.is_symlink():
                 raise IgdrecError(f"{path} is a symbolic link (to {os.readlink(path)}); igdrec replaces only directories "
                                   "it made itself: remove the link (what it points to stays) and rerun")

@@ -42,9 +42,9 @@ class _Unchanging(RunDir):
         super().__init__(root)
         self._checked: dict[str, tuple[dict | None, str | None]] = {}
 
-    def _checked_manifest(self, stage_path: str) -> tuple[dict | None, str | None]:
+    def checked_manifest(self, stage_path: str) -> tuple[dict | None, str | None]:
         if stage_path not in self._checked:
-            self._checked[stage_path] = super()._checked_manifest(stage_path)
+            self._checked[stage_path] = super().checked_manifest(stage_path)
         return self._checked[stage_path]
 
 
