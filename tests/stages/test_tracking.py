@@ -60,11 +60,12 @@ def test_sft_tensorboard_curves_are_the_train_log(tiny_model_dir, tmp_path):
     assert scalars["train/lr"] == [(s, f32(v)) for s, v in zip(train["step"], train["lr"])]
     assert scalars["train/target_tokens_per_second"] == [
         (s, f32(t / sec)) for s, t, sec in zip(train["step"], train["tokens"], train["seconds"])]
-    # the computed tokens of the logged intervals add up to the run's (stats); no MFU on CPU
+    # the computed tokens of the logged intervals add up to the run's (stats)
     computed = sum(v * sec for (_, v), sec in zip(scalars["train/computed_tokens_per_second"], train["seconds"]))
     stats = json.loads((stage / "stage.json").read_text())["stats"]
     assert computed == pytest.approx(stats["computed_tokens"], rel=1e-5)
-    assert "train/mfu" not in scalars and "valid/lr" not in scalars
+    on_cuda = stats["device"].startswith("cuda")  # MFU needs the device's measured peak rate
+    assert ("train/mfu" in scalars) == on_cuda and ("summary/mfu" in scalars) == on_cuda and "valid/lr" not in scalars
     assert scalars["summary/best_valid_loss"] == [(0, f32(stats["best_valid_loss"]))]
     assert scalars["summary/steps"] == [(0, 6.0)]
 
@@ -160,6 +161,26 @@ def test_report_to_values_repeated_or_comma_separated(tmp_path):
     one_line_error(result, "--report-to none,tensorboard: none means no tracking")
     result = CliRunner().invoke(app, ["baseline", "--report-to", "mlflow", "--run-dir", str(tmp_path / "run")])
     one_line_error(result, "--report-to 'mlflow': expected one of none, tensorboard, wandb")
+
+
+def test_step_scalars_rate_each_logged_interval_by_hand():
+    """Throughput per logged interval, from the running counts of `StepDone`: a 4×4 linear layer whose
+    weights train costs 3 × (2 · 16 FLOPs per token + attention); two ranks, a peak of 1 TFLOP/s."""
+    torch = pytest.importorskip("torch")
+    from igdrec.training import StepDone, TrackedScalars
+
+    tracked = TrackedScalars(torch.nn.Linear(4, 4), world_size=2, peak=1e12)
+    row = dict(ce_zero_ig=None, ce_low_ig=0.5, ce_high_ig=1.5, ce_positive_ig=1.0)
+    first = tracked(StepDone(2, 6, [dict(row, step=2, split="train", loss=2.0, lr=1e-3, tokens=8, seconds=2.0)], 10, 100.0))
+    assert first == {"train/loss": 2.0, "train/ce_low_ig": 0.5, "train/ce_high_ig": 1.5, "train/ce_positive_ig": 1.0,
+                     "train/lr": 1e-3, "train/target_tokens_per_second": 4.0, "train/computed_tokens_per_second": 10.0,
+                     "train/model_tflops_per_second": 3 * (2 * 16 * 10 + 100) / 2 / 1e12, "train/mfu": 630 / 1e12}
+    second = tracked(StepDone(4, 6, [dict(row, step=4, split="train", loss=1.0, lr=5e-4, tokens=6, seconds=3.0),
+                                     dict(row, step=4, split="valid", loss=1.2, lr=5e-4, tokens=9, seconds=0.5)], 25, 250.0))
+    assert second["train/computed_tokens_per_second"] == 15 * 2 / 3  # the 15 tokens since the first row
+    assert second["train/mfu"] == pytest.approx(3 * (2 * 16 * 15 + 150) / 3 / 1e12)
+    assert second["valid/loss"] == 1.2 and "valid/lr" not in second and "valid/computed_tokens_per_second" not in second
+    assert tracked(StepDone(5, 6, [], 30, 300.0)) == {}  # a step that logged nothing
 
 
 def test_scalars_keep_finite_numbers_and_flatten_dicts():
