@@ -120,8 +120,12 @@ class WandbTracker(Tracker):
         where = {} if os.environ.get("WANDB_DIR") else {"dir": str(directory)}
         if where:
             directory.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "igdrec"), name=name, group=group,
-                              job_type=job_type, config=config, **where)
+        try:
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "igdrec"), name=name, group=group,
+                                  job_type=job_type, config=config, **where)
+        except wandb.errors.Error as exc:  # no account, a bad setting: said before any work is done
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise IgdrecError(f"--report-to wandb: {reason} (or set WANDB_MODE=offline to log locally)") from None
 
     def log(self, values: dict[str, float], step: int) -> None:
         self.run.log(values, step=step)
@@ -140,11 +144,15 @@ def start(backends: list[str], run_root: Path, stage_path: str, config: dict) ->
     name = stage_path.replace("/", "-")
     directory = run_root / TRACKING_DIR / name
     trackers: list[Tracker] = []
-    for backend in backends:
-        if backend == "tensorboard":
-            trackers.append(TensorBoardTracker(directory, config))
-        elif backend == "wandb":
-            trackers.append(WandbTracker(directory, name, run_root.name, stage_path.split("/")[0], config))
+    try:
+        for backend in backends:
+            if backend == "tensorboard":
+                trackers.append(TensorBoardTracker(directory, config))
+            elif backend == "wandb":
+                trackers.append(WandbTracker(directory, name, run_root.name, stage_path.split("/")[0], config))
+    except BaseException:
+        _Trackers(trackers).close(failed=True)
+        raise
     if not trackers:
         return Tracker()
     return trackers[0] if len(trackers) == 1 else _Trackers(trackers)

@@ -118,6 +118,22 @@ def test_wandb_offline_writes_its_run_directory(tmp_path, tiny_tokenizer, monkey
     assert "summary/NDCG@5" in read_scalars(directory)  # both backends at once
 
 
+def test_wandb_without_an_account_is_a_one_line_error(tmp_path, tiny_tokenizer, monkeypatch):
+    pytest.importorskip("wandb")
+    for variable in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "WANDB_PROJECT"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc with a key
+    for variable in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(variable, str(tmp_path / variable.lower()))
+    run = synthetic_run(tmp_path / "run", n_users=60)
+    publish_ig(run, tiny_tokenizer, "tiny")
+    baseline_stage.run(BaselineConfig(model="pop", top_k=5), run)
+    result = CliRunner().invoke(app, ["metrics", "--baseline", "pop", "--ks", "1,5", "--report-to", "tensorboard,wandb",
+                                      "--run-dir", str(run.root)])
+    one_line_error(result, "error: --report-to wandb: ", "API key", "(or set WANDB_MODE=offline to log locally)")
+    assert not (run.root / "metrics").exists()
+
+
 @pytest.mark.parametrize("backend", ["tensorboard", "wandb"])
 def test_a_missing_backend_is_a_one_line_error_naming_the_extra(tmp_path, tiny_tokenizer, monkeypatch, backend):
     run = synthetic_run(tmp_path / "run", n_users=60)
