@@ -110,7 +110,8 @@ def _parameter(opt: options.Option) -> inspect.Parameter:
         return inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, default=opt.default, annotation=Annotated[bool, info])
     if opt.kind is list:  # comma-separated, repeatable: --report-to tensorboard --report-to wandb (joined in `command`)
         info = typer.Option(opt.cli_name, help=opt.help, metavar=_metavar(opt), rich_help_panel=_panel(opt))
-        return inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, default=[_default_text(opt)] if opt.default else None, annotation=Annotated[Optional[list[str]], info])
+        default = [_default_text(opt)] if opt.default else None  # shown by --help only, as for the other options
+        return inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[Optional[list[str]], info])
     info = typer.Option(opt.cli_name, help=opt.help, metavar=_metavar(opt), show_default=opt.default is not None, rich_help_panel=_panel(opt))
     return inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, default=_default_text(opt), annotation=Annotated[Optional[str], info])
 

@@ -94,8 +94,16 @@ def test_baseline_and_metrics_tensorboard_results(tmp_path, tiny_tokenizer):
         assert scalars[f"summary/diversity/{name}"] == [(0, f32(value))]
 
 
-def test_wandb_offline_writes_its_run_directory(tmp_path, tiny_tokenizer, monkeypatch):
-    pytest.importorskip("wandb")
+@pytest.fixture
+def fresh_wandb():
+    """wandb settles its settings (WANDB_MODE...) once per process: each test starts it anew."""
+    wandb = pytest.importorskip("wandb")
+    wandb.teardown()
+    yield
+    wandb.teardown()
+
+
+def test_wandb_offline_writes_its_run_directory(tmp_path, tiny_tokenizer, monkeypatch, fresh_wandb):
     for variable in ("WANDB_DIR", "WANDB_PROJECT", "WANDB_API_KEY"):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -118,8 +126,7 @@ def test_wandb_offline_writes_its_run_directory(tmp_path, tiny_tokenizer, monkey
     assert "summary/NDCG@5" in read_scalars(directory)  # both backends at once
 
 
-def test_wandb_without_an_account_is_a_one_line_error(tmp_path, tiny_tokenizer, monkeypatch):
-    pytest.importorskip("wandb")
+def test_wandb_without_an_account_is_a_one_line_error(tmp_path, tiny_tokenizer, monkeypatch, fresh_wandb):
     for variable in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "WANDB_PROJECT"):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc with a key
