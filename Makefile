@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml $(LOCK) Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/$(PIP) install -q "$(TORCH_SPEC)"
 	$(BIN)/$(PIP) install -q -r $(LOCK)
-	$(BIN)/$(PIP) install -q --no-deps -e '.[dev]'
+	$(BIN)/$(PIP) install -q --no-deps -e '.[dev,tensorboard]'
 	touch $(STAMP)
 
 test: install
@@ -47,7 +47,7 @@ $(UV):
 # versions, every file's sha256, torch left out (see TORCH_SPEC). Commit the result.
 lock: $(UV)
 	echo "$(LOCK_TORCH)" > $(TOOLS)/torch-constraint.txt
-	$(UV) pip compile pyproject.toml --extra dev --universal --python-version 3.11 --generate-hashes \
+	$(UV) pip compile pyproject.toml --extra dev --extra tensorboard --universal --python-version 3.11 --generate-hashes \
 		--no-emit-package torch --find-links $(LOCK_FIND_LINKS) -c $(TOOLS)/torch-constraint.txt \
 		--custom-compile-command "make lock" --upgrade -o $(LOCK)
 
@@ -57,11 +57,11 @@ $(LOWEST_STAMP): pyproject.toml Makefile | $(UV)
 	$(LOWEST)/bin/$(PIP) install -q "$(TORCH_LOWEST_SPEC)"  # pip: honours its config's find-links
 	$(LOWEST)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(LOWEST)/torch-constraint.txt
 	$(UV) pip install -q --python $(LOWEST)/bin/python --resolution lowest-direct \
-		-c $(LOWEST)/torch-constraint.txt -e '.[dev]'
+		-c $(LOWEST)/torch-constraint.txt -e '.[dev,tensorboard]'
 	touch $(LOWEST_STAMP)
 
 test-lowest: $(LOWEST_STAMP)
-	$(LOWEST)/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|peft|typer|pyyaml|polars|rich|numpy|gguf|safetensors|pytest|pytest-timeout|click|tokenizers)=='
+	$(LOWEST)/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|peft|typer|pyyaml|polars|rich|numpy|gguf|safetensors|pytest|pytest-timeout|click|tokenizers|tensorboard)=='
 	$(LOWEST)/bin/python -m pytest -q
 
 demo: install

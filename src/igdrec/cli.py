@@ -108,6 +108,10 @@ def _parameter(opt: options.Option) -> inspect.Parameter:
         flags = opt.flags or f"{opt.cli_name}/--no-{opt.cli_name[2:]}"
         info = typer.Option(flags, help=opt.help, rich_help_panel=_panel(opt))
         return inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, default=opt.default, annotation=Annotated[bool, info])
+    if opt.kind is list:  # comma-separated, repeatable: --report-to tensorboard --report-to wandb (joined in `command`)
+        info = typer.Option(opt.cli_name, help=opt.help, metavar=_metavar(opt), rich_help_panel=_panel(opt))
+        default = [_default_text(opt)] if opt.default else None  # shown by --help only, as for the other options
+        return inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[Optional[list[str]], info])
     info = typer.Option(opt.cli_name, help=opt.help, metavar=_metavar(opt), show_default=opt.default is not None, rich_help_panel=_panel(opt))
     return inspect.Parameter(opt.name, inspect.Parameter.KEYWORD_ONLY, default=_default_text(opt), annotation=Annotated[Optional[str], info])
 
@@ -153,7 +157,8 @@ def stage_command(
         settings = {name: values.pop(name) for name in _COMMON}
         extras = {name: values.pop(name) for name in extra_names}
         # Defaults are for --help only: an option left out keeps the --config value (or the default).
-        given = {name: value for name, value in values.items() if getattr(ctx.get_parameter_source(name), "name", None) in _TYPED}
+        given = {name: ",".join(value) if isinstance(value, list) else value
+                 for name, value in values.items() if getattr(ctx.get_parameter_source(name), "name", None) in _TYPED}
         _invoke(stage, given, settings, handler, extras)
 
     command.__signature__ = inspect.Signature(parameters)

@@ -32,6 +32,8 @@ WEIGHTINGS = ("plain", "pos", "cft", "igd")
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
 LR_SCHEDULES = ("cosine", "linear")
 BASELINE_MODELS = ("sasrec", "gru4rec", "pop")
+# --report-to backends (igdrec.tracking). MLflow is not offered: no environment here has it to test against.
+TRACKERS = ("none", "tensorboard", "wandb")
 _AMAZON = {"source": ("amazon2018", "amazon2023")}
 _RECBOLE = {"source": "recbole"}
 _D3 = {"source": "d3-csv"}
@@ -48,6 +50,17 @@ DEVICES, CUDA_INDEX = ("auto", "cpu", "cuda", "mps"), (r"cuda:\d+", "cuda:N")
 
 def _device_option(help: str = "auto, cpu, cuda, cuda:N or mps."):
     return option("auto", help, key=False, choices=DEVICES, pattern=CUDA_INDEX)
+
+
+def _report_to_option():
+    return option(factory=lambda: ["none"], key=False, choices=TRACKERS, as_set=True, help=(
+        "Experiment tracking: log the curves and results to tensorboard and/or wandb (comma-separated or repeated; "
+        "logs under <run>/tracking/STAGE-NAME/), or none."))
+
+
+def _check_report_to(backends: list[str]) -> None:
+    if "none" in backends and len(backends) > 1:
+        raise IgdrecError(f"--report-to {','.join(backends)}: none means no tracking; give it alone or drop it")
 
 
 @dataclass
@@ -172,8 +185,10 @@ class SFTConfig:
         True, "Compute the prompt prefix common to a micro-batch once (exact; used only when no dropout is active).",
         key=False)
     compile: bool = option(False, "torch.compile the decoder blocks (pays off on GPU for long runs).", key=False)
+    report_to: list[str] = _report_to_option()
 
     def check_fields(self) -> None:
+        _check_report_to(self.report_to)
         if self.cft_alpha != 0.0 and self.weighting != "cft":
             raise IgdrecError(f"--cft-alpha {self.cft_alpha}: only the cft weighting has a causal loss (use --weighting cft)")
 
@@ -267,8 +282,10 @@ class BaselineConfig:
     top_k: int = option(20, "Length of the ranked test lists in topk.parquet.", min=1)
     eval_batch_size: int = option(4096, "Windows per scoring batch (validation, test).", key=False, min=1)
     device: str = _device_option()
+    report_to: list[str] = _report_to_option()
 
     def check_fields(self) -> None:
+        _check_report_to(self.report_to)
         if self.model == "sasrec" and self.hidden_size % self.n_heads:
             raise IgdrecError(f"--hidden-size {self.hidden_size}: must be a multiple of --n-heads {self.n_heads}")
 
@@ -303,8 +320,10 @@ class MetricsConfig:
                                      "beside a --limit'ed decode, so both are scored on the same samples).", min=1)
     bootstrap: int = option(1000, "Paired bootstrap resamples of --compare.", min=1, key=False)
     seed: int = option(0, "Seed of the --compare bootstrap.", key=False, min=0, max=SEED_MAX)
+    report_to: list[str] = _report_to_option()
 
     def check_fields(self) -> None:
+        _check_report_to(self.report_to)
         if self.rerank is not None and self.baseline is not None:
             raise IgdrecError(f"--rerank {self.rerank} and --baseline {self.baseline}: score one of them at a time")
 

@@ -57,6 +57,19 @@ def model_flops(model: nn.Module, tokens: int, attention_flops: float) -> float:
     return forward * (3.0 if base_trains else 2.0)
 
 
+def rates(model: nn.Module, tokens: int, attention_flops: float, seconds: float, world_size: int, peak: float | None) -> dict:
+    """Throughput of `seconds` of training in which each of `world_size` ranks computed `tokens` tokens and
+    `attention_flops`: computed tokens per second (all ranks) and, given the device's peak rate (FLOP/s),
+    model TFLOP/s per device and model-FLOPs utilisation (MFU). Empty for no time."""
+    if seconds <= 0:
+        return {}
+    stats = {"computed_tokens_per_second": tokens * world_size / seconds}
+    if peak is not None:
+        per_device = model_flops(model, tokens, attention_flops) / seconds
+        stats |= {"model_tflops_per_second": per_device / 1e12, "peak_bf16_tflops": peak / 1e12, "mfu": per_device / peak}
+    return stats
+
+
 def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 8192, reps: int = 20) -> float | None:
     """The device's dense matmul rate (FLOP/s) in `dtype`, measured by a few n×n matmuls; None off CUDA."""
     if device.type != "cuda":

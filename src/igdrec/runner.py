@@ -22,6 +22,7 @@ command line or the YAML loader already checked (each rule lives in config.py, n
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import os
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from igdrec import config as cfg
-from igdrec import options
+from igdrec import options, tracking
 from igdrec.console import console
 from igdrec.rundir import RunDir, StageWriter, cache_key
 
@@ -64,6 +65,12 @@ class StagePlan:
     def writer(self, force: bool = False) -> StageWriter:
         return StageWriter(self.run, self.path, stage=self.stage, params=self.params, inputs=self.inputs,
                            force=force, resumable=self.resumable)
+
+    def tracker(self, main: bool = True) -> tracking.Tracker:
+        """The `--report-to` tracker of what the stage computes (one that drops everything where the stage has
+        no such option, and on ranks other than 0), with the stage's settings and cache key."""
+        backends = getattr(self.config, "report_to", [tracking.NONE]) if main else [tracking.NONE]
+        return tracking.start(backends, self.run.root, self.path, dataclasses.asdict(self.config) | {"cache_key": self.key})
 
 
 class _OneProcess:
@@ -108,6 +115,7 @@ def run_stage(stage: str, config, run_dir: RunDir | str | Path | None, force: bo
             if report is not None:
                 report(plan, writer.manifest, cached=True)
         return writer.manifest
+    tracking.require(getattr(config, "report_to", []))  # before any work: a missing package fails at once
     prepare = getattr(module, "prepare", None)
     world = prepare(plan, writer) if prepare is not None else _OneProcess()
     # Under torchrun every rank computes (its shard, its gradient share); rank 0 alone publishes.

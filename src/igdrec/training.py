@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from igdrec import checkpoints, weighting
+from igdrec import checkpoints, flops, tracking, weighting
 from igdrec.config import SFTConfig
 from igdrec.distributed import World
 from igdrec.flops import attention_shape, pass_cost
@@ -56,6 +56,17 @@ class TrainResult:
     attention_flops: float = 0.0  # forward FLOPs of attention scores and mixing in training, see `flops.model_flops`
 
 
+@dataclass
+class StepDone:
+    """What `train(..., on_step)` hears after each optimiser step."""
+
+    step: int
+    total_steps: int
+    rows: list[dict]  # the training-log rows this step wrote: train and/or valid, or none
+    computed_tokens: int  # this rank's, since this process started training (`TrainResult.computed_tokens`)
+    attention_flops: float
+
+
 def train(
     model: nn.Module,
     train_data: SFTExamples,
@@ -65,7 +76,7 @@ def train(
     device: torch.device,
     world: World,
     checkpoint_dir: Path,
-    on_step: Callable[[int, int, dict | None], None] | None = None,
+    on_step: Callable[[StepDone], None] | None = None,
 ) -> TrainResult:
     """Fine-tune `model` in place with `config`'s scheme and loop settings (resuming from `checkpoint_dir`
     with `config.resume`); at the end it holds the weights of the best validation (if any)."""
@@ -92,10 +103,10 @@ def train(
         lr = optimiser.step(ddp_module, micro_batches, world, stats)
         loop.step += 1
 
-        row = None
+        logged = len(loop.log)
         saving = config.save_every > 0 and loop.step % config.save_every == 0
         if loop.step % config.log_every == 0 or loop.step % per_epoch == 0 or loop.step == total_steps or saving:
-            row = loop.log_train(stats, world, lr, per_epoch, interval_start)
+            loop.log_train(stats, world, lr, per_epoch, interval_start)
             interval_start, stats = time.perf_counter(), _StepStats(device)
         if valid_data is not None and len(valid_data) > 0 and (loop.step % per_epoch == 0 or loop.step == total_steps):
             started = time.perf_counter()
@@ -104,7 +115,7 @@ def train(
             stopped_early = loop.validated(model, valid, lr, per_epoch, config.patience) and loop.step < total_steps
             interval_start = time.perf_counter()
         if on_step is not None:
-            on_step(loop.step, total_steps, row)
+            on_step(StepDone(loop.step, total_steps, loop.log[logged:], cost.tokens, cost.attention_flops))
         if saving and loop.step < total_steps and not stopped_early:
             if world.is_main:
                 checkpoints.save_checkpoint(checkpoint_path, {"trainable": checkpoints.trainable_state(model), **optimiser.state(), **loop.state()})
@@ -116,6 +127,32 @@ def train(
         log=loop.log, steps=loop.step, total_steps=total_steps, best_valid_loss=loop.best["loss"], best_step=loop.best["step"],
         stopped_early=stopped_early, train_tokens=loop.train_tokens, computed_tokens=cost.tokens, attention_flops=cost.attention_flops,
     )
+
+
+class TrackedScalars:
+    """The scalars `--report-to` logs after a step, from the training-log rows it wrote: loss, CE by IG group
+    (and, in training, learning rate) per split, and the throughput of each training row's interval:
+    target and computed tokens per second and, given the device's peak rate, model TFLOP/s and MFU."""
+
+    LOGGED = ("loss", "ce_zero_ig", "ce_low_ig", "ce_high_ig", "ce_positive_ig")
+
+    def __init__(self, model: nn.Module, world_size: int, peak: float | None):
+        self.model, self.world_size, self.peak = model, world_size, peak
+        self.tokens, self.attention_flops = 0, 0.0  # `StepDone`'s running counts at the last training row
+
+    def __call__(self, done: StepDone) -> dict[str, float]:
+        values = {}
+        for row in done.rows:
+            logged = {k: row[k] for k in self.LOGGED}
+            if row["split"] == "train":
+                seconds = row["seconds"]
+                rates = flops.rates(self.model, done.computed_tokens - self.tokens, done.attention_flops - self.attention_flops,
+                                    seconds, self.world_size, self.peak)
+                rates.pop("peak_bf16_tflops", None)  # a constant of the device, not of the step
+                logged |= {"lr": row["lr"], "target_tokens_per_second": row["tokens"] / seconds if seconds > 0 else None} | rates
+                self.tokens, self.attention_flops = done.computed_tokens, done.attention_flops
+            values |= tracking.scalars(logged, row["split"])
+        return values
 
 
 def planned_steps(n: int, config: SFTConfig, world_size: int) -> tuple[int, int]:
@@ -187,13 +224,12 @@ class _LoopState:
     def state(self) -> dict:
         return {"step": self.step, "log": self.log, "train_tokens": self.train_tokens, "best": self.best}
 
-    def log_train(self, stats: "_StepStats", world: World, lr: float, per_epoch: int, interval_start: float) -> dict:
-        """The training-log row of the steps since the last one: loss and CE are token averages over them."""
+    def log_train(self, stats: "_StepStats", world: World, lr: float, per_epoch: int, interval_start: float) -> None:
+        """Append the training-log row of the steps since the last one: loss and CE are token averages over them."""
         row = {"step": self.step, "epoch": self.step / per_epoch, "split": "train", "lr": lr, **stats.row(world)}
         row["seconds"] = time.perf_counter() - interval_start
         self.train_tokens += row["tokens"]
         self.log.append(row)
-        return row
 
     def validated(self, model: nn.Module, valid: dict, lr: float, per_epoch: int, patience: int) -> bool:
         """Log a validation and keep the weights of the best one; whether the last `patience` validations

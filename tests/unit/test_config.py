@@ -138,12 +138,14 @@ def test_cli_reports_unknown_yaml_key_on_one_line(tmp_path):
 
 def other_value(opt: options.Option, cls: type | None = None):
     """A valid value of the field that differs from its default (with `cls`: one its config's rules accept too)."""
+    if opt.kind is list:
+        if opt.choices:
+            return [next(c for c in opt.choices if [c] != opt.default)]
+        return [2, 3] if opt.element is int else ["alpha_proj", "beta_proj"]
     if opt.choices:
         return next(c for c in opt.choices if c != opt.default)
     if opt.kind is bool:
         return not opt.default
-    if opt.kind is list:
-        return [2, 3] if opt.element is int else ["alpha_proj", "beta_proj"]
     if opt.kind is str:
         candidates = ["some-value", "2"]  # "2": a text option that takes a count too (decode --batch-size)
     else:

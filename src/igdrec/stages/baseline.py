@@ -25,7 +25,7 @@ from dataclasses import asdict
 import torch
 from rich.progress import TextColumn
 
-from igdrec import options, schema, seqrec
+from igdrec import options, schema, seqrec, tracking
 from igdrec.config import BaselineConfig
 from igdrec.console import console, print_table, progress_bar
 from igdrec.errors import IgdrecError
@@ -75,32 +75,34 @@ def compute(plan: StagePlan, out: StageWriter) -> None:
     if not len(splits["train"]):
         raise IgdrecError(f"{run.artifact('data', 'train.parquet')}: no training windows")
 
-    torch.manual_seed(config.seed)  # the initial weights
-    model = seqrec.build_model(config.model, n_items, max_len, seqrec.ModelSettings.from_config(config), splits["train"].target.numpy())
-    model.to(device)
-    evaluator = seqrec.RankingEvaluator(splits["valid"], titles, ks=[10], batch_size=config.eval_batch_size, device=device)
-    result = _train(model, config, splits["train"], evaluator, device) if is_trainable(model) else None
+    with plan.tracker() as tracker:
+        torch.manual_seed(config.seed)  # the initial weights
+        model = seqrec.build_model(config.model, n_items, max_len, seqrec.ModelSettings.from_config(config), splits["train"].target.numpy())
+        model.to(device)
+        evaluator = seqrec.RankingEvaluator(splits["valid"], titles, ks=[10], batch_size=config.eval_batch_size, device=device)
+        result = _train(model, config, splits["train"], evaluator, device, tracker) if is_trainable(model) else None
 
-    topk = schema.conform(seqrec.topk_frame(model, splits["test"], config.top_k, titles, config.eval_batch_size, device), "topk")
-    topk.write_parquet(out.path("topk.parquet"))
-    seqrec.save_recommender(model, out.partial_dir, config.model, max_len, seqrec.ModelSettings.from_config(config))
-    out.rows["topk"] = topk.height
-    valid_ndcg = result.best_valid if result else evaluator.evaluate(model)[VALID_METRIC]
-    out.stats = {
-        "model": config.model,
-        "split": "test",
-        "n_items": n_items,
-        "max_len": max_len,
-        "parameters": count_parameters(model) if is_trainable(model) else 0,
-        "epochs_run": result.epochs_run if result else 0,
-        "best_epoch": result.best_epoch if result else 0,
-        "stopped_early": result.stopped_early if result else False,
-        f"valid_{VALID_METRIC}": valid_ndcg,
-        "train_seconds": round(result.train_seconds, 2) if result else 0.0,
-        "seconds_per_epoch": round(result.train_seconds / max(result.epochs_run, 1), 3) if result else 0.0,
-        "cpu_seconds_per_epoch": round(sum(r.cpu_seconds for r in result.history) / max(result.epochs_run, 1), 3) if result else 0.0,
-    }
-    write_json_atomic(out.path("training.json"), {"history": [asdict(r) for r in result.history] if result else []})
+        topk = schema.conform(seqrec.topk_frame(model, splits["test"], config.top_k, titles, config.eval_batch_size, device), "topk")
+        topk.write_parquet(out.path("topk.parquet"))
+        seqrec.save_recommender(model, out.partial_dir, config.model, max_len, seqrec.ModelSettings.from_config(config))
+        out.rows["topk"] = topk.height
+        valid_ndcg = result.best_valid if result else evaluator.evaluate(model)[VALID_METRIC]
+        out.stats = {
+            "model": config.model,
+            "split": "test",
+            "n_items": n_items,
+            "max_len": max_len,
+            "parameters": count_parameters(model) if is_trainable(model) else 0,
+            "epochs_run": result.epochs_run if result else 0,
+            "best_epoch": result.best_epoch if result else 0,
+            "stopped_early": result.stopped_early if result else False,
+            f"valid_{VALID_METRIC}": valid_ndcg,
+            "train_seconds": round(result.train_seconds, 2) if result else 0.0,
+            "seconds_per_epoch": round(result.train_seconds / max(result.epochs_run, 1), 3) if result else 0.0,
+            "cpu_seconds_per_epoch": round(sum(r.cpu_seconds for r in result.history) / max(result.epochs_run, 1), 3) if result else 0.0,
+        }
+        write_json_atomic(out.path("training.json"), {"history": [asdict(r) for r in result.history] if result else []})
+        tracker.summary(tracking.scalars(out.stats))
     plan.context["stats"] = out.stats  # as computed, before the manifest's JSON round trip
 
 
@@ -110,13 +112,16 @@ def report(plan: StagePlan, manifest: dict, cached: bool) -> None:
         print_table(f"baseline {name}", {k: v for k, v in plan.context["stats"].items() if k not in ("split",)})
 
 
-def _train(model, config: BaselineConfig, train: seqrec.SequenceData, evaluator: seqrec.RankingEvaluator, device: torch.device) -> seqrec.BaselineTrainResult:
+def _train(model, config: BaselineConfig, train: seqrec.SequenceData, evaluator: seqrec.RankingEvaluator, device: torch.device,
+           tracker: tracking.Tracker) -> seqrec.BaselineTrainResult:
     with progress_bar(TextColumn("{task.fields[status]}")) as progress:
         task = progress.add_task(f"train {config.model}", total=config.epochs, status="")
 
         def on_epoch(record: seqrec.EpochRecord) -> None:
             status = f"loss {record.loss:.4f}  valid {VALID_METRIC} {record.valid:.4f}  {record.seconds:.1f}s/epoch"
             progress.update(task, advance=1, status=status)
+            tracker.log(tracking.scalars({"train": {"loss": record.loss, "epoch_seconds": record.seconds},
+                                          "valid": {VALID_METRIC: record.valid}}), record.epoch)
 
         started = time.perf_counter()
         result = seqrec.Trainer(config, device).fit(model, train, lambda m: evaluator.evaluate(m)[VALID_METRIC], on_epoch)

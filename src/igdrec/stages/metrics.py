@@ -18,7 +18,7 @@ import polars as pl
 from rich.table import Table
 
 from igdrec import metrics as M
-from igdrec import options, schema
+from igdrec import options, schema, tracking
 from igdrec.config import MetricsConfig
 from igdrec.console import console, format_value
 from igdrec.errors import IgdrecError
@@ -49,6 +49,8 @@ def plan(config: MetricsConfig, run_dir: RunDir) -> StagePlan:
 
 def compute(plan: StagePlan, out: StageWriter) -> None:
     summary, per_sample = evaluate(plan.run, plan.context["source"], plan.config)
+    with plan.tracker() as tracker:
+        tracker.summary(tracking.scalars(summary))
     schema.conform(per_sample, "per_sample_metrics").write_parquet(out.path(PER_SAMPLE))
     write_json_atomic(out.path("metrics.json"), summary)
     out.rows["per_sample"] = per_sample.height

@@ -22,7 +22,7 @@ import polars as pl
 import torch
 from rich.progress import TextColumn
 
-from igdrec import checkpoints, distributed, flops, options, schema, training
+from igdrec import checkpoints, distributed, flops, options, schema, tracking, training
 from igdrec.config import SFTConfig
 from igdrec.console import console, err_console, print_table, progress_bar
 from igdrec.dropout import use_gap_dropout
@@ -242,26 +242,33 @@ def compute(plan: StagePlan, out: StageWriter) -> None:
     name, tokenizer, ig_manifest, world, device, precision, checkpoint_dir, train_data, valid_data, model = (
         plan.context[k] for k in ("name", "tokenizer", "ig_manifest", "world", "device", "precision", "checkpoint_dir",
                                   "train_data", "valid_data", "model"))
-    with progress_bar(TextColumn("{task.fields[info]}")) as progress:
+    tracked = None  # the scalars of --report-to, on rank 0
+    if world.is_main and config.report_to != [tracking.NONE]:
+        tracked = training.TrackedScalars(model, world.size, flops.measure_peak_flops(device))
+    with plan.tracker(main=world.is_main) as tracker, progress_bar(TextColumn("{task.fields[info]}")) as progress:
         task = progress.add_task(f"sft {name}", total=None, info="", visible=world.is_main)
 
-        def on_step(step: int, total: int, row: dict | None) -> None:
+        def on_step(done: training.StepDone) -> None:
+            row = next((r for r in done.rows if r["split"] == "train"), None)
             info = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}" if row else progress.tasks[task].fields["info"]
-            progress.update(task, completed=step, total=total, info=info)
+            progress.update(task, completed=done.step, total=done.total_steps, info=info)
+            if tracked is not None:
+                tracker.log(tracked(done), done.step)
 
         result = training.train(model, train_data, valid_data, config, precision, device, world, checkpoint_dir, on_step=on_step)
-    if world.is_main:
-        save_final_model(model, tokenizer, out.path("model"))
-        log = pl.DataFrame(result.log, schema_overrides={k: v for k, v in schema.TRAIN_LOG.items()}, strict=False)
-        schema.conform(log, "train_log").write_parquet(out.path("train_log.parquet"))
-        out.rows["train_log"] = len(result.log)
-        out.stats = summary(config, result, len(train_data), 0 if valid_data is None else len(valid_data), world, device)
-        out.stats["zero_ig_logged"] = ig_manifest is not None
-        out.stats["ig_group_threshold"] = train_data.ig_group_threshold
-        out.stats["ig_group_threshold_source"] = None if train_data.ig_group_threshold is None else ("config" if config.ig_group_threshold is not None else "median positive IG of the training targets")
-        out.stats["precision"] = precision.name
-        out.stats.update(utilisation(model, result, device, world))
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        if world.is_main:
+            save_final_model(model, tokenizer, out.path("model"))
+            log = pl.DataFrame(result.log, schema_overrides={k: v for k, v in schema.TRAIN_LOG.items()}, strict=False)
+            schema.conform(log, "train_log").write_parquet(out.path("train_log.parquet"))
+            out.rows["train_log"] = len(result.log)
+            out.stats = summary(config, result, len(train_data), 0 if valid_data is None else len(valid_data), world, device)
+            out.stats["zero_ig_logged"] = ig_manifest is not None
+            out.stats["ig_group_threshold"] = train_data.ig_group_threshold
+            out.stats["ig_group_threshold_source"] = None if train_data.ig_group_threshold is None else ("config" if config.ig_group_threshold is not None else "median positive IG of the training targets")
+            out.stats["precision"] = precision.name
+            out.stats.update(utilisation(model, result, device, world))
+            tracker.summary(tracking.scalars(out.stats))
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
 def report(plan: StagePlan, manifest: dict, cached: bool) -> None:
@@ -282,18 +289,17 @@ def _mean(rows: list[dict], split: str, key: str) -> float | None:
 IG_GROUP_COLUMNS = ("ce_zero_ig", "ce_low_ig", "ce_high_ig", "ce_positive_ig")
 
 
+ROUNDING = {"computed_tokens_per_second": 1, "model_tflops_per_second": 2, "peak_bf16_tflops": 1, "mfu": 4}
+
+
 def utilisation(model, result: training.TrainResult, device, world) -> dict:
     """Tokens the model computed per second and, on CUDA, model-FLOPs utilisation: the training FLOPs of
     `flops.model_flops` over the training seconds and the device's bf16 matmul rate (measured here)."""
     seconds = sum(r["seconds"] for r in result.log if r["split"] == "train")
-    tokens = result.computed_tokens * world.size  # ranks see equal shares
-    stats = {"computed_tokens": tokens, "computed_tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None}
-    peak = flops.measure_peak_flops(device)
-    if peak is not None and seconds > 0:
-        done = flops.model_flops(model, result.computed_tokens, result.attention_flops) * world.size
-        stats.update({"model_tflops_per_second": round(done / seconds / 1e12 / world.size, 2),
-                      "peak_bf16_tflops": round(peak / 1e12, 1), "mfu": round(done / seconds / world.size / peak, 4)})
-    return stats
+    measured = flops.rates(model, result.computed_tokens, result.attention_flops, seconds, world.size, flops.measure_peak_flops(device))
+    # ranks see equal shares
+    return ({"computed_tokens": result.computed_tokens * world.size, "computed_tokens_per_second": None}
+            | {k: round(v, ROUNDING[k]) for k, v in measured.items()})
 
 
 def summary(config: SFTConfig, result: training.TrainResult, n_train: int, n_valid: int, world, device) -> dict:
