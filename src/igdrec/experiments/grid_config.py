@@ -55,7 +55,7 @@ class GridConfig:
 _TOP_KEYS = {"scale", "description", "run_root", "datasets", "stages", "weightings", "selection", "rows", "tfa_guidance", "cost"}
 _DATASET_KEYS = {"preprocess", "stages", "weightings", "paper", "cost"}
 # The stages a grid's `stages:` sections configure (preprocess is set per dataset), in the order errors list them.
-_GRID_STAGES = ("build-ig-index", "sft", "decode", "rerank", "metrics", "baseline")
+_GRID_STAGES = ("build-ig-index", "sft", "decode", "search-errors", "rerank", "metrics", "baseline")
 # The rates and sizes estimate_seconds() reads (a misspelt one would silently leave its steps unestimated).
 _COST_KEYS = ("train_tokens_per_s", "tokens_per_sample", "cft_factor", "decode_s_per_sample",
               "train_samples", "valid_samples", "test_samples",
