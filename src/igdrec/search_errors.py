@@ -7,8 +7,9 @@ sample is then
 
   * a *hit*: the ground truth's title is among the returned hypotheses;
   * a *search error*: it is not, although its score beats the K-th (last) returned hypothesis' score, or the
-    search returned fewer than K hypotheses: an exact search would have returned it;
-  * a *model error*: its score is at most the K-th's: even an exact search would not have returned it;
+    search returned fewer than K hypotheses: the list is then provably not the K best under the search's own
+    scores (the search pruned the ground truth's path although it ends above a returned item);
+  * a *model error*: its score is at most the K-th's: an exact search (the K best) would not return it either;
   * *unreachable*: its title is not in the decoding catalog (or longer than the search may write), so no
     search over that catalog could return it.
 

@@ -410,8 +410,8 @@ def search_error_table(c: _Collected, out: Path) -> list[tuple[str, str]]:
             md += [f"## {ds.name}", "", _md_table(["Row", "split", "fine-tune", "α", "samples", "hit", "search error",
                                                   "model error", "unreachable"], rows), ""]
     md += ["Each sample's ground truth is scored teacher-forced with the decode's own model, α, length penalty and "
-           "step-score formula: *search error* = not returned although its score beats the K-th returned item's (an exact "
-           "search would have returned it), *model error* = not returned and scored at most the K-th's, *unreachable* = "
+           "step-score formula: *search error* = not returned although its score beats the K-th returned item's (the search "
+           "pruned it; the list is not the K best), *model error* = not returned and scored at most the K-th's, *unreachable* = "
            "not in the decoding catalog. Valid rows are the α candidates of the selection (on `selection.valid_limit` "
            "samples); the test row is the chosen α. Read from `<run>/search-errors/<decode>/stage.json`."]
     (out / "search_errors.md").write_text("\n".join(md) + "\n")
