@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 from igdrec import decoding, schema
 from igdrec import search_errors as S
 from igdrec.cli import app
-from igdrec.config import BaselineConfig, DecodeConfig, MetricsConfig, RerankConfig, SearchErrorsConfig
+from igdrec.config import BaselineConfig, DecodeConfig, RerankConfig, SearchErrorsConfig
 from igdrec.errors import IgdrecError
 from igdrec.rundir import StageWriter
-from igdrec.stages import decode, metrics, rerank, search_errors
+from igdrec.stages import decode, rerank, search_errors
 
 
 def decode_name(manifest: dict) -> str:
