@@ -485,12 +485,8 @@ class BeamSearch:
         token = torch.where(allowed, self.trie.token[child], 0)
         # a pre-fed row has exactly one allowed token, in column 0
         model_lp = torch.where(from_chain[:, None], chained, log_probs.gather(1, token))
-        step = model_lp
-        if self.alpha:
-            step = step * (1.0 - self.alpha * self.trie.ig_norm[child])
-        if mass is not None:
-            step = guided_step(step, tfa_log_share(mass[sample[:, None], child], allowed), self.tfa_guidance)
-        step = torch.where(allowed, step, NEG_INF)
+        child_mass = None if mass is None else mass[sample[:, None], child]
+        step = step_scores(model_lp, self.trie.ig_norm[child], allowed, self.alpha, child_mass, self.tfa_guidance)
         return _Candidates(token=token, node=child, step_score=step, model_lp=model_lp)
 
     def _best_continuations(self, beams: _Beams, candidates: _Candidates, t: int, T: int) -> _Top:
@@ -539,7 +535,7 @@ class BeamSearch:
         # --- finished hypotheses: EOS within the first K, while the sample can still improve
         new_fin = top.finishes & torch.isfinite(top.score) & beams.improvable[:, None]
         new_fin[:, K:] = False
-        fin_candidates = torch.where(new_fin, top.score / ((t + 1) ** self.length_penalty), NEG_INF)
+        fin_candidates = torch.where(new_fin, hypothesis_score(top.score, t + 1, self.length_penalty), NEG_INF)
         fin_scores, pick = torch.topk(torch.cat([beams.fin_scores, fin_candidates], dim=1), K, dim=1)
         pick3 = pick[:, :, None].expand(-1, -1, T)
 
@@ -656,6 +652,28 @@ class BeamSearch:
                 )
             )
         return out
+
+
+def step_scores(model_lp: torch.Tensor, ig_norm: torch.Tensor, allowed: torch.Tensor, alpha: float,
+                child_mass: torch.Tensor | None, guidance: float) -> torch.Tensor:
+    """The calibrated step score of each allowed child of a node (docs/method.md §6), -inf elsewhere.
+
+    (rows, children) tensors: the model's log p of each child's token, its IG~, whether it is allowed and,
+    with a text-free assistant, its mass Q (None without one). w_d = 1 − α·IG~ weighs log p; the assistant
+    then mixes in g·(llm − tfa) + tfa, its share taken over the allowed siblings. The search and the
+    teacher-forced scorer (igdrec.search_errors) both call this, so their scores agree by construction.
+    """
+    step = model_lp
+    if alpha:
+        step = step * (1.0 - alpha * ig_norm)
+    if child_mass is not None:
+        step = guided_step(step, tfa_log_share(child_mass, allowed), guidance)
+    return torch.where(allowed, step, NEG_INF)
+
+
+def hypothesis_score(total, length: int, length_penalty: float):
+    """A finished hypothesis' score S / L^lp: S its summed step scores, L its tokens (EOS included)."""
+    return total / (length ** length_penalty)
 
 
 def dead_nodes(trie: TrieTensors, exclude: Sequence[Sequence[int]]) -> torch.Tensor | None:

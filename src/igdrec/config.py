@@ -237,6 +237,19 @@ class DecodeConfig:
 
 
 @dataclass
+class SearchErrorsConfig:
+    """Search errors of a decode: its ground truths scored teacher-forced with the decode's own step scores, each
+    sample a hit, a search error or a model error (docs/method.md §6.8; <run>/search-errors/DECODE)."""
+
+    decode: str | None = option(None, "Name of a (constrained) decode in this run directory.", artifact=True)
+    batch_size: str | int = option("auto", "Sequences per forward pass (about two per sample), or auto as decode's.", key=False)
+    device: str = _device_option()
+
+    def check_fields(self) -> None:
+        parse_batch_size(self.batch_size)
+
+
+@dataclass
 class RerankConfig:
     """Turn beams into the final deduplicated top-K per sample (<run>/rerank/NAME)."""
 
@@ -334,6 +347,7 @@ STAGE_CONFIGS: dict[str, type] = {
     "baseline": BaselineConfig,
     "sft": SFTConfig,
     "decode": DecodeConfig,
+    "search-errors": SearchErrorsConfig,
     "rerank": RerankConfig,
     "metrics": MetricsConfig,
 }

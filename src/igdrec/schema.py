@@ -79,6 +79,11 @@ GROUNDING_EMBEDDINGS = {"item_id": pl.Int64, "title": pl.String, "embedding": pl
 # metrics: per evaluated sample, the rank of the first title match (null: none), then NDCG@K / HR@K columns and
 # the list's metrics.POPULARITY values (Float64, null for an empty list; absent from results made before them)
 PER_SAMPLE_METRICS = {"sample_id": pl.Int64, "match_rank": pl.Int32}
+# search-errors: per decoded sample, its class (hit | search_error | model_error | unreachable) and the
+# teacher-forced scores S / L^lp of its ground truth (null for a hit or unreachable one) and of the K-th
+# returned hypothesis (null when fewer than K came back), and the K-th's score as the decode reported it
+SEARCH_ERRORS = {"sample_id": pl.Int64, "class": pl.String, "gt_score": pl.Float64, "kth_score": pl.Float64,
+                 "kth_reported_score": pl.Float64}
 
 SCHEMAS = {
     "items": ITEMS,
@@ -91,6 +96,7 @@ SCHEMAS = {
     "train_log": TRAIN_LOG,
     "grounding_embeddings": GROUNDING_EMBEDDINGS,
     "per_sample_metrics": PER_SAMPLE_METRICS,
+    "search_errors": SEARCH_ERRORS,
 }
 
 

@@ -99,7 +99,7 @@ def test_every_option_that_names_an_artifact_carries_the_rule():
     named = {(cls.__name__, o.name) for cls in cfg.STAGE_CONFIGS.values() for o in options.options(cls) if o.artifact}
     assert named == {
         ("SFTConfig", "name"), ("DecodeConfig", "sft"), ("DecodeConfig", "name"), ("DecodeConfig", "tfa"),
-        ("RerankConfig", "decode"), ("RerankConfig", "name"), ("BaselineConfig", "name"),
+        ("RerankConfig", "decode"), ("RerankConfig", "name"), ("BaselineConfig", "name"), ("SearchErrorsConfig", "decode"),
         ("MetricsConfig", "rerank"), ("MetricsConfig", "baseline"), ("MetricsConfig", "name"),
     }
 
@@ -117,6 +117,7 @@ ABSOLUTE = "/tmp/igdrec-absolute-name"
         (["rerank", "--decode", "a", "--name", ABSOLUTE], f"--name '{ABSOLUTE}'"),
         (["rerank", "--decode", "a", "--name", "r\nx"], "--name 'r\\nx'"),
         (["metrics", "--rerank", "a", "--name", "../../x"], "--name '../../x'"),
+        (["search-errors", "--decode", "../data"], "--decode '../data'"),
         (["metrics", "--rerank", "a", "--name", "."], "--name '.'"),
         (["sft", "--name", "."], "--name '.'"),
         (["sft", "--name", ".."], "--name '..'"),

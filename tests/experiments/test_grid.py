@@ -23,6 +23,24 @@ def test_dry_run_before_the_run_has_nothing_cached_but_the_data(finished):
     assert before["(α chosen on valid)"] == "pending"
 
 
+def test_search_error_cells_add_steps_and_change_no_other_step(finished, monkeypatch):
+    """Only the D3 and +IGD rows' decodes get a search-errors step; every other step (path and config, hence its
+    cache key) is the plan's without them, so a grid run before them stays cached."""
+    _, config, plan, before = finished
+    scored = {(s.dataset, s.path, s.after) for r in plan.rows for c in [*r.candidates, *([r.fixed] if r.fixed else [])]
+              for s in c.steps if s.stage == "search-errors"}
+    assert {r.row for r in plan.rows if any(s.stage == "search-errors" for c in r.candidates for s in c.steps)
+            or (r.fixed and any(s.stage == "search-errors" for s in r.fixed.steps))} == set(table_rows.SEARCH_ERROR_ROWS)
+    assert all(path.replace("search-errors/", "decode/", 1) in after for _, path, after in scored)
+    assert any(path.startswith("search-errors/") for path in before)  # the dry run lists them
+    monkeypatch.setattr(planning, "SEARCH_ERROR_ROWS", [])
+    without = planning.plan_grid(grid_config.load_grid(config))
+
+    def steps(p):
+        return [(s.path, s.config) for r in p.rows for c in [*r.candidates, *([r.fixed] if r.fixed else [])] for s in c.steps]
+    assert steps(without) == [s for s in steps(plan) if not s[0].startswith("search-errors/")]
+
+
 def test_every_available_row_is_in_table1_and_equals_its_metrics_artifact(finished):
     tmp, _, plan, _ = finished
     rows = _csv(tmp / "grid" / "reports" / "table1.csv")
@@ -161,9 +179,10 @@ def test_a_killed_grid_resumes_without_redoing_finished_steps(monkeypatch, tmp_p
     monkeypatch.setattr(grid_run, "run_step", real_run_step)
     run = tmp_path / "grid" / "toy"
     finished = {p: p.stat().st_mtime_ns for p in run.rglob("stage.json")}
-    assert {p.parent.parent.name for p in finished if p.parent.parent != run} == {"sft", "decode"}
+    assert {p.parent.parent.name for p in finished if p.parent.parent != run} == {"sft", "decode", "search-errors"}
     states = {r["stage"]: r["state"] for r in dryrun.dry_run(plan)}
-    assert states == {"build-ig-index": "cached", "sft": "cached", "decode": "cached", "rerank": "to run", "metrics": "to run"}
+    assert states == {"build-ig-index": "cached", "sft": "cached", "decode": "cached", "search-errors": "cached",
+                      "rerank": "to run", "metrics": "to run"}
     grid_run.run_grid(plan, report=False)
     assert all(p.stat().st_mtime_ns == t for p, t in finished.items())
     assert {r["state"] for r in dryrun.dry_run(plan)} == {"cached"}

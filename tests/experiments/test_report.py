@@ -7,7 +7,7 @@ import json
 
 import pytest
 import yaml
-from grid_helpers import _csv
+from grid_helpers import ALPHAS, _csv
 from typer.testing import CliRunner
 
 from igdrec.cli import app
@@ -126,3 +126,25 @@ def test_report_renders_an_older_grid_whose_metrics_lack_a_printed_cut_off(finis
     assert d3_line.split(" | ")[1] == "—" and d3_line.split(" | ")[2] == f"{float(before['d3']['NDCG@10']):.4f}"
     beyond = {r["row"]: r for r in _csv(old / "reports" / "beyond_accuracy.csv")}
     assert beyond["d3"]["novelty"] == "" and beyond["d3"]["item_coverage"] != ""
+
+
+def test_search_error_table_has_every_alpha_candidate_and_the_test_decode(finished):
+    """Beyond the paper: the D3 and +IGD rows' search errors, read from each decode's search-errors artifact."""
+    tmp, _, plan, _ = finished
+    out = tmp / "grid" / "reports"
+    records = _csv(out / "search_errors.csv")
+    assert {r["row"] for r in records} == {"d3", "bigrec+igd", "d3+igd"}
+    for row in ("bigrec+igd", "d3+igd"):
+        valid = [r for r in records if r["row"] == row and r["split"] == "valid"]
+        assert sorted(float(r["alpha"]) for r in valid) == sorted(a for a in ALPHAS for _ in range(2))  # β 0.1 and 0.3
+        assert len([r for r in records if r["row"] == row and r["split"] == "test"]) == 1
+    for r in records:
+        stats = json.loads((tmp / "grid" / "toy" / "search-errors" / r["decode"] / "stage.json").read_text())["stats"]
+        assert float(r["search_error"]) == stats["rates"]["search_error"] and int(r["n_samples"]) == stats["n_samples"]
+        assert float(r["alpha"]) == stats["alpha"]
+        assert sum(float(r[c]) for c in ("hit", "search_error", "model_error", "unreachable")) == pytest.approx(1.0)
+    assert "Search errors by α" in (out / "search_errors.md").read_text()
+    readme = (out / "README.md").read_text()
+    assert "search_errors.md" in readme
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "toy-search-errors-vs-alpha.png").stat().st_size > 1000 and "toy-search-errors-vs-alpha.png" in readme

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("config",),  # the stage configs, over the option machinery that names no stage
     ("schema", "assets", "rundir", "sources", "prompt", "ig", "weighting", "dropout", "fused_lora", "modeling",
      "assistant", "beam", "distributed", "precision", "checkpoints", "flops", "schedule", "sft_data", "sft_loss",
-     "training", "decoding", "seqrec", "metrics", "reranking", "explain", "listing", "tracking"),
+     "training", "decoding", "search_errors", "seqrec", "metrics", "reranking", "explain", "listing", "tracking"),
     ("runner",),
     ("stages",),
     ("experiments.rows",),

@@ -76,7 +76,8 @@ def dry_run(plan: Plan) -> list[dict]:
         if test is not None:
             add(test, row, "test", {})
         else:
-            rows.append({"dataset": row.dataset, "row": row.row, "role": "test", "stage": "decode+rerank+metrics",
+            stages = [s.stage for s in row.candidates[0].steps]
+            rows.append({"dataset": row.dataset, "row": row.row, "role": "test", "stage": "+".join(stages[stages.index("decode"):]),
                          "path": f"({selected_over(row)} chosen on valid)", "state": "pending",
                          "estimate_s": pending_test_estimate(row, plan.grid), "note": None})
     return rows

@@ -111,3 +111,16 @@ def metric_vs_alpha(curves: dict[str, list[tuple[float, float]]], path: Path, da
     _label(ax, "decoding calibration α (w_d = 1 − α·IG~)", f"{metric} on the validation samples", f"{dataset}: {metric} against α (validation)")
     _save(fig, path)
     return f"{dataset}: validation {metric} of each α candidate; the best one (earliest on ties) is the α decoded on test."
+
+
+def search_errors_vs_alpha(curves: dict[str, list[tuple[float, float]]], path: Path, dataset: str) -> str:
+    """Search-error rate against the decoding calibration α, one line per row, split and fine-tune."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for label, points in curves.items():
+        points = sorted(points)
+        ax.plot([a for a, _ in points], [v for _, v in points], "-o", markersize=4, label=label)
+    _label(ax, "decoding calibration α (w_d = 1 − α·IG~)", "search-error rate", f"{dataset}: search errors against α")
+    _save(fig, path)
+    return (f"{dataset}: share of samples whose ground truth beam search lost although it scores above the K-th "
+            "returned item (docs/method.md §6.8), per α; valid lines are the selection's candidates, test the chosen α.")

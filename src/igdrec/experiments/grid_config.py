@@ -19,7 +19,7 @@ GRID_STATE = "grid.json"  # in the run root: wall time per phase, when the grid 
 CONFIG_COPY = "grid-config.yaml"  # in the run root: the grid config it was run with
 WEIGHTINGS = cfg.WEIGHTINGS
 # The stages a grid's `stages:` sections configure (preprocess is set per dataset), in the order errors list them.
-_GRID_STAGES = ("build-ig-index", "sft", "decode", "rerank", "metrics", "baseline")
+_GRID_STAGES = ("build-ig-index", "sft", "decode", "search-errors", "rerank", "metrics", "baseline")
 # The cut-offs the report's tables print (report.py); a grid whose metrics lack one is refused before it runs.
 REPORT_METRICS = ("NDCG@5", "NDCG@10", "HR@5", "HR@10")
 ALL_ROWS = "all"
@@ -49,6 +49,7 @@ class CostSection:
     build_ig_index_overhead_s: float | None = _overhead("build-ig-index")
     sft_overhead_s: float | None = _overhead("sft")
     decode_overhead_s: float | None = _overhead("decode")
+    search_errors_overhead_s: float | None = _overhead("search-errors")
     rerank_overhead_s: float | None = _overhead("rerank")
     metrics_overhead_s: float | None = _overhead("metrics")
     baseline_overhead_s: float | None = _overhead("baseline")

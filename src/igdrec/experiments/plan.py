@@ -19,7 +19,7 @@ from igdrec import config as cfg
 from igdrec import options
 from igdrec.errors import IgdrecError
 from igdrec.experiments.grid_config import CONFIG_COPY, Dataset, GridConfig, load_grid
-from igdrec.experiments.rows import ROWS
+from igdrec.experiments.rows import ROWS, SEARCH_ERROR_ROWS
 from igdrec.stages.sft import default_name as sft_default_name
 
 
@@ -119,6 +119,9 @@ class _Planner:
             steps.append(self.baseline_step(tfa))
         after = ("data", "ig", sft_step.path) + ((f"baseline/{tfa}",) if tfa else ())
         steps.append(self.step("decode", f"decode/{name}", decode_values, after))
+        if row in SEARCH_ERROR_ROWS:  # a step of its own: the cell's other steps keep their paths and cache keys
+            values = {**self.ds.stages.get("search-errors", {}), "decode": name}
+            steps.append(self.step("search-errors", f"search-errors/{name}", values, (f"decode/{name}",)))
         steps.append(self.step("rerank", f"rerank/{name}", {**self.ds.stages.get("rerank", {}), "decode": name, "name": name}, (f"decode/{name}",)))
         steps.append(self.step("metrics", f"metrics/{name}", {**self.ds.stages.get("metrics", {}), "rerank": name, "name": name}, (f"rerank/{name}",)))
         beta = sft_step.config.beta if sft_step.config.weighting != "plain" else None

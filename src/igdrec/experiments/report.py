@@ -18,7 +18,7 @@ import polars as pl
 from igdrec import schema
 from igdrec.experiments.grid_config import CONFIG_COPY, GRID_STATE, REPORT_METRICS, WEIGHTINGS, GridConfig
 from igdrec.experiments.plan import Cell, Plan, RowPlan, fine_tunes
-from igdrec.experiments.rows import IMPROVEMENTS, ROWS, TABLE1_ROWS, TABLE2_ROWS
+from igdrec.experiments.rows import IMPROVEMENTS, ROWS, SEARCH_ERROR_ROWS, TABLE1_ROWS, TABLE2_ROWS
 from igdrec.experiments.select import choose, resolve_test_cell
 from igdrec.console import console, err_console
 from igdrec.errors import IgdrecError
@@ -406,6 +406,63 @@ def figures(c: _Collected, out: Path) -> tuple[list[tuple[str, str]], str | None
     return made, None
 
 
+def _search_error_stats(cell: Cell) -> dict | None:
+    """The stats of the cell's search-errors step, if it has one and it finished."""
+    step = next((s for s in cell.steps if s.stage == "search-errors"), None)
+    manifest = RunDir(step.run_dir).manifest(step.path) if step else None
+    return manifest["stats"] if manifest else None
+
+
+def search_error_table(c: _Collected, out: Path) -> list[tuple[str, str]]:
+    """Beyond the paper: search-error rates by α of the SEARCH_ERROR_ROWS (every α candidate on valid, the
+    chosen α on test; docs/method.md §6.8), as search_errors.md/.csv and one figure per dataset."""
+    records = []
+    md = ["# Search errors by α (beyond the paper)", ""]
+    for ds in c.plan.grid.datasets:
+        rows = []
+        for row in SEARCH_ERROR_ROWS:
+            key = (ds.name, row)
+            if key not in c.by_key:
+                continue
+            plan = c.by_key[key]
+            test = c.cell(*key)
+            for cell in [*plan.candidates, *([test] if test is not None else [])]:
+                stats = _search_error_stats(cell)
+                if stats is None:
+                    continue
+                rates = stats["rates"]
+                record = {"dataset": ds.name, "row": row, "method": ROWS[row]["label"], "split": cell.split,
+                          "sft": cell.candidate["sft"], "alpha": cell.candidate["alpha"], "n_samples": stats["n_samples"],
+                          "num_beams": stats["num_beams"]} | rates | {"decode": cell.metrics}
+                records.append(record)
+                rows.append([f"{row} ({record['method']})", cell.split, record["sft"], f"{record['alpha']:g}", str(record["n_samples"]),
+                             _f(rates["hit"]), _f(rates["search_error"]), _f(rates["model_error"]), _f(rates["unreachable"])])
+        if rows:
+            md += [f"## {ds.name}", "", _md_table(["Row", "split", "fine-tune", "α", "samples", "hit", "search error",
+                                                  "model error", "unreachable"], rows), ""]
+    md += ["Each sample's ground truth is scored teacher-forced with the decode's own model, α, length penalty and "
+           "step-score formula: *search error* = not returned although its score beats the K-th returned item's (the search "
+           "pruned it; the list is not the K best), *model error* = not returned and scored at most the K-th's, *unreachable* = "
+           "not in the decoding catalog. Valid rows are the α candidates of the selection (on `selection.valid_limit` "
+           "samples); the test row is the chosen α. Read from `<run>/search-errors/<decode>/stage.json`."]
+    (out / "search_errors.md").write_text("\n".join(md) + "\n")
+    _write_csv(out / "search_errors.csv", records)
+    made = []
+    try:
+        from igdrec.experiments import figures as F
+
+        for ds in c.plan.grid.datasets:
+            curves: dict[str, list[tuple[float, float]]] = {}
+            for r in (r for r in records if r["dataset"] == ds.name):
+                curves.setdefault(f"{r['row']} ({r['split']}, sft {r['sft']})", []).append((r["alpha"], r["search_error"]))
+            if curves:
+                name = f"{ds.name}-search-errors-vs-alpha.png"
+                made.append((name, F.search_errors_vs_alpha(curves, out / name, ds.name)))
+    except IgdrecError:
+        pass  # matplotlib missing: figures() has said so, the table is written
+    return made
+
+
 def _sizes(grid: GridConfig) -> list[str]:
     lines = []
     for ds in grid.datasets:
@@ -436,7 +493,8 @@ def readme(c: _Collected, out: Path, made: list[tuple[str, str]], figure_error: 
              "novelty of Table 1's rows' lists",
              "- [table2.md](table2.md) / table2.csv: ablation on the D3 base",
              "- [table3.md](table3.md) / table3.csv: training time relative to plain fine-tuning",
-             "- [table4.md](table4.md) / table4.csv: dataset and IG statistics", "",
+             "- [table4.md](table4.md) / table4.csv: dataset and IG statistics",
+             "- [search_errors.md](search_errors.md) / search_errors.csv: search-error rates by α (beyond the paper)", "",
              "## How the numbers were chosen", "",
              f"- α, and the fine-tune where a weighting lists candidates (IGD β, Pos β, CFT β × α), are chosen on the "
              f"**validation** split by {grid.selection.metric}: every candidate "
@@ -480,6 +538,7 @@ def write_reports(plan: Plan) -> Path:
     table3(collected, out)
     table4(collected, out)
     made, figure_error = figures(collected, out)
+    made += search_error_table(collected, out)
     if figure_error:
         err_console.print(f"[yellow]note:[/] {figure_error}")
     readme(collected, out, made, figure_error)

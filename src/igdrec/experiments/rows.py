@@ -23,3 +23,6 @@ ROWS: dict[str, dict] = {
 TABLE1_ROWS = ["gru4rec", "sasrec", "bigrec", "bigrec+pos", "bigrec+cft", "bigrec+igd", "d3", "d3+pos", "d3+cft", "d3+igd", "d3+tfa"]
 TABLE2_ROWS = [("IGD", "d3+igd"), ("w/o w_d", "d3+igd-no-wd"), ("w/o w_t", "d3+igd-no-wt"), ("w/o both", "d3")]
 IMPROVEMENTS = [("bigrec", "bigrec+igd"), ("d3", "d3+igd")]  # (base, +IGD): the Improvement rows
+# Beyond the paper: the rows whose decodes (every α candidate on valid, the chosen α on test) are also scored
+# for search errors (docs/method.md §6.8), the report's search-error table and figure.
+SEARCH_ERROR_ROWS = ["d3", "bigrec+igd", "d3+igd"]

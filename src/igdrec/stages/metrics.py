@@ -18,7 +18,7 @@ import polars as pl
 from rich.table import Table
 
 from igdrec import metrics as M
-from igdrec import options, schema, tracking
+from igdrec import options, schema, search_errors, tracking
 from igdrec.config import MetricsConfig
 from igdrec.console import console, format_value
 from igdrec.errors import IgdrecError
@@ -64,6 +64,12 @@ def report(plan: StagePlan, manifest: dict, cached: bool) -> None:
     summary = json.loads(run.artifact(f"metrics/{name}", "metrics.json").read_text()) if cached else plan.context["summary"]
     write_json_atomic(run.stage_dir("metrics") / f"{name}.json", summary)
     _print_summary(name, summary, plan.config.ks)
+    source = plan.context["source"]
+    if source.kind == "rerank":  # the decode's search errors, where `igdrec search-errors` scored this very decode
+        decode = source.labels["decode"]
+        found = run.manifest(f"search-errors/{decode}")
+        if found is not None and found.get("inputs", {}).get("decode") == source.inputs["decode"]:
+            console.print(search_errors.rates_line(decode, found["stats"]), soft_wrap=True)
 
 
 def list_length_bounds(rerank: dict, decode: dict) -> dict[str, int]:
