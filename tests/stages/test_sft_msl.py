@@ -4,12 +4,14 @@ import json
 
 import polars as pl
 import pytest
+import torch
 from cli_helpers import one_line_error
 from ig_helpers import publish_ig_stage
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fixtures import synthetic_run
-from igdrec import schema
+from igdrec import checkpoints, schema, weighting
 from igdrec.cli import app
 from igdrec.config import IGIndexConfig, SFTConfig
 from igdrec.errors import IgdrecError
@@ -53,3 +55,33 @@ def test_msl_needs_the_index_and_its_trie(tiny_model_dir, tmp_path):
                                       "--valid-sample", "0", "--batch-size", "4", "--max-steps", "1", "--run-dir", str(run.root)])
     one_line_error(result, "ig/trie_nodes.parquet: missing from the IG index; rebuild it with `igdrec build-ig-index --force`")
     assert not run.stage_dir("sft").exists()
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_restores_the_adaptive_temperature(run_with_index, tiny_model_dir, tmp_path, monkeypatch):
+    """Killed after the step-2 checkpoint and resumed: the same τ and weights as an uninterrupted run. A floor
+    below the authors' 1.5 lets τ move on the random tiny model, so a resume that lost τ would differ."""
+    monkeypatch.setattr(weighting.AdaptiveTemperature, "LOW", 0.01)
+    cfg = dict(model=str(tiny_model_dir), weighting="msl", sample=24, valid_sample=0, batch_size=8, micro_batch_size=4,
+               epochs=2, warmup_steps=1, lr=2e-3, save_every=2, lora_dropout=0.0)
+    reference = sft.run(SFTConfig(name="msl-reference", **cfg), run_with_index)["stats"]["msl_temperature"]
+    assert reference != 1.5
+    real_save = checkpoints.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        raise Killed
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        sft.run(SFTConfig(name="msl-resumed", **cfg), run_with_index)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
+    resumed = sft.run(SFTConfig(name="msl-resumed", resume=True, **cfg), run_with_index)["stats"]["msl_temperature"]
+    assert resumed == pytest.approx(reference, rel=1e-6)
+    expected = load_file(run_with_index.stage_dir("sft/msl-reference") / "model" / "adapter_model.safetensors")
+    got = load_file(run_with_index.stage_dir("sft/msl-resumed") / "model" / "adapter_model.safetensors")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
