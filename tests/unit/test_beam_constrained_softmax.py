@@ -13,6 +13,7 @@ from igdrec.beam import BeamSearch, TrieTensors
 from igdrec.config import DecodeConfig
 from igdrec.errors import IgdrecError
 from igdrec.modeling import load_model, load_tokenizer
+from igdrec.stages import decode
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +112,6 @@ def test_the_option_needs_a_constrained_search_and_stays_out_of_default_keys():
                                "(drop --unconstrained)")
     assert "constrained_softmax" not in options.key_params(DecodeConfig(sft="x"))
     assert options.key_params(DecodeConfig(sft="x", constrained_softmax=True))["constrained_softmax"] is True
+    # its decodes get a name of their own, so they never meet a plain decode of the same settings
+    assert decode.default_name("m", DecodeConfig(constrained_softmax=True)) == "m-test-b10-lp1-a0-cs"
+    assert decode.default_name("m", DecodeConfig()) == "m-test-b10-lp1-a0"
