@@ -148,13 +148,13 @@ class SFTExamples:
             zero = None if flags is None else torch.as_tensor(flags, dtype=torch.bool)
             target_seqs.append(target)
             scheme = "plain" if self.scheme == "igd" and zero is None else self.scheme
-            choice = None
-            if self.trie is not None:
+            choice, weight_zero = None, zero
+            if self.trie is not None:  # outside the catalog: no choice, so weight 0 whatever the flags
                 nodes = self.target_nodes[i]
-                choice = torch.zeros(len(target), dtype=torch.bool) if nodes is None else torch.as_tensor(
-                    self.trie.child_count[self.trie.parent[nodes]] > 1)
-                zero = torch.zeros(len(target), dtype=torch.bool) if zero is None else zero
-            weight_rows.append(weighting.token_weights(scheme, len(target), self.beta, zero, choice))
+                none = torch.zeros(len(target), dtype=torch.bool)
+                choice = none if nodes is None else torch.as_tensor(self.trie.child_count[self.trie.parent[nodes]] > 1)
+                weight_zero = none if zero is None else zero
+            weight_rows.append(weighting.token_weights(scheme, len(target), self.beta, weight_zero, choice))
             zero_rows.append(zero)
             values = None if self.ig is None or zero is None or self.ig_group_threshold is None else self.ig[i]
             high_rows.append(None if values is None else ~zero & torch.as_tensor(np.asarray(values) > self.ig_group_threshold))
@@ -186,7 +186,6 @@ class SFTExamples:
             p = shared_prefix_len(ref, [len(self.reference_prompt_ids)] * len(ref))
             batch.ref_prefix_ids = torch.as_tensor(ref[0][:p])[None] if p > 0 else None
         return batch
-
 
     def _allowed_pairs(self, rows: Sequence[int], m: int, targets: torch.Tensor) -> torch.Tensor:
         """MSL: the (2, K) pairs (flat position b·m + j, token) of every trie child of each target token's

@@ -180,3 +180,18 @@ def test_msl_weights_need_the_choice_flags():
     assert weighting.token_weights("msl", 3, 0.1, choice=choice).tolist() == [1.0, 0.0, 1.0]
     zero = torch.tensor([True, True, False])
     assert weighting.token_weights("msl-igd", 3, 0.1, zero, choice).tolist() == pytest.approx([0.1, 0.0, 1.0])
+
+
+@pytest.mark.parametrize("scheme", ["msl", "msl-igd"])
+def test_a_target_outside_the_catalog_is_left_unlabelled_with_unknown_ig(setup, scheme):
+    """A validation target the trie cannot spell (`--catalog train`): no label, no weight, no IG flags."""
+    data = examples(setup, scheme)
+    data.target_nodes = list(data.target_nodes)
+    data.zero_ig = list(data.zero_ig)
+    data.target_nodes[ROWS[1]] = data.zero_ig[ROWS[1]] = None
+    batch = data.collate(ROWS)
+    assert torch.all(batch.targets[1] == weighting.IGNORE) and torch.all(batch.weights[1] == 0)
+    assert not batch.positive_ig[1].any() and not batch.zero_ig[1].any()
+    m = batch.targets.shape[1]
+    assert not ((batch.allowed[0] >= m) & (batch.allowed[0] < 2 * m)).any()
+    assert torch.all(batch.targets[0] == examples(setup, scheme).collate(ROWS).targets[0])

@@ -1,11 +1,11 @@
 """Stage `sft`: fine-tune the LLM to write the next item's title, with plain, Pos, CFT, IGD or MSL objectives.
 
 Reads <run>/data (items, train, valid) and, when present, <run>/ig (per-sample zero-IG flags and IG values:
-the flags are required by IGD, and MSL masks with the index's catalog trie; every scheme uses both to log the CE of zero-, low- and high-IG target tokens,
-split at `ig_group_threshold`, by default the median positive IG of the training targets used). Writes <run>/sft/<name>/:
-`model/` (Hugging Face format: full weights, or the LoRA adapter naming its base model, plus the tokenizer),
-`train_log.parquet` and `stage.json`. Under `torchrun --nproc_per_node=N` it trains data-parallel; only rank
-0 writes.
+the flags are required by IGD, and MSL masks with the index's catalog trie; every scheme uses both to log the
+CE of zero-, low- and high-IG target tokens, split at `ig_group_threshold`, by default the median positive IG
+of the training targets used). Writes <run>/sft/<name>/: `model/` (Hugging Face format: full weights, or the
+LoRA adapter naming its base model, plus the tokenizer), `train_log.parquet` and `stage.json`. Under
+`torchrun --nproc_per_node=N` it trains data-parallel; only rank 0 writes.
 
 Early stopping validates on the weighted objective of the scheme (for CFT including the causal term), the
 loss the model is trained on. The cache key holds the IG index's fingerprint whenever the index is used,
