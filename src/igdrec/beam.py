@@ -236,7 +236,8 @@ class _Top:
 
 
 # The decode options a BeamSearch takes as they are: DecodeConfig declares (and defaults) them, see there.
-SEARCH_OPTIONS = ("num_beams", "length_penalty", "alpha", "max_new_tokens", "jump_forward", "jump_fill", "tfa_guidance")
+SEARCH_OPTIONS = ("num_beams", "length_penalty", "alpha", "max_new_tokens", "jump_forward", "jump_fill", "tfa_guidance",
+                  "constrained_softmax")
 
 
 @dataclass
@@ -255,6 +256,7 @@ class BeamSearch:
     jump_forward: bool
     jump_fill: float
     tfa_guidance: float  # g in D3's g·(llm − tfa) + tfa, used when search() gets assistant_probs
+    constrained_softmax: bool  # normalise each step over the node's trie children (MSL fine-tunes; docs/method.md §6.8)
     # Encode the token prefix every prompt of a batch starts with (the prompt template's instruction, about a
     # third of an ml-100k prompt) once, and keep it for later batches that start with it too.
     share_prefix: bool
@@ -478,13 +480,17 @@ class BeamSearch:
         offset = torch.arange(M, device=count.device)
         allowed = offset[None, :] < count[:, None]
         child = torch.where(allowed, self.trie.child_start[flat_node][:, None] + offset, 0)
+        children_lp = log_probs.gather(1, torch.where(allowed, self.trie.token[child], 0))
+        if self.constrained_softmax:  # over the node's children, before exclusions; a forced token scores 0
+            norm = torch.logsumexp(children_lp.masked_fill(~allowed, NEG_INF), dim=1, keepdim=True)
+            children_lp, chained = children_lp - torch.where(torch.isfinite(norm), norm, 0.0), torch.zeros_like(chained)
         sample = beams.sample_of.repeat_interleave(beams.running.shape[1])
         if dead is not None:
             key = sample[:, None] * len(self.trie.child_count) + child
             allowed &= dead[torch.searchsorted(dead, key).clamp(max=len(dead) - 1)] != key
         token = torch.where(allowed, self.trie.token[child], 0)
         # a pre-fed row has exactly one allowed token, in column 0
-        model_lp = torch.where(from_chain[:, None], chained, log_probs.gather(1, token))
+        model_lp = torch.where(from_chain[:, None], chained, children_lp)
         child_mass = None if mass is None else mass[sample[:, None], child]
         step = step_scores(model_lp, self.trie.ig_norm[child], allowed, self.alpha, child_mass, self.tfa_guidance)
         return _Candidates(token=token, node=child, step_score=step, model_lp=model_lp)

@@ -28,7 +28,10 @@ EMBEDDED_MODEL = "smollm2-135m"
 # The word lists of the options, written here only: the libraries import them from this module (which
 # stays free of torch and polars, so `igdrec --help` loads neither); tests/repo/test_written_once.py.
 SOURCES = ("ml-100k", "recbole", "amazon2018", "amazon2023", "d3-csv", "interactions")  # module igdrec.sources.<name without '-'>
-WEIGHTINGS = ("plain", "pos", "cft", "igd")
+WEIGHTINGS = ("plain", "pos", "cft", "igd", "msl", "msl-igd")
+# MSL (docs/method.md §5.1): the softmax of every target position over its trie-valid next tokens only;
+# msl-igd adds IGD's β on the zero-IG tokens. Both need the IG index (its trie), as IGD does.
+MSL_WEIGHTINGS = ("msl", "msl-igd")
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
 LR_SCHEDULES = ("cosine", "linear")
 BASELINE_MODELS = ("sasrec", "gru4rec", "pop")
@@ -127,12 +130,14 @@ class IGIndexConfig:
 
 @dataclass
 class SFTConfig:
-    """Fine-tune the LLM on next-item titles with plain, Pos, CFT or IGD token weights (<run>/sft/NAME)."""
+    """Fine-tune the LLM on next-item titles with plain, Pos, CFT, IGD or MSL objectives (<run>/sft/NAME)."""
 
-    weighting: str = option("igd", "Token weighting (docs/method.md §5).", choices=WEIGHTINGS)
-    beta: float = option(0.1, "Means two things by --weighting: igd = the weight of target tokens whose IG is 0 "
+    weighting: str = option("igd", "Token weighting and loss (docs/method.md §5): plain, pos, cft, igd; msl = the "
+                                   "masked softmax loss (trie-valid tokens only, adaptive temperature; §5.1), msl-igd "
+                                   "= msl with igd's β on zero-IG tokens.", choices=WEIGHTINGS)
+    beta: float = option(0.1, "Means two things by --weighting: igd, msl-igd = the weight of zero-IG target tokens "
                               "(w_t, docs/method.md §5); pos and cft = the weight of the last target token.",
-                         min=0.0, max=1.0, only=lambda c: c.weighting != "plain")
+                         min=0.0, max=1.0, only=lambda c: c.weighting not in ("plain", "msl"))
     # Named apart from decode's --alpha (IGD's decoding calibration); cached results key it as "alpha".
     cft_alpha: float = option(0.0, "CFT: weight α of the causal loss term (docs/method.md §5); not decode's --alpha.",
                               min=0.0, only={"weighting": "cft"}, key_name="alpha", renamed_from="alpha")
@@ -220,6 +225,11 @@ class DecodeConfig:
     constrained: bool = option(True, "Constrain beams to catalog titles, or generate freely (then rerank --grounding).",
                                flags="--constrained/--unconstrained")
     max_new_tokens: int | None = option(None, "Unconstrained: most tokens generated (default: the longest catalog title).", min=1)
+    # Off: the step log-probabilities are normalised over the whole vocabulary, as `generate` with a masking
+    # processor does; inert (out of the key) when off, so earlier decodes stay cached.
+    constrained_softmax: bool = option(
+        False, "Normalise each step's probabilities over the allowed trie children before scoring, the softmax an MSL "
+        "fine-tune was trained with (docs/method.md §6.8).", only=lambda c: c.constrained_softmax)
     tfa: str | None = option(None, "D3 text-free assistant inside the search: a baseline of this run (<run>/baseline/NAME); "
                                    "docs/method.md §6.4.", artifact=True)
     tfa_guidance: float = option(
@@ -229,6 +239,9 @@ class DecodeConfig:
 
     def check_fields(self) -> None:
         parse_batch_size(self.batch_size)
+        if self.constrained_softmax and not self.constrained:
+            raise IgdrecError("--constrained-softmax normalises over the trie's children: it needs a constrained search "
+                              "(drop --unconstrained)")
         if self.tfa is not None and not self.constrained:
             raise IgdrecError("--tfa scores catalog items: it needs a constrained search (drop --unconstrained)")
         if self.tfa is not None and self.tfa_guidance == 1.0:

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 from igdrec import weighting
+from igdrec.config import MSL_WEIGHTINGS
+from igdrec.ig import CatalogTrie
 from igdrec.prompt import encode_prompt, encode_sample, shared_prefix_len
 
 
@@ -34,6 +36,7 @@ class Batch:
     positive_ig: torch.Tensor  # (B, m) target token has IG > 0 (False where unknown or padding)
     high_ig: torch.Tensor  # (B, m) positive IG above the group threshold (low IG = positive_ig & ~high_ig)
     prefix_ids: torch.Tensor | None = None  # (1, p) tokens every row starts with (see `shared_prefix_len`)
+    allowed: torch.Tensor | None = None  # MSL: (2, K) pairs (flat target position b·m + j, trie-valid token)
     ref_input_ids: torch.Tensor | None = None  # CFT reference prompt + target, left-padded
     ref_attention_mask: torch.Tensor | None = None
     ref_prefix_ids: torch.Tensor | None = None
@@ -69,6 +72,9 @@ class SFTExamples:
     target outside the index's catalog (IGD then weighs that sample's tokens 1, as nothing marks them forced).
     `ig[i]` holds the same tokens' IG values (same None pattern); a positive-IG token is "high" when its IG
     exceeds `ig_group_threshold` and "low" otherwise (docs/method.md §5, the CE-by-IG-group logs).
+    MSL schemes take the catalog `trie` and `target_nodes[i]`, the trie nodes after each of sample i's target
+    tokens (None outside the catalog: MSL has no softmax for a target the trie cannot spell, so such a
+    validation sample is left unlabelled).
     """
 
     def __init__(
@@ -87,9 +93,13 @@ class SFTExamples:
         ig: Sequence[np.ndarray | None] | None = None,
         ig_group_threshold: float | None = None,
         sample_ids: Sequence[int] | None = None,  # named in errors (default: the row)
+        trie: CatalogTrie | None = None,
+        target_nodes: Sequence[np.ndarray | None] | None = None,
     ):
-        if scheme == "igd" and zero_ig is None:
+        if scheme in ("igd", "msl-igd") and zero_ig is None:
             raise ValueError("IGD weighting needs zero-IG flags")
+        if scheme in MSL_WEIGHTINGS and (trie is None or target_nodes is None):
+            raise ValueError("MSL needs the catalog trie and the target tokens' trie nodes")
         self.tokenizer = tokenizer
         self.histories = histories
         self.targets = targets
@@ -103,6 +113,8 @@ class SFTExamples:
         self.ig = ig
         self.ig_group_threshold = ig_group_threshold
         self.sample_ids = sample_ids
+        self.trie = trie if scheme in MSL_WEIGHTINGS else None
+        self.target_nodes = target_nodes
         self.reference_prompt_ids = encode_prompt(tokenizer, [], category, None)[0] if with_reference else None
         self._encoded: dict[int, tuple[np.ndarray, int]] = {}
 
@@ -136,7 +148,13 @@ class SFTExamples:
             zero = None if flags is None else torch.as_tensor(flags, dtype=torch.bool)
             target_seqs.append(target)
             scheme = "plain" if self.scheme == "igd" and zero is None else self.scheme
-            weight_rows.append(weighting.token_weights(scheme, len(target), self.beta, zero))
+            choice, weight_zero = None, zero
+            if self.trie is not None:  # outside the catalog: no choice, so weight 0 whatever the flags
+                nodes = self.target_nodes[i]
+                none = torch.zeros(len(target), dtype=torch.bool)
+                choice = none if nodes is None else torch.as_tensor(self.trie.child_count[self.trie.parent[nodes]] > 1)
+                weight_zero = none if zero is None else zero
+            weight_rows.append(weighting.token_weights(scheme, len(target), self.beta, weight_zero, choice))
             zero_rows.append(zero)
             values = None if self.ig is None or zero is None or self.ig_group_threshold is None else self.ig[i]
             high_rows.append(None if values is None else ~zero & torch.as_tensor(np.asarray(values) > self.ig_group_threshold))
@@ -156,15 +174,38 @@ class SFTExamples:
                 positive_ig[row, m - n:] = ~zero
             if high is not None:
                 high_ig[row, m - n:] = high
+        allowed = None
+        if self.trie is not None:
+            allowed = self._allowed_pairs(rows, m, targets)
         p = shared_prefix_len(sequences, prompt_lens)
         batch = Batch(input_ids, attention_mask, targets, weights, zero_ig, positive_ig, high_ig,
-                      prefix_ids=torch.as_tensor(sequences[0][:p])[None] if p > 0 else None)
+                      prefix_ids=torch.as_tensor(sequences[0][:p])[None] if p > 0 else None, allowed=allowed)
         if self.reference_prompt_ids is not None:
             ref = [np.asarray(self.reference_prompt_ids + list(t), dtype=np.int64) for t in target_seqs]
             batch.ref_input_ids, batch.ref_attention_mask = left_pad(ref, self.tokenizer.pad_token_id)
             p = shared_prefix_len(ref, [len(self.reference_prompt_ids)] * len(ref))
             batch.ref_prefix_ids = torch.as_tensor(ref[0][:p])[None] if p > 0 else None
         return batch
+
+    def _allowed_pairs(self, rows: Sequence[int], m: int, targets: torch.Tensor) -> torch.Tensor:
+        """MSL: the (2, K) pairs (flat position b·m + j, token) of every trie child of each target token's
+        parent node, gathered from the trie's CSR arrays in one pass. A row whose target is outside the
+        catalog is made unlabelled (IGNORE) in `targets`."""
+        trie, positions, parents = self.trie, [], []
+        for row, i in enumerate(rows):
+            nodes = self.target_nodes[i]
+            if nodes is None:
+                targets[row] = weighting.IGNORE
+                continue
+            positions.append(row * m + m - len(nodes) + np.arange(len(nodes)))
+            parents.append(trie.parent[nodes])
+        if not positions:
+            return torch.zeros((2, 0), dtype=torch.long)
+        position, parent = np.concatenate(positions), np.concatenate(parents)
+        count = trie.child_count[parent].astype(np.int64)
+        first = np.repeat(np.cumsum(count) - count, count)
+        child = np.repeat(trie.child_start[parent], count) + np.arange(int(count.sum())) - first
+        return torch.as_tensor(np.stack([np.repeat(position, count), trie.token[child]]))
 
 
 def micro_batch_rows(data: SFTExamples, rows: torch.Tensor | list[int], size: int, length_grouping: bool) -> list[list[int]]:

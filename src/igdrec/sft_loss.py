@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from igdrec import weighting
+from igdrec.config import MSL_WEIGHTINGS
 from igdrec.modeling import kv_cache_kwargs, returned_cache
 from igdrec.sft_data import Batch
 
@@ -59,15 +60,22 @@ class WeightedLoss(nn.Module):
     """Micro-batch → (Σ w·CE numerator, per-token CE). One module so DDP sees CFT's two passes as one forward.
 
     `share_prefix`: compute the rows' common prompt prefix once (see the module docstring); used only where
-    it is exact, i.e. in eval mode or when the model has no dropout.
+    it is exact, i.e. in eval mode or when the model has no dropout. MSL schemes take `first_tokens`, the
+    number of the catalog's first tokens, for the adaptive temperature; a training-mode forward adds its
+    statistics, and `temperature.update` after each optimiser step moves τ (weighting.AdaptiveTemperature).
     """
 
-    def __init__(self, model: nn.Module, scheme: str, alpha: float, share_prefix: bool):
+    def __init__(self, model: nn.Module, scheme: str, alpha: float, share_prefix: bool, first_tokens: int | None = None):
         super().__init__()
         self.model = model
         self.causal_alpha = alpha if scheme == "cft" else 0.0
         self.share_prefix = share_prefix
         self._dropout = has_dropout(model)
+        self.temperature = None
+        if scheme in MSL_WEIGHTINGS:
+            if first_tokens is None:
+                raise ValueError("MSL needs the number of the catalog's first tokens")
+            self.temperature = weighting.AdaptiveTemperature(first_tokens)
 
     def sharing(self) -> bool:
         return self.share_prefix and not (self.model.training and self._dropout)
@@ -76,6 +84,11 @@ class WeightedLoss(nn.Module):
         m = batch.targets.shape[1]
         share = self.sharing()
         logits = target_logits(self.model, batch.input_ids, batch.attention_mask, m, batch.prefix_ids if share else None)
+        if self.temperature is not None:
+            mask = weighting.allowed_mask(batch.allowed, batch.targets, logits.shape[-1])
+            if self.model.training:
+                self.temperature.observe(logits, batch.targets, mask)
+            return weighting.msl_ce_sum(logits, batch.targets, batch.weights, mask, self.temperature.tau)
         if self.causal_alpha == 0.0:
             return weighting.weighted_ce_sum(logits, batch.targets, batch.weights)
         ref_logits = target_logits(self.model, batch.ref_input_ids, batch.ref_attention_mask, m, batch.ref_prefix_ids if share else None)

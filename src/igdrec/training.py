@@ -54,6 +54,7 @@ class TrainResult:
     train_tokens: int
     computed_tokens: int = 0  # tokens that went through the model in training (padding and repeats of a shared prefix excluded)
     attention_flops: float = 0.0  # forward FLOPs of attention scores and mixing in training, see `flops.model_flops`
+    msl_tau: float | None = None  # MSL: the adaptive temperature at the end of training
 
 
 @dataclass
@@ -81,12 +82,17 @@ def train(
     """Fine-tune `model` in place with `config`'s scheme and loop settings (resuming from `checkpoint_dir`
     with `config.resume`); at the end it holds the weights of the best validation (if any)."""
     per_epoch, total_steps = planned_steps(len(train_data), config, world.size)
-    loss_module = WeightedLoss(model, config.weighting, config.cft_alpha, share_prefix=config.share_prefix)
+    first_tokens = None if train_data.trie is None else int(train_data.trie.child_count[0])
+    loss_module = WeightedLoss(model, config.weighting, config.cft_alpha, share_prefix=config.share_prefix, first_tokens=first_tokens)
+    temperature = loss_module.temperature  # MSL's adaptive τ, moved after every optimiser step
     optimiser = _Optimiser(model, config, device, precision.autocast, total_steps)
     loop = _LoopState()
     checkpoint_path = checkpoint_dir / checkpoints.CHECKPOINT
     if config.resume and checkpoint_path.exists():
-        loop = optimiser.restore(model, checkpoints.load_checkpoint(checkpoint_path))
+        checkpoint = checkpoints.load_checkpoint(checkpoint_path)
+        loop = optimiser.restore(model, checkpoint)
+        if temperature is not None:
+            temperature.tau = checkpoint["msl_tau"]
     ddp_module = loss_module
     if world.size > 1:
         ddp_module = nn.parallel.DistributedDataParallel(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
@@ -101,6 +107,8 @@ def train(
         micro_batches = [b.to(device) for b in host_batches]
         torch.manual_seed((config.seed * 1_000_003 + loop.step) * 1024 + world.rank)
         lr = optimiser.step(ddp_module, micro_batches, world, stats)
+        if temperature is not None:
+            temperature.update(world)
         loop.step += 1
 
         logged = len(loop.log)
@@ -118,7 +126,9 @@ def train(
             on_step(StepDone(loop.step, total_steps, loop.log[logged:], cost.tokens, cost.attention_flops))
         if saving and loop.step < total_steps and not stopped_early:
             if world.is_main:
-                checkpoints.save_checkpoint(checkpoint_path, {"trainable": checkpoints.trainable_state(model), **optimiser.state(), **loop.state()})
+                msl = {} if temperature is None else {"msl_tau": temperature.tau}
+                checkpoints.save_checkpoint(checkpoint_path, {"trainable": checkpoints.trainable_state(model), **optimiser.state(),
+                                                              **loop.state(), **msl})
             world.barrier()
 
     if loop.best["state"] is not None:
@@ -126,6 +136,7 @@ def train(
     return TrainResult(
         log=loop.log, steps=loop.step, total_steps=total_steps, best_valid_loss=loop.best["loss"], best_step=loop.best["step"],
         stopped_early=stopped_early, train_tokens=loop.train_tokens, computed_tokens=cost.tokens, attention_flops=cost.attention_flops,
+        msl_tau=None if temperature is None else temperature.tau,
     )
 
 

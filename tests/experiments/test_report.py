@@ -25,7 +25,8 @@ def test_tables_2_to_4_and_figures(finished):
     assert table2[0]["NDCG@10"] == table1["d3+igd"]["NDCG@10"] and table2[3]["NDCG@10"] == table1["d3"]["NDCG@10"]
     assert float(table2[1]["alpha"]) == 0.0
     table3 = _csv(out / "table3.csv")
-    assert {r["weighting"] for r in table3} == {"plain", "pos", "cft", "igd"}
+    assert {r["weighting"] for r in table3} == {"plain", "pos", "cft", "igd", "msl", "msl-igd"}
+    assert all((r["paper_ratio"] == "") == r["weighting"].startswith("msl") for r in table3)  # MSL: beyond the paper
     plain = next(r for r in table3 if r["weighting"] == "plain")
     assert float(plain["ratio_to_plain"]) == 1.0
     for r in table3:

@@ -86,7 +86,7 @@ def test_each_word_list_is_written_once():
 
 
 def test_the_scan_would_see_a_restated_word_list():
-    restated = "SCHEMES = ['igd', 'plain', 'cft', 'pos']\nMODULES = {'ml-100k': 'a', 'recbole': 'b', 'amazon2018': 'c', 'amazon2023': 'd', 'd3-csv': 'e', 'interactions': 'f'}\n"
+    restated = f"SCHEMES = {list(reversed(cfg.WEIGHTINGS))}\n" + "MODULES = {'ml-100k': 'a', 'recbole': 'b', 'amazon2018': 'c', 'amazon2023': 'd', 'd3-csv': 'e', 'interactions': 'f'}\n"
     words = {w for _, w in literal_word_lists(ast.parse(restated))}
     assert words == {frozenset(cfg.WEIGHTINGS), frozenset(cfg.SOURCES)}
 

@@ -200,8 +200,9 @@ def test_cache_params_cover_every_keyed_field():
     source = ModelSource(label="m", spec="m", sft=None, inputs={}, key={"model": "m"})
     params = decode.cache_params(DecodeConfig(), source)
     keyed = {f.name for f in dataclasses.fields(DecodeConfig) if f.metadata["key"]}
-    assert keyed - {"tfa_guidance"} <= params.keys()  # the guidance is inert without an assistant
-    assert keyed <= decode.cache_params(DecodeConfig(tfa="sasrec"), source).keys()
+    # the guidance is inert without an assistant, the softmax over the children keyed only when on
+    assert keyed - {"tfa_guidance", "constrained_softmax"} <= params.keys()
+    assert keyed <= decode.cache_params(DecodeConfig(tfa="sasrec", constrained_softmax=True), source).keys()
     assert not {"batch_size", "device", "name", "jump_forward", "jump_fill"} & params.keys()
     changed = decode.cache_params(DecodeConfig(batch_size=3, device="cpu", jump_fill=0.5), source)
     assert changed == params

@@ -68,7 +68,7 @@ def test_stages_default_to_the_sections_given_in_pipeline_order(tmp_path):
         ("- sft\n", "top level must be a mapping"),
         ("sft: 5\n", "sft: expected a mapping of sft options"),
         ("sft: [beta]\n", "sft: expected a mapping of sft options"),
-        ("sft:\n  weighting: idg\n", "sft.weighting 'idg': expected one of plain, pos, cft, igd (did you mean 'igd'?)"),
+        ("sft:\n  weighting: idg\n", "sft.weighting 'idg': expected one of plain, pos, cft, igd, msl, msl-igd (did you mean 'igd'?)"),
         ("sft:\n  max_steps: 0\n", "sft.max_steps 0: must be ≥ 1"),
         ("sft:\n  lr: -1\n", "sft.lr -1: must be > 0"),
         ("sft:\n  cft_alpha: 0.1\n", "--cft-alpha 0.1: only the cft weighting"),
@@ -178,10 +178,10 @@ def config_where_it_applies(cls, opt: options.Option):
     config = cls()
     if isinstance(opt.only, dict):
         config = dataclasses.replace(config, **{k: v[0] if isinstance(v, tuple) else v for k, v in opt.only.items()})
-    if not opt.applies(config):  # a callable condition: try setting one other field
+    if not opt.applies(config):  # a callable condition: try setting one field (the option itself: a flag keyed only when on)
         for other in options.options(cls):
             candidate = dataclasses.replace(config, **{other.name: other_value(other)})
-            if other.name != opt.name and opt.applies(candidate):
+            if opt.applies(candidate):
                 return candidate
         # an option keyed only off its own default (metrics --head-share: results cached before it existed)
         config = dataclasses.replace(config, **{opt.name: other_value(opt)})

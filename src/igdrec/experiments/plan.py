@@ -88,6 +88,9 @@ class _Planner:
     def sft_variants(self, weighting: str) -> list[Step]:
         """Every candidate fine-tune of a weighting (the product of its listed values)."""
         values = dict(self.ds.weightings.get(weighting, {}))
+        igd = self.ds.weightings.get("igd", {})
+        if weighting == "msl-igd" and "msl-igd" not in self.ds.weightings and "beta" in igd:
+            values["beta"] = igd["beta"]  # MSL + IGD uses IGD's β (its candidates too) unless listed on its own
         grid_keys = [k for k, v in values.items() if isinstance(v, list) and k != "lora_target_modules"]
         combos = itertools.product(*[values[k] for k in grid_keys]) if grid_keys else [()]
         combos = list(combos)
@@ -102,7 +105,8 @@ class _Planner:
             steps.append(Step(self.ds.name, self.ds.run_dir, "sft", f"sft/{config.name}", config, ("data", "ig")))
         return steps
 
-    def llm_cell(self, row: str, sft_step: Step, split: str, lp: float, alpha: float, tfa: str | None) -> Cell:
+    def llm_cell(self, row: str, sft_step: Step, split: str, lp: float, alpha: float, tfa: str | None,
+                 constrained_softmax: bool = False) -> Cell:
         sft_name = sft_step.path.split("/", 1)[1]
         decode_values = dict(self.ds.stages.get("decode", {}))
         limit = self.grid.selection.valid_limit if split == "valid" else decode_values.get("limit")
@@ -111,6 +115,9 @@ class _Planner:
         if tfa:
             name += f"-tfa-{tfa}"
             decode_values |= {"tfa": tfa, "tfa_guidance": self.grid.tfa_guidance, "name": name}
+        if constrained_softmax:
+            name += "-cs"
+            decode_values |= {"constrained_softmax": True, "name": name}
         if limit is not None:
             name += f"-n{limit}"
             decode_values["name"] = name
@@ -147,13 +154,13 @@ class _Planner:
         variants = self.sft_variants(spec["sft"])
         alphas = self.grid.selection.alphas if spec["alpha"] == "select" else [spec["alpha"]]
         pairs = [(v, a) for v in variants for a in alphas]
-        lp, tfa = spec["lp"], spec.get("tfa")
+        lp, tfa, cs = spec["lp"], spec.get("tfa"), spec.get("constrained_softmax", False)
         if len(pairs) == 1:
-            return RowPlan(self.ds.name, row, [], self.llm_cell(row, pairs[0][0], "test", lp, pairs[0][1], tfa), None)
-        candidates = [self.llm_cell(row, v, "valid", lp, a, tfa) for v, a in pairs]
+            return RowPlan(self.ds.name, row, [], self.llm_cell(row, pairs[0][0], "test", lp, pairs[0][1], tfa, cs), None)
+        candidates = [self.llm_cell(row, v, "valid", lp, a, tfa, cs) for v, a in pairs]
         by_sft = {v.path.split("/", 1)[1]: v for v in variants}
         return RowPlan(self.ds.name, row, candidates, None,
-                       lambda chosen: self.llm_cell(row, by_sft[chosen["sft"]], "test", lp, chosen["alpha"], tfa))
+                       lambda chosen: self.llm_cell(row, by_sft[chosen["sft"]], "test", lp, chosen["alpha"], tfa, cs))
 
 
 def fine_tunes(grid: GridConfig, dataset: Dataset, weighting: str) -> list[Step]:

@@ -323,11 +323,12 @@ def table3(c: _Collected, out: Path) -> list[dict]:
                 ratio = s_per_step / plain_s if s_per_step and plain_s else None
                 record = {"dataset": ds.name, "weighting": weighting, "sft": step.path.split("/", 1)[1], "steps": stats.get("steps"),
                           "batch_size": step.config.batch_size, "micro_batch_size": step.config.micro_batch_size,
-                          "s_per_step": s_per_step, "ratio_to_plain": ratio, "paper_ratio": PAPER_TABLE3[weighting]}
+                          "s_per_step": s_per_step, "ratio_to_plain": ratio, "paper_ratio": PAPER_TABLE3.get(weighting)}
                 records.append(record)
                 rows.append([weighting if weighting != "plain" else "plain (default)", record["sft"], str(record["steps"] or "—"),
                              f"{record['batch_size']} / {record['micro_batch_size']}", _f(s_per_step, 3),
-                             "—" if ratio is None else f"{ratio:.3f}×", f"{PAPER_TABLE3[weighting]:.4g}×"])
+                             "—" if ratio is None else f"{ratio:.3f}×",
+                             f"{PAPER_TABLE3[weighting]:.4g}×" if weighting in PAPER_TABLE3 else "— (beyond the paper)"])
         md += [f"## {ds.name}", "", _md_table(["Method", "fine-tune", "steps", "batch / micro-batch", "s/step", "ours ÷ plain", "paper ÷ default"], rows), ""]
         settings = {(r["batch_size"], r["micro_batch_size"]) for r in records if r["dataset"] == ds.name}
         if len(settings) > 1:

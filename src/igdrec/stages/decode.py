@@ -70,6 +70,8 @@ def default_name(label: str, config: DecodeConfig) -> str:
     parts = [label, config.split, f"b{config.num_beams}", f"lp{config.length_penalty:g}", f"a{config.alpha:g}"]
     if not config.constrained:
         parts.append("free")
+    if config.constrained_softmax:
+        parts.append("cs")
     if config.tfa is not None:
         parts.append(f"tfa-{config.tfa}-g{config.tfa_guidance:g}")
     if config.limit is not None:

@@ -1,11 +1,11 @@
-"""Stage `sft`: fine-tune the LLM to write the next item's title, with plain, Pos, CFT or IGD token weights.
+"""Stage `sft`: fine-tune the LLM to write the next item's title, with plain, Pos, CFT, IGD or MSL objectives.
 
 Reads <run>/data (items, train, valid) and, when present, <run>/ig (per-sample zero-IG flags and IG values:
-the flags are required by IGD; every scheme uses both to log the CE of zero-, low- and high-IG target tokens,
-split at `ig_group_threshold`, by default the median positive IG of the training targets used). Writes <run>/sft/<name>/:
-`model/` (Hugging Face format: full weights, or the LoRA adapter naming its base model, plus the tokenizer),
-`train_log.parquet` and `stage.json`. Under `torchrun --nproc_per_node=N` it trains data-parallel; only rank
-0 writes.
+the flags are required by IGD, and MSL masks with the index's catalog trie; every scheme uses both to log the
+CE of zero-, low- and high-IG target tokens, split at `ig_group_threshold`, by default the median positive IG
+of the training targets used). Writes <run>/sft/<name>/: `model/` (Hugging Face format: full weights, or the
+LoRA adapter naming its base model, plus the tokenizer), `train_log.parquet` and `stage.json`. Under
+`torchrun --nproc_per_node=N` it trains data-parallel; only rank 0 writes.
 
 Early stopping validates on the weighted objective of the scheme (for CFT including the causal term), the
 loss the model is trained on. The cache key holds the IG index's fingerprint whenever the index is used,
@@ -23,11 +23,12 @@ import torch
 from rich.progress import TextColumn
 
 from igdrec import checkpoints, distributed, flops, options, schema, tracking, training
-from igdrec.config import SFTConfig
+from igdrec.config import MSL_WEIGHTINGS, SFTConfig
 from igdrec.console import console, err_console, print_table, progress_bar
 from igdrec.dropout import use_gap_dropout
 from igdrec.errors import IgdrecError
 from igdrec.fused_lora import use_fused_lora
+from igdrec.ig import CatalogTrie
 from igdrec.modeling import load_model, load_tokenizer, require_same_tokenizer, resolve_model_path
 from igdrec.precision import Precision, resolve_precision
 from igdrec.prompt import item_token_sequences
@@ -36,8 +37,8 @@ from igdrec.runner import StagePlan, run_stage
 from igdrec.sft_data import SFTExamples
 
 def default_name(config: SFTConfig) -> str:
-    if config.weighting == "plain":
-        name = "plain"
+    if config.weighting in ("plain", "msl"):
+        name = config.weighting
     elif config.weighting == "cft":
         name = f"cft-b{config.beta:g}-a{config.cft_alpha:g}"
     else:
@@ -54,15 +55,21 @@ def select_rows(n: int, size: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
 
 
+def needs_ig_index(config: SFTConfig) -> bool:
+    """IGD weighs by the index's zero-IG flags; MSL masks with its trie."""
+    return config.weighting == "igd" or config.weighting in MSL_WEIGHTINGS
+
+
 def ig_index_usable(run: RunDir, config: SFTConfig, tokenizer) -> dict | None:
-    """The IG manifest if it was built with our tokenizer; IGD refuses a mismatch, other schemes skip the IG logs."""
-    manifest = run.require("ig", hint="igdrec build-ig-index") if config.weighting == "igd" else run.manifest("ig")
+    """The IG manifest if it was built with our tokenizer; IGD and MSL refuse a mismatch, other schemes skip the IG logs."""
+    needed = needs_ig_index(config)
+    manifest = run.require("ig", hint="igdrec build-ig-index") if needed else run.manifest("ig")
     if manifest is None:
         return None
     try:
         require_same_tokenizer(manifest.get("params", {}).get("tokenizer", {}), tokenizer, str(run.stage_dir("ig") / "stage.json"))
     except IgdrecError as exc:
-        if config.weighting == "igd":
+        if needed:
             raise
         err_console.print(f"[yellow]note:[/] {exc}; zero-IG/positive-IG losses will not be logged")
         return None
@@ -113,8 +120,30 @@ def median_positive_ig(zero_ig: list[np.ndarray | None], ig: list[np.ndarray | N
     return float(np.median(values)) if values.size else None
 
 
+def load_trie(run: RunDir, item_seqs) -> CatalogTrie:
+    """MSL: the IG index's catalog trie, checked to spell every catalog item as the fine-tune tokenizes it."""
+    nodes_path, items_path = run.artifact("ig", "trie_nodes.parquet"), run.artifact("ig", "item_paths.parquet")
+    for path in (nodes_path, items_path):
+        if not path.exists():
+            raise IgdrecError(f"{path}: missing from the IG index; rebuild it with `igdrec build-ig-index --force`")
+    trie = CatalogTrie.load(nodes_path, items_path)
+    for row, item in enumerate(trie.item_ids.tolist()):
+        spelled = trie.token[trie.item_path_nodes[trie.item_path_ptr[row]:trie.item_path_ptr[row + 1]]]
+        if item >= len(item_seqs) or spelled.tolist() != list(item_seqs[item]):
+            raise IgdrecError(f"{items_path}: item {item}: its trie path is not the item's tokenization here; "
+                              "rebuild the index with `igdrec build-ig-index --force`")
+    return trie
+
+
+def target_nodes(trie: CatalogTrie, item_ids: np.ndarray) -> list[np.ndarray | None]:
+    """The trie nodes after each target token of every sample (None for a target outside the catalog)."""
+    rows = trie.item_index(item_ids)
+    ptr = trie.item_path_ptr
+    return [None if r < 0 else trie.item_path_nodes[ptr[r]:ptr[r + 1]] for r in rows.tolist()]
+
+
 def split_examples(run: RunDir, split: str, size: int | None, config: SFTConfig, tokenizer, titles, item_seqs, category, ig_manifest,
-                   ig_group_threshold: float | None = None) -> SFTExamples:
+                   ig_group_threshold: float | None = None, trie: CatalogTrie | None = None) -> SFTExamples:
     """A seeded subset of `size` samples of the split (all if None), ready for collation. The IG-group
     threshold defaults to `config.ig_group_threshold`, else to the median positive IG of these samples."""
     samples = schema.read(run.artifact("data", f"{split}.parquet"), "samples").sort("sample_id")
@@ -146,6 +175,8 @@ def split_examples(run: RunDir, split: str, size: int | None, config: SFTConfig,
         ig=ig,
         ig_group_threshold=ig_group_threshold,
         sample_ids=samples["sample_id"].to_list(),
+        trie=trie,
+        target_nodes=None if trie is None else target_nodes(trie, samples["item_id"].to_numpy()),
     )
 
 
@@ -219,14 +250,15 @@ def prepare(plan: StagePlan, writer: StageWriter) -> distributed.World:
         raise IgdrecError(f"{run_dir.artifact('data', 'items.parquet')}: item ids must be dense 0..n-1")
     titles = items["title"].to_list()
     item_seqs = item_token_sequences(tokenizer, titles)
-    train_data = split_examples(run_dir, "train", config.sample, config, tokenizer, titles, item_seqs, category, ig_manifest)
+    trie = load_trie(run_dir, item_seqs) if config.weighting in MSL_WEIGHTINGS else None
+    train_data = split_examples(run_dir, "train", config.sample, config, tokenizer, titles, item_seqs, category, ig_manifest, trie=trie)
     if len(train_data) == 0:
         raise IgdrecError(f"{run_dir.artifact('data', 'train.parquet')}: no training samples")
     valid_data = None
     if config.valid_sample != 0 and run_dir.artifact("data", "valid.parquet").exists():
         # validation groups its tokens at the training threshold, so both splits' curves are comparable
         valid_data = split_examples(run_dir, "valid", config.valid_sample, config, tokenizer, titles, item_seqs, category, ig_manifest,
-                                    ig_group_threshold=train_data.ig_group_threshold)
+                                    ig_group_threshold=train_data.ig_group_threshold, trie=trie)
 
     model = prepare_model(config, device, precision)
     if config.compile:
@@ -266,6 +298,8 @@ def compute(plan: StagePlan, out: StageWriter) -> None:
             out.stats["ig_group_threshold"] = train_data.ig_group_threshold
             out.stats["ig_group_threshold_source"] = None if train_data.ig_group_threshold is None else ("config" if config.ig_group_threshold is not None else "median positive IG of the training targets")
             out.stats["precision"] = precision.name
+            if result.msl_tau is not None:
+                out.stats["msl_temperature"] = round(result.msl_tau, 6)
             out.stats.update(utilisation(model, result, device, world))
             tracker.summary(tracking.scalars(out.stats))
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
