@@ -186,6 +186,8 @@ class DecodeConfig:
                               gt=0.0, max=1.0, key=False)
     cutoff_len: int = option(512, "Most prompt tokens (the oldest history items are cut first).", min=1)
     device: str = _device_option()
+    compile: bool = option(False, "torch.compile the model for the search's steps (static shapes; same results; "
+                                  "pays a compilation up front, for long decodes on a GPU).", key=False)
     constrained: bool = option(True, "Constrain beams to catalog titles, or generate freely (then rerank --grounding).",
                                flags="--constrained/--unconstrained")
     max_new_tokens: int | None = option(None, "Unconstrained: most tokens generated (default: the longest catalog title).", min=1)

@@ -27,6 +27,7 @@ from igdrec.errors import IgdrecError
 from igdrec.ig import CatalogTrie
 from igdrec.rundir import RunDir
 
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for --compile
 CPU_BATCH_SIZE = 8  # measured fastest on 2 CPU cores (bench/bench_decode.py)
 MAX_AUTO_BATCH_SIZE = 256  # beyond this a GPU gains little per sample (measured up to 256 on an H200)
 AUTO_MEMORY_SHARE = 0.8  # of the free GPU memory: the allocator's fragmentation and CUDA workspaces need the rest
@@ -271,6 +272,9 @@ class Decoder:
             trie=TrieTensors.from_trie(catalog.trie, self.device) if config.constrained else None,
             max_new_tokens=longest,
             share_prefix=True,
+            # a step that reads nothing back keeps a GPU's queue full; on a CPU, shrinking passes is faster
+            static_shapes=self.device.type == "cuda" or config.compile,
+            compile_backend=COMPILE_BACKEND if config.compile else None,
             autocast_dtype=None,  # the weights are already in the compute dtype (modeling.inference_dtype)
             self_check=True,  # once per decoder: a KV cache the model ignores fails loudly (docs/method.md §6.1)
         )
