@@ -446,8 +446,7 @@ class BeamSearch:
             attention = torch.cat([attention.new_ones((B, p)), attention], dim=1)
             self.stats.prefix_tokens_saved += B * p  # less the prefix pass, counted where it runs
         logits = self._forward(input_ids, attention, positions, cache, keep=1)
-        cache.batch_repeat_interleave(K)
-        _append_in_place(cache, room=T + 1)
+        _repeat_for_beams(cache, K, room=T + 1)
         return _ModelRows(
             cache=cache,
             attention=attention.repeat_interleave(K, dim=0),
@@ -867,18 +866,28 @@ def _appending_layer_class():
     return AppendingLayer
 
 
-def _append_in_place(cache, room: int) -> None:
-    """Turn a filled cache's plain DynamicLayers into appending ones with `room` spare positions."""
+def _repeat_for_beams(cache, K: int, room: int) -> None:
+    """Give each of a filled cache's B rows to K beams: row b becomes rows b·K … b·K + K − 1, in appending
+    layers with `room` spare positions. The prompt's keys and values are written once into the new buffers
+    (repeating them first and growing the copy at the first step would move them twice)."""
     from transformers.cache_utils import DynamicLayer
 
     layer_class = _appending_layer_class()
     for i, layer in enumerate(getattr(cache, "layers", [])):
-        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4:
-            appending = layer_class.__new__(layer_class)
-            appending.__dict__.update(layer.__dict__)
-            appending.room = room
-            appending.buffers = None
-            cache.layers[i] = appending
+        if not (type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4):
+            layer.batch_repeat_interleave(K)  # another layout: repeated as transformers does it
+            continue
+        B, heads, length, dim = layer.keys.shape
+        buffers = []
+        for old in (layer.keys, layer.values):
+            buffer = old.new_empty((B * K, heads, length + room, dim))
+            buffer[:, :, :length].unflatten(0, (B, K)).copy_(old[:, None])
+            buffers.append(buffer)
+        appending = layer_class.__new__(layer_class)
+        appending.__dict__.update(layer.__dict__)
+        appending.room, appending.buffers = room, tuple(buffers)
+        appending.keys, appending.values = buffers[0][:, :, :length], buffers[1][:, :, :length]
+        cache.layers[i] = appending
 
 
 def _model_name(model: torch.nn.Module) -> str:
