@@ -405,8 +405,9 @@ class BeamSearch:
         would have had it left the batch then."""
         done = torch.zeros(beams.running.shape[0], dtype=torch.bool, device=beams.running.device)
         stop = _StopFlag(done.device)
+        ready_mask = _sdpa_attention(self.model)
         for t in range(T):
-            fed = self._feed_static(rows, beams, t)
+            fed = self._feed_static(rows, beams, t, ready_mask)
             if fed is not None and self.self_check and self.cache_check_gap is None and t >= 2:
                 self._check_cache(prompts, rows, beams, fed, t)
             self.stats.steps += 1
@@ -543,9 +544,10 @@ class BeamSearch:
         beams.cache_row = torch.where(live.reshape(A, K), row_of_beam, own_sample)
         return beam_of_row, needs, feed, fed
 
-    def _feed_static(self, rows: _ModelRows, beams: _Beams, t: int):
+    def _feed_static(self, rows: _ModelRows, beams: _Beams, t: int, ready_mask: bool):
         """`_feed` with static shapes: from step 1 on, row i = flat beam i feeds the token that beam chose
-        last step (a dead beam's row a masked pad). Same return value as `_feed`."""
+        last step (a dead beam's row a masked pad); `ready_mask`: hand the model an SDPA mask. Same return
+        value as `_feed`."""
         if t == 0:
             return None  # the prefill computed every beam's first log-probs
         A, K = beams.running.shape
@@ -555,7 +557,12 @@ class BeamSearch:
         rows.attention = torch.cat([rows.attention, live.long()[:, None]], dim=1)
         positions = rows.next_position[:, None]
         rows.next_position = rows.next_position + live
-        rows.last_logits = self._forward(feed, rows.attention, positions, rows.cache, keep=1)[:, 0].to(rows.last_logits.dtype)
+        mask = rows.attention
+        if ready_mask:
+            # SDPA's (rows, 1, query, key) boolean mask, which transformers takes as it is: from a 2D mask it
+            # would build it itself, after reading whether every position is real (a wait for the device)
+            mask = mask.bool()[:, None, None, :]
+        rows.last_logits = self._forward(feed, mask, positions, rows.cache, keep=1)[:, 0].to(rows.last_logits.dtype)
         beams.cache_row = torch.arange(A * K, device=live.device).reshape(A, K)
         beams.consumed = torch.zeros_like(beams.consumed)
         return beams.cache_row.flatten(), live, feed, live[:, None]
@@ -816,6 +823,15 @@ def dead_nodes(trie: TrieTensors, exclude: Sequence[Sequence[int]]) -> torch.Ten
             parents, dead_children = torch.unique(level - level % n + tree.parent[level % n], return_counts=True)
             dead = torch.cat([dead, parents[dead_children == trie.child_count[parents % n]]])
     return torch.sort(dead).values
+
+
+def _sdpa_attention(model: torch.nn.Module) -> bool:
+    """Whether the model attends with SDPA (transformers' or igdrec's GQA kernel), whose masks are boolean
+    (rows, 1, query, key) tensors, True where a key is seen."""
+    from igdrec.modeling import GQA_SDPA
+
+    config = next((m.config for m in model.modules() if hasattr(getattr(m, "config", None), "num_hidden_layers")), None)
+    return getattr(config, "_attn_implementation", None) in ("sdpa", GQA_SDPA)
 
 
 def _plain_layers(cache) -> bool:
