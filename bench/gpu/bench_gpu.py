@@ -194,7 +194,8 @@ def auto_batch_size(model, prompts, trie, device) -> int | None:
         return None
     free, _ = torch.cuda.mem_get_info(device)
     dtype_bytes = next(model.parameters()).element_size()
-    return pick(model.config, 10, max(len(p) for p in prompts), trie.max_depth, dtype_bytes, free)
+    width = int(trie.child_count.max())  # decode takes static shapes on CUDA: candidates as wide as the widest node
+    return pick(model.config, 10, max(len(p) for p in prompts), trie.max_depth, dtype_bytes, free, width)
 
 
 def bench_decode(report: Report, shape: str, args, tokenizer, trie, prompts, device) -> None:

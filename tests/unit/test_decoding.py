@@ -32,6 +32,9 @@ def test_batch_size_auto_is_eight_on_cpu_and_fits_free_memory_on_cuda():
     assert auto_batch_size(shape, 10, 2000, 30, 2, free) < batch  # longer prompts, fewer samples
     assert auto_batch_size(shape, 10, 200, 30, 2, 1 << 20) == 1  # never below one
     assert auto_batch_size(shape, 1, 10, 5, 2, 1 << 40) == 256  # capped
+    # static shapes: 48 B for each of a beam's candidates (the trie's widest node: 5,000 children)
+    assert sample_memory_bytes(shape, 10, 200, 30, 2, candidate_width=5000) == kv + logits + 10 * 5000 * 48
+    assert auto_batch_size(shape, 10, 200, 30, 2, free, candidate_width=100_000) < batch  # a root with 100,000 children
 
 
 def test_decoder_on_cpu_keeps_fp32_and_batches_eight(run, model_dir):
