@@ -177,23 +177,21 @@ class _ModelRows:
         count = len(self.chain_len)
         if len(rows) == count and bool((rows == torch.arange(count, device=rows.device)).all()):
             return
-        if len(rows) == count and bool((self.sample[rows] == self.sample).all()) and _plain_layers(self.cache):
-            # Every row keeps its sample, whose rows share the prompt's keys and values: copying the generated
-            # positions is enough, a fraction of the cache.
-            for layer in self.cache.layers:
-                layer.keys[:, :, self.shared:] = layer.keys[rows, :, self.shared:]
-                layer.values[:, :, self.shared:] = layer.values[rows, :, self.shared:]
-        else:
-            self.cache.reorder_cache(rows)
+        if len(rows) == count and bool((self.sample[rows] == self.sample).all()):
+            self.reorder_within_samples(rows)
+            for name in ("last_logits", "forced_lp", "chain_len"):
+                setattr(self, name, getattr(self, name)[rows])
+            return
+        self.cache.reorder_cache(rows)
         for name in ("attention", "next_position", "last_logits", "forced_lp", "chain_len", "sample"):
             setattr(self, name, getattr(self, name)[rows])
 
-
     def reorder_within_samples(self, rows: torch.Tensor) -> None:
-        """`select(rows)` for a `rows` that keeps every row within its sample, without reading it back:
-        only the generated positions move (the prompt's are the same in all of a sample's rows), and not
-        the logits (the next pass writes every row's)."""
+        """`select(rows)` for a `rows` that keeps every row within its sample, without reading it back,
+        and leaving the logits and pre-fed chains (which the next pass writes for every row) as they are."""
         if _plain_layers(self.cache):
+            # A sample's rows share the prompt's keys and values: copying the generated positions is enough,
+            # a fraction of the cache.
             for layer in self.cache.layers:
                 layer.keys[:, :, self.shared:] = layer.keys[rows, :, self.shared:]
                 layer.values[:, :, self.shared:] = layer.values[rows, :, self.shared:]
