@@ -34,13 +34,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "bench")]
 
+from bench_catalog_scaling import StubModel, synthetic_titles  # noqa: E402
 from reference_decoder import dict_trie, reference_generate  # noqa: E402
 
 from igdrec import prompt, schema, training  # noqa: E402
 from igdrec.beam import BeamSearch, TrieTensors  # noqa: E402
 from igdrec.config import DecodeConfig  # noqa: E402
 from igdrec.distributed import World  # noqa: E402
-from igdrec.ig import CatalogTrie  # noqa: E402
+from igdrec.ig import CatalogTrie, build_catalog_trie  # noqa: E402
 from igdrec.modeling import load_tokenizer  # noqa: E402
 from igdrec.rundir import RunDir  # noqa: E402
 from igdrec.sft_data import SFTExamples, micro_batch_rows  # noqa: E402
@@ -62,6 +63,8 @@ class Report:
     matmul_tflops: float | None = None
     decode: list = field(default_factory=list)
     agreement: list = field(default_factory=list)
+    reads: list = field(default_factory=list)
+    catalog: list = field(default_factory=list)
     sft: list = field(default_factory=list)
     notes: list = field(default_factory=list)
 
@@ -125,9 +128,52 @@ def ml100k_prompts(run: RunDir, tokenizer, n: int) -> list[list[int]]:
 
 
 def beam_search(model, tokenizer, trie_tensors, **overrides) -> BeamSearch:
-    # self_check: the KV-cache check also proves the cache keyword works with the box's transformers
-    settings = dict(num_beams=10, length_penalty=0.0, alpha=0.2, trie=trie_tensors, jump_forward=True, share_prefix=True, self_check=True)
+    # self_check: the KV-cache check also proves the cache keyword works with the box's transformers;
+    # static shapes: what `decode` takes on CUDA
+    settings = dict(num_beams=10, length_penalty=0.0, alpha=0.2, trie=trie_tensors, jump_forward=True, share_prefix=True,
+                    self_check=True, static_shapes=True)
     return BeamSearch.from_config(model, tokenizer.eos_token_id, tokenizer.pad_token_id, DecodeConfig(), **(settings | overrides))
+
+
+# Tensor methods that make the host wait for the device's value (as tests/unit/test_beam_static.py counts them).
+READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
+
+
+def count_reads(search: BeamSearch, prompts: list[list[int]], device) -> dict:
+    """One search of `prompts` (one batch) with every blocking read counted: the tensor methods above, by
+    whose code calls them (igdrec's or the model's), and on CUDA every synchronisation the sync-debug mode
+    reports (implicit ones too: boolean-mask indexing, copies to the host)."""
+    import warnings
+
+    import igdrec
+
+    package = igdrec.__path__[0]
+    counts = {"igdrec": 0, "model": 0}
+    originals = {name: getattr(torch.Tensor, name) for name in READS}
+
+    def counting(method):
+        def read(*args, **kwargs):
+            counts["igdrec" if sys._getframe(1).f_code.co_filename.startswith(package) else "model"] += 1
+            return method(*args, **kwargs)
+        return read
+
+    search.search(prompts)  # the first search encodes the prompts' shared prefix
+    steps = search.stats.steps
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, counting(method))
+        try:
+            search.search(prompts)
+        finally:
+            for name, method in originals.items():
+                setattr(torch.Tensor, name, method)
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+    syncs = sum("synchroniz" in str(w.message) for w in caught) if device.type == "cuda" else None
+    return {"igdrec_reads": counts["igdrec"], "model_reads": counts["model"], "cuda_syncs": syncs, "steps": search.stats.steps - steps}
 
 
 def decode_in_batches(search: BeamSearch, prompts: list[list[int]], batch_size: int) -> list:
@@ -148,7 +194,8 @@ def auto_batch_size(model, prompts, trie, device) -> int | None:
         return None
     free, _ = torch.cuda.mem_get_info(device)
     dtype_bytes = next(model.parameters()).element_size()
-    return pick(model.config, 10, max(len(p) for p in prompts), trie.max_depth, dtype_bytes, free)
+    width = int(trie.child_count.max())  # decode takes static shapes on CUDA: candidates as wide as the widest node
+    return pick(model.config, 10, max(len(p) for p in prompts), trie.max_depth, dtype_bytes, free, width)
 
 
 def bench_decode(report: Report, shape: str, args, tokenizer, trie, prompts, device) -> None:
@@ -161,17 +208,26 @@ def bench_decode(report: Report, shape: str, args, tokenizer, trie, prompts, dev
     # Agreement in fp32: the same lists as the reference design.
     model = random_model(config, device, torch.float32)
     checked = prompts[: args.agreement_prompts]
-    ours = decode_in_batches(beam_search(model, tokenizer, tensors), checked, 8)
     reference = [reference_generate(model, [p], **common)[0] for p in checked]
-    same = sum([h.tokens for h in o] == [t for t, _ in r] for o, r in zip(ours, reference))
-    report.agreement.append({"shape": shape, "dtype": "fp32", "prompts": len(checked), "same_top10": same})
+    for static in (True, False):
+        ours = decode_in_batches(beam_search(model, tokenizer, tensors, static_shapes=static), checked, 8)
+        same = sum([h.tokens for h in o] == [t for t, _ in r] for o, r in zip(ours, reference))
+        report.agreement.append({"shape": shape, "shapes": "static" if static else "dynamic", "dtype": "fp32",
+                                 "prompts": len(checked), "same_top10": same})
     del model
 
     # Timing in the compute dtype igdrec decodes in (bf16 weights on CUDA, fp32 on CPU).
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = random_model(config, device, dtype)
     search = beam_search(model, tokenizer, tensors)
+    dynamic = beam_search(model, tokenizer, tensors, static_shapes=False)
     decode_in_batches(search, prompts[:4], 4)  # warm-up: kernels, allocator
+    decode_in_batches(dynamic, prompts[:4], 4)
+    for label, engine in (("static", search), ("dynamic", dynamic)):
+        for size in (1, 8):
+            row = count_reads(engine, prompts[:size], device)
+            report.reads.append({"shape": shape, "shapes": label, "batch": size} | row)
+            print(f"reads {shape:5} {label:7} batch {size}: {row}", flush=True)
     reference_n = args.reference_prompts
     seconds, _ = timed(lambda: [reference_generate(model, [p], **common) for p in prompts[:reference_n]], device)
     reference_ms = 1000 * seconds / reference_n
@@ -197,7 +253,68 @@ def bench_decode(report: Report, shape: str, args, tokenizer, trie, prompts, dev
         label = "igdrec (auto batch)" if auto is not None and size == auto and size == sizes[-1] else "igdrec"
         report.decode.append({"shape": shape, "decoder": label, "batch": size, "prompts": n, "ms_per_sample": ms, "speedup": reference_ms / ms})
         print(f"decode {shape:5} batch {size:4}: {ms:8.2f} ms/sample ({reference_ms / ms:6.1f}x the reference design)", flush=True)
-    del model, search
+        if size in (1, sizes[-1]):  # batch-1 latency and the largest batch, with the shapes a CPU decode takes
+            seconds, _ = timed(lambda: decode_in_batches(dynamic, prompts[:n], size), device)
+            ms = 1000 * seconds / n
+            report.decode.append({"shape": shape, "decoder": "igdrec dynamic shapes", "batch": size, "prompts": n,
+                                  "ms_per_sample": ms, "speedup": reference_ms / ms})
+            print(f"decode {shape:5} batch {size:4}: {ms:8.2f} ms/sample with dynamic shapes", flush=True)
+    if shape == args.compile_shape and time.perf_counter() - args.started <= args.budget_s:
+        # --compile: static shapes through torch.compile (the compilation is paid in the warm-up, not timed)
+        try:
+            compiled = beam_search(model, tokenizer, tensors, compile_backend=args.compile_backend)
+            decode_in_batches(compiled, prompts[:2], 1)
+            n = min(len(prompts), args.min_timed_prompts)
+            seconds, _ = timed(lambda: decode_in_batches(compiled, prompts[:n], 1), device)
+            ms = 1000 * seconds / n
+            report.decode.append({"shape": shape, "decoder": f"igdrec --compile ({args.compile_backend})", "batch": 1,
+                                  "prompts": n, "ms_per_sample": ms, "speedup": reference_ms / ms})
+            print(f"decode {shape:5} batch    1: {ms:8.2f} ms/sample compiled", flush=True)
+        except Exception as exc:  # noqa: BLE001 - a failed compilation is a result to report, not a reason to stop
+            report.notes.append(f"decode {shape} --compile: {exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}")
+    del model, search, dynamic
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_catalog(report: Report, shape: str, args, tokenizer, run, prompts_histories, device) -> None:
+    """Synthetic catalogs (ml-100k title words recombined, bench/bench_catalog_scaling.py) of each size in
+    `args.catalog_sizes`: ms/sample at batch 1 and at the largest batch, the trie tensors' size, and the
+    search's share of a step (the same search with a stub model of no cost, per step, over the model's)."""
+    histories, category = prompts_histories
+    items = schema.read(run.artifact("data", "items.parquet"), "items").sort("item_id")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = random_model(model_config(args.payload, shape), device, dtype)
+    for size in args.catalog_sizes:
+        if time.perf_counter() - args.started > args.budget_s:
+            report.notes.append(f"catalog {size}: skipped, time budget spent")
+            continue
+        titles = synthetic_titles(items["title"].to_list(), size, seed=size)
+        counts = np.random.default_rng(size).zipf(1.3, size=size).astype(float)
+        trie = build_catalog_trie(np.arange(size), prompt.item_token_sequences(tokenizer, titles), counts)
+        tensors = TrieTensors.from_trie(trie, device)
+        prompts = [prompt.encode_prompt(tokenizer, [titles[i % size] for i in h], category, 512)[0] for h in histories]
+        batch = args.batch_sizes[-1]
+        for size_batch in (1, batch):
+            n = min(len(prompts), max(2 * size_batch, args.min_timed_prompts))
+            search = beam_search(model, tokenizer, tensors, self_check=False)
+            decode_in_batches(search, prompts[:2], 2)
+            search.stats = type(search.stats)()
+            seconds, _ = timed(lambda: decode_in_batches(search, prompts[:n], size_batch), device)
+            steps = search.stats.steps
+            stub = beam_search(StubModel(len(tokenizer), max(size_batch, 2) * 10).to(device), tokenizer, tensors, self_check=False)
+            stub.model.logits = stub.model.logits.to(device)
+            decode_in_batches(stub, prompts[:2], 2)
+            stub.stats = type(stub.stats)()
+            stub_seconds, _ = timed(lambda: decode_in_batches(stub, prompts[:n], size_batch), device)
+            share = (stub_seconds / stub.stats.steps) / (seconds / steps)
+            row = {"shape": shape, "titles": size, "trie_nodes": trie.num_nodes, "trie_mb": tensors.nbytes() / 2**20,
+                   "batch": size_batch, "prompts": n, "ms_per_sample": 1000 * seconds / n,
+                   "search_ms_per_step": 1000 * stub_seconds / stub.stats.steps, "search_share": share}
+            report.catalog.append(row)
+            print(f"catalog {size:6} {shape} batch {size_batch:4}: {row['ms_per_sample']:8.2f} ms/sample, search "
+                  f"{row['search_ms_per_step']:.2f} ms/step ({100 * share:.1f}% of a step)", flush=True)
+    del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -281,7 +398,15 @@ def print_table(report: Report) -> None:
         print(f"| {r['shape']} {r['decoder']} | {r['batch']} | {r['ms_per_sample']:.2f} | {r['speedup']:.1f}× |")
     print("\n| agreement (fp32) | same top-10 lists |\n|---|---:|")
     for r in report.agreement:
-        print(f"| {r['shape']} | {r['same_top10']}/{r['prompts']} |")
+        print(f"| {r['shape']} {r['shapes']} shapes | {r['same_top10']}/{r['prompts']} |")
+    print("\n| blocking reads per search (one batch) | batch | steps | igdrec | the model's | CUDA syncs (sync-debug) |\n|---|---:|---:|---:|---:|---:|")
+    for r in report.reads:
+        print(f"| {r['shape']} {r['shapes']} shapes | {r['batch']} | {r['steps']} | {r['igdrec_reads']} | {r['model_reads']} | "
+              f"{'–' if r['cuda_syncs'] is None else r['cuda_syncs']} |")
+    print("\n| synthetic catalog | titles | trie nodes | trie MB | batch | ms/sample | search ms/step | search share |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in report.catalog:
+        print(f"| {r['shape']} | {r['titles']:,} | {r['trie_nodes']:,} | {r['trie_mb']:.2f} | {r['batch']} | {r['ms_per_sample']:.2f} | "
+              f"{r['search_ms_per_step']:.3f} | {100 * r['search_share']:.1f}% |")
     print("\n| sft | s/step | × plain | tokens/s | MFU |\n|---|---:|---:|---:|---:|")
     for r in report.sft:
         ratio = f"{r['vs_plain']:.2f}" if r["vs_plain"] else "–"
@@ -304,12 +429,16 @@ def main() -> None:
         shapes, sft_shapes = ["tiny"], [("tiny", False), ("tiny", True)]
         args.batch_sizes, args.min_timed_prompts, args.reference_prompts, args.agreement_prompts = [1, 4], 4, 2, 4
         args.sft_batch, args.sft_micro_batch, args.sft_steps, n_prompts = 4, 2, 1, 8
+        args.catalog_sizes = [200, 1000]
+        args.compile_shape, args.compile_backend = "tiny", "eager"  # inductor needs a compiler; eager checks the tracing
     else:
         if device.type != "cuda":
             raise SystemExit("no CUDA device: use --dry-run to check the script on a CPU")
         shapes, sft_shapes = ["135m", "1.4b"], [("1.4b", False), ("135m", True)]
         args.batch_sizes, args.min_timed_prompts, args.reference_prompts, args.agreement_prompts = [1, 16, 64, 256], 32, 8, 8
         args.sft_batch, args.sft_micro_batch, args.sft_steps, n_prompts = 128, 16, 2, 512
+        args.catalog_sizes = [1000, 41722]  # 41,722: the paper's Books catalog
+        args.compile_shape, args.compile_backend = "135m", "inductor"
     import transformers
 
     report = Report(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -320,8 +449,11 @@ def main() -> None:
     trie = CatalogTrie.load(run.artifact("ig", "trie_nodes.parquet"), run.artifact("ig", "item_paths.parquet"))
     prompts = ml100k_prompts(run, tokenizer, n_prompts)
     print(f"{len(prompts)} ml-100k test prompts, mean {np.mean([len(p) for p in prompts]):.0f} tokens; catalog {len(trie.item_ids)} items; device {report.device}", flush=True)
+    histories = schema.read(run.artifact("data", "test.parquet"), "samples").sort("sample_id").head(n_prompts)["history_item_ids"].to_list()
     for shape in shapes:
         bench_decode(report, shape, args, tokenizer, trie, prompts, device)
+        if shape == shapes[0]:
+            bench_catalog(report, shape, args, tokenizer, run, (histories, run.require("data", hint="bench/gpu/prepare.sh")["stats"]["category_word"]), device)
     for shape, lora in sft_shapes:
         bench_sft(report, shape, args, tokenizer, run, device, lora)
     args.out.mkdir(parents=True, exist_ok=True)

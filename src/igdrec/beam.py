@@ -98,22 +98,60 @@ class TrieTensors:
     token: torch.Tensor
     ig_norm: torch.Tensor
     max_depth: int
+    max_children: int  # the widest node's child count: the candidate width of a search with static shapes
+    # Jump-forward's forced chains, found once over the whole trie: `chain_len[v]` tokens are forced after
+    # node v (it has one child, and that child is no EOS edge, and so on down), `forced_next[v]` is the
+    # node after the first of them (v itself when none is forced).
+    chain_len: torch.Tensor
+    forced_next: torch.Tensor
     mass_tree: MassTree | None = None  # for a text-free assistant's item probabilities
-
 
     @classmethod
     def from_trie(cls, trie: CatalogTrie, device: torch.device | str = "cpu") -> "TrieTensors":
         def as_long(a):
             return torch.tensor(np.asarray(a, dtype=np.int64), device=device)
 
+        chain_len, forced_next = forced_chains(trie)
         return cls(
             child_start=as_long(trie.child_start),
             child_count=as_long(trie.child_count),
             token=as_long(trie.token),
             ig_norm=torch.tensor(np.asarray(trie.ig_norm, dtype=np.float32), device=device),
             max_depth=trie.max_depth,
+            max_children=max(int(np.max(trie.child_count, initial=0)), 1),
+            chain_len=as_long(chain_len),
+            forced_next=as_long(forced_next),
             mass_tree=MassTree.from_trie(trie, device),
         )
+
+    def nbytes(self) -> int:
+        """Bytes the search's trie tensors hold on the device (the assistant's mass tree included)."""
+        tensors = [self.child_start, self.child_count, self.token, self.ig_norm, self.chain_len, self.forced_next]
+        if self.mass_tree is not None:
+            tensors += [self.mass_tree.item_leaf, self.mass_tree.parent]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def forced_chains(trie: CatalogTrie) -> tuple[np.ndarray, np.ndarray]:
+    """Per node v: how many tokens are forced after it, and the node after the first forced one (v when none).
+
+    A token is forced where a node has one child and that child's edge is no EOS (an EOS edge ends an item
+    and leads to a leaf). Nodes are numbered level by level, so one vectorised pass per level from the deepest
+    sees every child's chain before its parent's: chain_len[v] = 1 + chain_len[child] for a forced v."""
+    count = np.asarray(trie.child_count, dtype=np.int64)
+    start = np.asarray(trie.child_start, dtype=np.int64)
+    n = len(count)
+    eos_tokens = np.unique(np.asarray(trie.token)[np.asarray(trie.item_leaf, dtype=np.int64)])
+    child = np.where(count > 0, start, 0).clip(max=max(n - 1, 0))
+    forced = (count == 1) & ~np.isin(np.asarray(trie.token)[child], eos_tokens) if n else np.zeros(0, bool)
+    chain_len = np.zeros(n, dtype=np.int64)
+    depth = np.asarray(trie.depth, dtype=np.int64)
+    level_start = np.searchsorted(depth, np.arange(int(depth.max()) + 2)) if n else [0]
+    for d in range(len(level_start) - 2, -1, -1):
+        lo, hi = level_start[d], level_start[d + 1]
+        level = np.arange(lo, hi)
+        chain_len[level] = np.where(forced[level], 1 + chain_len[child[level]], 0)
+    return chain_len, np.where(forced, child, np.arange(n))
 
 
 @dataclass
@@ -139,16 +177,27 @@ class _ModelRows:
         count = len(self.chain_len)
         if len(rows) == count and bool((rows == torch.arange(count, device=rows.device)).all()):
             return
-        if len(rows) == count and bool((self.sample[rows] == self.sample).all()) and _plain_layers(self.cache):
-            # Every row keeps its sample, whose rows share the prompt's keys and values: copying the generated
-            # positions is enough, a fraction of the cache.
+        if len(rows) == count and bool((self.sample[rows] == self.sample).all()):
+            self.reorder_within_samples(rows)
+            for name in ("last_logits", "forced_lp", "chain_len"):
+                setattr(self, name, getattr(self, name)[rows])
+            return
+        self.cache.reorder_cache(rows)
+        for name in ("attention", "next_position", "last_logits", "forced_lp", "chain_len", "sample"):
+            setattr(self, name, getattr(self, name)[rows])
+
+    def reorder_within_samples(self, rows: torch.Tensor) -> None:
+        """`select(rows)` for a `rows` that keeps every row within its sample, without reading it back,
+        and leaving the logits and pre-fed chains (which the next pass writes for every row) as they are."""
+        if _plain_layers(self.cache):
+            # A sample's rows share the prompt's keys and values: copying the generated positions is enough,
+            # a fraction of the cache.
             for layer in self.cache.layers:
                 layer.keys[:, :, self.shared:] = layer.keys[rows, :, self.shared:]
                 layer.values[:, :, self.shared:] = layer.values[rows, :, self.shared:]
         else:
             self.cache.reorder_cache(rows)
-        for name in ("attention", "next_position", "last_logits", "forced_lp", "chain_len", "sample"):
-            setattr(self, name, getattr(self, name)[rows])
+        self.attention, self.next_position = self.attention[rows], self.next_position[rows]
 
 
 @dataclass
@@ -206,6 +255,13 @@ class _Beams:
             fin_logps=logps.clone(),
             fin_nodes=nodes.clone(),
         )
+
+    def frozen_where(self, frozen: torch.Tensor, before: "_Beams") -> "_Beams":
+        """This state, with the finished hypotheses of the `frozen` samples (A,) as they were `before`."""
+        for name in ("fin_scores", "fin_len", "fin_tokens", "fin_logps", "fin_nodes"):
+            new, old = getattr(self, name), getattr(before, name)
+            setattr(self, name, torch.where(frozen.view(-1, *[1] * (new.dim() - 1)), old, new))
+        return self
 
     def keep(self, samples: torch.Tensor) -> "_Beams":
         """The state of the samples selected by `samples` (a mask or indices over dim 0)."""
@@ -268,9 +324,18 @@ class BeamSearch:
     # Leave dead beams (fewer than K continuations left) out of a forward pass when their padded slots would
     # cost more than copying the live rows' caches: late in a search most of a sample's K rows are dead.
     drop_dead_rows: bool = True
+    # Static shapes (docs/method.md §6.1): every step feeds one token to all B·K rows, finished samples stay
+    # in the batch (their results frozen) and the stop flag reaches the host without a wait, so a step reads
+    # nothing back from the device (what a GPU needs to keep its queue full, and what torch.compile and CUDA
+    # graphs need); jump-forward and the dropping of dead rows and finished samples, which change shapes, are
+    # off. The default (dynamic) shrinks the passes instead, which is faster where the host is the device (CPU).
+    static_shapes: bool = False
+    # torch.compile the model's forward with this backend ("inductor"; "eager" checks the tracing only), None: off.
+    compile_backend: str | None = None
     stats: SearchStats = field(default_factory=SearchStats)
     cache_check_gap: float | None = field(default=None, init=False)  # max |logit difference| the check saw
     _prefix: "_PromptPrefix | None" = field(default=None, init=False, repr=False)
+    _compiled: "torch.nn.Module | None" = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_config(cls, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, config: DecodeConfig, **settings) -> "BeamSearch":
@@ -308,9 +373,11 @@ class BeamSearch:
             if len(exclude) != len(prompts):
                 raise ValueError(f"excluded items for {len(exclude)} samples, but {len(prompts)} prompts")
             dead = dead_nodes(self.trie, exclude)
-        results: list[list[Hypothesis]] = [[] for _ in prompts]
         rows = self._prefill(prompts, T, device)
         beams = _Beams.start(len(prompts), self.num_beams, T, self.pad_token_id, device)
+        if self.static_shapes:
+            return self._search_static(prompts, rows, beams, T, mass, dead)
+        results: list[list[Hypothesis]] = [[] for _ in prompts]
         for t in range(T):
             fed = self._feed(rows, beams, t, T)
             if fed is None:
@@ -324,12 +391,33 @@ class BeamSearch:
             beams = self._advance(beams, top, t)
             done = ~beams.improvable | ~torch.isfinite(beams.running).any(dim=1) | (t + 1 == T)
             if done.any():
-                for a in torch.nonzero(done).flatten().tolist():
-                    results[int(beams.sample_of[a])] = self._collect(beams, a)
+                finished = beams.keep(done)
+                for sample, hypotheses in zip(finished.sample_of.tolist(), self._collect(finished)):
+                    results[sample] = hypotheses
                 if bool(done.all()):
                     break
                 beams = beams.keep(~done)
         return results
+
+    def _search_static(self, prompts, rows: _ModelRows, beams: _Beams, T: int, mass, dead) -> list[list[Hypothesis]]:
+        """`search` with static shapes: no step reads from the device (see `static_shapes`). A finished
+        sample keeps its place; its finished set is frozen from the step it finished on, so it ends as it
+        would have had it left the batch then."""
+        done = torch.zeros(beams.running.shape[0], dtype=torch.bool, device=beams.running.device)
+        stop = _StopFlag(done.device)
+        ready_mask = _sdpa_attention(self.model)
+        for t in range(T):
+            fed = self._feed_static(rows, beams, t, ready_mask)
+            if fed is not None and self.self_check and self.cache_check_gap is None and t >= 2:
+                self._check_cache(prompts, rows, beams, fed, t)
+            self.stats.steps += 1
+            candidates = self._candidates(rows, beams, mass, dead)
+            top = self._best_continuations(beams, candidates, t, T)
+            beams = self._advance(beams, top, t).frozen_where(done, beams)
+            done = done | ~beams.improvable | ~torch.isfinite(beams.running).any(dim=1)
+            if t + 1 < T and stop.all_done(done):
+                break
+        return self._collect(beams)
 
     # --- the steps of a search -----------------------------------------------------------------------
     def _prefill(self, prompts: list[list[int]], T: int, device) -> _ModelRows:
@@ -359,8 +447,7 @@ class BeamSearch:
             attention = torch.cat([attention.new_ones((B, p)), attention], dim=1)
             self.stats.prefix_tokens_saved += B * p  # less the prefix pass, counted where it runs
         logits = self._forward(input_ids, attention, positions, cache, keep=1)
-        cache.batch_repeat_interleave(K)
-        _append_in_place(cache, room=T + 1)
+        _repeat_for_beams(cache, K, room=T + 1)
         return _ModelRows(
             cache=cache,
             attention=attention.repeat_interleave(K, dim=0),
@@ -457,6 +544,29 @@ class BeamSearch:
         beams.cache_row = torch.where(live.reshape(A, K), row_of_beam, own_sample)
         return beam_of_row, needs, feed, fed
 
+    def _feed_static(self, rows: _ModelRows, beams: _Beams, t: int, ready_mask: bool):
+        """`_feed` with static shapes: from step 1 on, row i = flat beam i feeds the token that beam chose
+        last step (a dead beam's row a masked pad); `ready_mask`: hand the model an SDPA mask. Same return
+        value as `_feed`."""
+        if t == 0:
+            return None  # the prefill computed every beam's first log-probs
+        A, K = beams.running.shape
+        live = torch.isfinite(beams.running).flatten()
+        rows.reorder_within_samples(beams.cache_row.flatten())
+        feed = torch.where(live, beams.tokens[:, :, t - 1].reshape(-1), self.pad_token_id)[:, None]
+        rows.attention = torch.cat([rows.attention, live.long()[:, None]], dim=1)
+        positions = rows.next_position[:, None]
+        rows.next_position = rows.next_position + live
+        mask = rows.attention
+        if ready_mask:
+            # SDPA's (rows, 1, query, key) boolean mask, which transformers takes as it is: from a 2D mask it
+            # would build it itself, after reading whether every position is real (a wait for the device)
+            mask = mask.bool()[:, None, None, :]
+        rows.last_logits = self._forward(feed, mask, positions, rows.cache, keep=1)[:, 0].to(rows.last_logits.dtype)
+        beams.cache_row = torch.arange(A * K, device=live.device).reshape(A, K)
+        beams.consumed = torch.zeros_like(beams.consumed)
+        return beams.cache_row.flatten(), live, feed, live[:, None]
+
     def _candidates(self, rows: _ModelRows, beams: _Beams, mass: torch.Tensor | None, dead: torch.Tensor | None) -> _Candidates:
         """Allowed children of each beam's node (or the whole vocabulary) with their step scores; `mass`
         (samples, trie nodes) is the assistant's Q per node, None without an assistant; `dead` the sorted
@@ -476,7 +586,7 @@ class BeamSearch:
             return _Candidates(token=token, node=node, step_score=log_probs, model_lp=log_probs)
         flat_node = beams.node.flatten()
         count = torch.where(torch.isfinite(beams.running).flatten(), self.trie.child_count[flat_node], 0)
-        M = max(int(count.max()), 1)
+        M = self.trie.max_children if self.static_shapes else max(int(count.max()), 1)
         offset = torch.arange(M, device=count.device)
         allowed = offset[None, :] < count[:, None]
         child = torch.where(allowed, self.trie.child_start[flat_node][:, None] + offset, 0)
@@ -601,8 +711,11 @@ class BeamSearch:
             if self.autocast_dtype is not None
             else nullcontext()
         )
+        if self.compile_backend is not None and self._compiled is None:
+            # dynamic: the cache grows by a position every step, which must not compile anew each time
+            self._compiled = torch.compile(self.model, backend=self.compile_backend, dynamic=True)
         with autocast:
-            out = self.model(
+            out = (self.model if self._compiled is None else self._compiled)(
                 input_ids=input_ids,
                 attention_mask=attention,
                 position_ids=positions,
@@ -614,19 +727,15 @@ class BeamSearch:
 
     def _forced_chains(self, nodes: torch.Tensor, rows: torch.Tensor, room: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row in `rows`: the tokens it is forced to write next (until its node branches or its
-        next token is EOS), as a pad-filled matrix, and each row's chain length."""
-        lengths = torch.zeros(len(nodes), dtype=torch.long, device=nodes.device)
-        columns = []
-        if self.jump_forward and self.trie is not None:
-            active, current = rows.clone(), nodes.clone()
-            for _ in range(room - 1):
-                first_child = self.trie.child_start[current]
-                active = active & (self.trie.child_count[current] == 1) & (self.trie.token[first_child] != self.eos_token_id)
-                if not active.any():
-                    break
-                current = torch.where(active, first_child, current)
-                columns.append(torch.where(active, self.trie.token[first_child], self.pad_token_id))
-                lengths += active
+        next token is EOS, at most room - 1), as a pad-filled matrix, and each row's chain length."""
+        if not (self.jump_forward and self.trie is not None):
+            return torch.zeros((len(nodes), 0), dtype=torch.long, device=nodes.device), torch.zeros_like(nodes)
+        lengths = torch.where(rows, self.trie.chain_len[nodes], 0).clamp(max=room - 1)
+        width = int(lengths.max()) if len(lengths) else 0
+        columns, current = [], nodes
+        for j in range(width):
+            current = self.trie.forced_next[current]
+            columns.append(torch.where(j < lengths, self.trie.token[current], self.pad_token_id))
         chain = torch.stack(columns, dim=1) if columns else torch.zeros((len(nodes), 0), dtype=torch.long, device=nodes.device)
         return chain, lengths
 
@@ -641,22 +750,19 @@ class BeamSearch:
         return lengths.clamp(max=width - 1)
 
     @staticmethod
-    def _collect(beams: _Beams, a: int) -> list[Hypothesis]:
-        """The finished hypotheses of active sample a, best first."""
+    def _collect(beams: _Beams) -> list[list[Hypothesis]]:
+        """The finished hypotheses of every active sample, best first (one read from the device per field)."""
+        scores, lengths = beams.fin_scores.cpu().numpy(), beams.fin_len.cpu().numpy()
+        tokens, nodes = beams.fin_tokens.cpu().numpy(), beams.fin_nodes.cpu().numpy()
+        logps = beams.fin_logps.cpu().numpy().astype(np.float64)
         out = []
-        for k in range(beams.fin_scores.shape[1]):
-            score = float(beams.fin_scores[a, k])
-            if not np.isfinite(score):
-                continue
-            n = int(beams.fin_len[a, k])
-            out.append(
-                Hypothesis(
-                    tokens=beams.fin_tokens[a, k, :n].tolist(),
-                    score=score,
-                    step_logprobs=beams.fin_logps[a, k, :n].double().tolist(),
-                    nodes=beams.fin_nodes[a, k, :n].tolist(),
-                )
-            )
+        for a in range(len(scores)):
+            hypotheses = []
+            for k in np.flatnonzero(np.isfinite(scores[a])):
+                n = int(lengths[a, k])
+                hypotheses.append(Hypothesis(tokens=tokens[a, k, :n].tolist(), score=float(scores[a, k]),
+                                             step_logprobs=logps[a, k, :n].tolist(), nodes=nodes[a, k, :n].tolist()))
+            out.append(hypotheses)
         return out
 
 
@@ -682,6 +788,44 @@ def hypothesis_score(total, length: int, length_penalty: float):
     return total / (length ** length_penalty)
 
 
+class _StopFlag:
+    """Whether every sample of a static-shape search is done, brought to the host without stalling the device.
+
+    Each step's flag is copied into host memory (pinned, on CUDA) without waiting, and read once its copy
+    has landed: on CUDA the host looks at the flag of an earlier step whose copy is complete, and waits
+    only for one `lag` steps old, so the device always has the newer steps queued (at most `lag` steps
+    run past the end, their results frozen). On a CPU the copy lands at once and the flag is exact."""
+
+    lag = 2
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.buffers = [torch.zeros((), dtype=torch.bool, pin_memory=self.cuda) for _ in range(self.lag + 1)]
+        self.views = [b.numpy() for b in self.buffers]  # numpy views of the host buffers, made once
+        self.pending: list[tuple[int, object]] = []  # (buffer, its copy's CUDA event), oldest first
+        self.step = 0
+
+    def all_done(self, done: torch.Tensor) -> bool:
+        slot = self.step % len(self.buffers)
+        self.step += 1
+        self.buffers[slot].copy_(done.all(), non_blocking=self.cuda)
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.pending.append((slot, event))
+        while self.pending:
+            slot, event = self.pending[0]
+            if event is not None and len(self.pending) <= self.lag and not event.query():
+                return False  # newest flags still in flight; nothing old enough to wait for
+            if event is not None:
+                event.synchronize()
+            self.pending.pop(0)
+            if self.views[slot][()]:
+                return True
+        return False
+
+
 def dead_nodes(trie: TrieTensors, exclude: Sequence[Sequence[int]]) -> torch.Tensor | None:
     """Sorted keys sample · n_nodes + node of the trie nodes no allowed item lies under, for each sample's
     excluded item rows: the excluded items' leaves (shared by every item with the same token sequence)
@@ -701,6 +845,15 @@ def dead_nodes(trie: TrieTensors, exclude: Sequence[Sequence[int]]) -> torch.Ten
             parents, dead_children = torch.unique(level - level % n + tree.parent[level % n], return_counts=True)
             dead = torch.cat([dead, parents[dead_children == trie.child_count[parents % n]]])
     return torch.sort(dead).values
+
+
+def _sdpa_attention(model: torch.nn.Module) -> bool:
+    """Whether the model attends with SDPA (transformers' or igdrec's GQA kernel), whose masks are boolean
+    (rows, 1, query, key) tensors, True where a key is seen."""
+    from igdrec.modeling import GQA_SDPA
+
+    config = next((m.config for m in model.modules() if hasattr(getattr(m, "config", None), "num_hidden_layers")), None)
+    return getattr(config, "_attn_implementation", None) in ("sdpa", GQA_SDPA)
 
 
 def _plain_layers(cache) -> bool:
@@ -751,18 +904,28 @@ def _appending_layer_class():
     return AppendingLayer
 
 
-def _append_in_place(cache, room: int) -> None:
-    """Turn a filled cache's plain DynamicLayers into appending ones with `room` spare positions."""
+def _repeat_for_beams(cache, K: int, room: int) -> None:
+    """Give each of a filled cache's B rows to K beams: row b becomes rows b·K … b·K + K − 1, in appending
+    layers with `room` spare positions. The prompt's keys and values are written once into the new buffers
+    (repeating them first and growing the copy at the first step would move them twice)."""
     from transformers.cache_utils import DynamicLayer
 
     layer_class = _appending_layer_class()
     for i, layer in enumerate(getattr(cache, "layers", [])):
-        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4:
-            appending = layer_class.__new__(layer_class)
-            appending.__dict__.update(layer.__dict__)
-            appending.room = room
-            appending.buffers = None
-            cache.layers[i] = appending
+        if not (type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4):
+            layer.batch_repeat_interleave(K)  # another layout: repeated as transformers does it
+            continue
+        B, heads, length, dim = layer.keys.shape
+        buffers = []
+        for old in (layer.keys, layer.values):
+            buffer = old.new_empty((B * K, heads, length + room, dim))
+            buffer[:, :, :length].unflatten(0, (B, K)).copy_(old[:, None])
+            buffers.append(buffer)
+        appending = layer_class.__new__(layer_class)
+        appending.__dict__.update(layer.__dict__)
+        appending.room, appending.buffers = room, tuple(buffers)
+        appending.keys, appending.values = buffers[0][:, :, :length], buffers[1][:, :, :length]
+        cache.layers[i] = appending
 
 
 def _model_name(model: torch.nn.Module) -> str:

@@ -217,11 +217,14 @@ class DecodeConfig:
         "on CUDA the most that fit into free memory.", key=False,
     )
     shard_size: int = option(64, "Samples per resumable shard.", min=1)
-    jump_forward: bool = option(True, "Feed forced token chains in one forward pass (same results).", key=False)
-    jump_fill: float = option(1.0, "Least share of real (not pad) tokens in a jump-forward pass; lower suits GPUs.",
+    jump_forward: bool = option(True, "Feed forced token chains in one forward pass (same results; CPU decodes, "
+                                      "whose passes change shape: docs/method.md §6.1).", key=False)
+    jump_fill: float = option(1.0, "Least share of real (not pad) tokens in a jump-forward pass.",
                               gt=0.0, max=1.0, key=False)
     cutoff_len: int = option(512, "Most prompt tokens (the oldest history items are cut first).", min=1)
     device: str = _device_option()
+    compile: bool = option(False, "torch.compile the model for the search's steps (static shapes; same results; "
+                                  "pays a compilation up front, for long decodes on a GPU).", key=False)
     constrained: bool = option(True, "Constrain beams to catalog titles, or generate freely (then rerank --grounding).",
                                flags="--constrained/--unconstrained")
     max_new_tokens: int | None = option(None, "Unconstrained: most tokens generated (default: the longest catalog title).", min=1)

@@ -27,6 +27,7 @@ from igdrec.errors import IgdrecError
 from igdrec.ig import CatalogTrie
 from igdrec.rundir import RunDir
 
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for --compile
 CPU_BATCH_SIZE = 8  # measured fastest on 2 CPU cores (bench/bench_decode.py)
 MAX_AUTO_BATCH_SIZE = 256  # beyond this a GPU gains little per sample (measured up to 256 on an H200)
 AUTO_MEMORY_SHARE = 0.8  # of the free GPU memory: the allocator's fragmentation and CUDA workspaces need the rest
@@ -215,13 +216,16 @@ class TextFreeAssistant:
 # --------------------------------------------------------------------------- batch size
 
 
-def sample_memory_bytes(model_config, num_beams: int, prompt_len: int, new_tokens: int, dtype_bytes: int) -> int:
+def sample_memory_bytes(model_config, num_beams: int, prompt_len: int, new_tokens: int, dtype_bytes: int,
+                        candidate_width: int = 0) -> int:
     """Peak GPU memory one sample of a decode batch needs, from the model's shape.
 
     Terms: the KV cache (the prompt's cache is copied to each beam, and grows by up to `new_tokens`);
     the prefill's per-layer activations, and the widest step's logits: a jump-forward pass returns
     logits for every beam and every fed token (at most `new_tokens`), which the search turns into fp32
-    log-probabilities (two fp32 copies). The estimate takes the worst case of each term.
+    log-probabilities (two fp32 copies); with static shapes, the step's candidates besides, `candidate_width`
+    per beam (the trie's widest node), about 48 bytes each in the tensors the search gathers and ranks them
+    in. The estimate takes the worst case of each term.
     """
     layers = model_config.num_hidden_layers
     heads = model_config.num_attention_heads
@@ -233,13 +237,15 @@ def sample_memory_bytes(model_config, num_beams: int, prompt_len: int, new_token
     kv_cache = 2 * layers * kv_heads * head_dim * dtype_bytes * (num_beams + 1) * (prompt_len + new_tokens)
     prefill = prompt_len * (6 * hidden + 3 * intermediate) * dtype_bytes
     step_logits = num_beams * (new_tokens + 1) * vocab * (dtype_bytes + 8)
-    return kv_cache + max(prefill, step_logits)
+    candidates = num_beams * candidate_width * 48
+    return kv_cache + max(prefill, step_logits + candidates)
 
 
-def auto_batch_size(model_config, num_beams: int, prompt_len: int, new_tokens: int, dtype_bytes: int, free_bytes: int) -> int:
+def auto_batch_size(model_config, num_beams: int, prompt_len: int, new_tokens: int, dtype_bytes: int, free_bytes: int,
+                    candidate_width: int = 0) -> int:
     """The most samples per batch whose estimated peak memory fits into a share of `free_bytes`
     (at least 1, at most MAX_AUTO_BATCH_SIZE, a multiple of 8 from 8 on)."""
-    per_sample = sample_memory_bytes(model_config, num_beams, prompt_len, new_tokens, dtype_bytes)
+    per_sample = sample_memory_bytes(model_config, num_beams, prompt_len, new_tokens, dtype_bytes, candidate_width)
     fits = int(free_bytes * AUTO_MEMORY_SHARE // per_sample)
     batch = min(max(fits, 1), MAX_AUTO_BATCH_SIZE)
     return batch - batch % 8 if batch >= 8 else batch
@@ -271,6 +277,9 @@ class Decoder:
             trie=TrieTensors.from_trie(catalog.trie, self.device) if config.constrained else None,
             max_new_tokens=longest,
             share_prefix=True,
+            # a step that reads nothing back keeps a GPU's queue full; on a CPU, shrinking passes is faster
+            static_shapes=self.device.type == "cuda" or config.compile,
+            compile_backend=COMPILE_BACKEND if config.compile else None,
             autocast_dtype=None,  # the weights are already in the compute dtype (modeling.inference_dtype)
             self_check=True,  # once per decoder: a KV cache the model ignores fails loudly (docs/method.md §6.1)
         )
@@ -328,8 +337,10 @@ class Decoder:
 
         free, _ = torch.cuda.mem_get_info(self.device)
         dtype_bytes = next(self.model.parameters()).element_size()
-        return auto_batch_size(self.model.config, num_beams or self.engine.num_beams, prompt_len,
-                               self.engine.max_new_tokens, dtype_bytes, free)
+        engine = self.engine
+        width = engine.trie.max_children if engine.static_shapes and engine.trie is not None else 0
+        return auto_batch_size(self.model.config, num_beams or engine.num_beams, prompt_len,
+                               engine.max_new_tokens, dtype_bytes, free, width)
 
     def search(self, prompts: Sequence[Sequence[int]], num_beams: int | None = None,
                assistant: Callable[[list[int]], object] | None = None,

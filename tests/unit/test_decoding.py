@@ -32,6 +32,9 @@ def test_batch_size_auto_is_eight_on_cpu_and_fits_free_memory_on_cuda():
     assert auto_batch_size(shape, 10, 2000, 30, 2, free) < batch  # longer prompts, fewer samples
     assert auto_batch_size(shape, 10, 200, 30, 2, 1 << 20) == 1  # never below one
     assert auto_batch_size(shape, 1, 10, 5, 2, 1 << 40) == 256  # capped
+    # static shapes: 48 B for each of a beam's candidates (the trie's widest node: 5,000 children)
+    assert sample_memory_bytes(shape, 10, 200, 30, 2, candidate_width=5000) == kv + logits + 10 * 5000 * 48
+    assert auto_batch_size(shape, 10, 200, 30, 2, free, candidate_width=100_000) < batch  # a root with 100,000 children
 
 
 def test_decoder_on_cpu_keeps_fp32_and_batches_eight(run, model_dir):
@@ -47,3 +50,14 @@ def test_decoder_on_cpu_keeps_fp32_and_batches_eight(run, model_dir):
     with pytest.raises(IgdrecError, match=r"^--length-penalty 10: L\^lp overflows float32 for hypotheses of up to 100001 tokens"):
         Decoder(decoder.model, decoder.tokenizer, decoder.catalog, DecodeConfig(constrained=False, max_new_tokens=100_000, length_penalty=10))
     Decoder(decoder.model, decoder.tokenizer, decoder.catalog, DecodeConfig(constrained=False, max_new_tokens=7000, length_penalty=10))
+
+
+def test_compile_turns_on_static_shapes_and_the_inductor_backend(run, model_dir):
+    """--compile: the search compiles the model with inductor and takes static shapes (their results are
+    those of the default search: tests/unit/test_beam_static.py); without it a CPU decode shrinks its passes."""
+    from igdrec.decoding import Decoder
+
+    decoder = Decoder.from_run(run.root, model=str(model_dir), device="cpu")
+    assert not decoder.engine.static_shapes and decoder.engine.compile_backend is None
+    compiled = Decoder(decoder.model, decoder.tokenizer, decoder.catalog, DecodeConfig(compile=True))
+    assert compiled.engine.static_shapes and compiled.engine.compile_backend == "inductor"
