@@ -110,7 +110,8 @@ def beams_rows(results, sample_ids, trie) -> pl.DataFrame:
 def diagnose_hand_built(num_beams: int, targets: list[int]) -> pl.DataFrame:
     model, trie = hand_built()
     search = BeamSearch(model, EOS, PAD, num_beams=num_beams, length_penalty=0.0, alpha=0.0, max_new_tokens=trie.max_depth,
-                        jump_forward=True, jump_fill=1.0, tfa_guidance=0.5, share_prefix=False, trie=TrieTensors.from_trie(trie))
+                        jump_forward=True, jump_fill=1.0, tfa_guidance=0.5, constrained_softmax=False, share_prefix=False,
+                        trie=TrieTensors.from_trie(trie))
     sample_ids = list(range(len(targets)))
     results = search.search([[START]] * len(targets))
     decoder = SimpleNamespace(engine=search, catalog=SimpleNamespace(trie=trie), prompt=lambda history: ([START], 0),
